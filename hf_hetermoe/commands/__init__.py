@@ -1,0 +1,1 @@
+"""Subcommands of the ``hetermoe`` CLI (see ``hf_hetermoe/cli.py``)."""

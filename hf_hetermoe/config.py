@@ -1,0 +1,64 @@
+"""User-facing configuration of ``hetermoe.prepare``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import ConfigError
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+@dataclass
+class HeterMoEConfig:
+    """How ``prepare`` accelerates a model's routed experts.
+
+    Round-trips through ``to_dict``/``from_dict`` and JSON. Unknown keys are rejected by ``from_dict``.
+    """
+
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Which implementation runs the expert operators: 'auto' (Triton kernels on CUDA tensors, the "
+            "plain-PyTorch reference elsewhere), 'triton' (always Triton; on CPU only under TRITON_INTERPRET=1) or "
+            "'reference' (plain PyTorch, same results). HETERMOE_BACKEND overrides it."
+        },
+    )
+    autotune: bool = field(
+        default=True,
+        metadata={"help": "Autotune kernel tile sizes per shape bucket (cached on disk). HETERMOE_AUTOTUNE=0 pins defaults."},
+    )
+    implementation_name: str = field(
+        default="hetermoe",
+        metadata={"help": "Name under which the experts function is registered in transformers' ALL_EXPERTS_FUNCTIONS."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"HeterMoEConfig.backend={self.backend!r} is not one of {BACKENDS}")
+        if not isinstance(self.autotune, bool):
+            raise ConfigError(f"HeterMoEConfig.autotune must be a bool, got {self.autotune!r}")
+        if not isinstance(self.implementation_name, str) or not self.implementation_name.isidentifier():
+            raise ConfigError(
+                f"HeterMoEConfig.implementation_name={self.implementation_name!r} must be a Python identifier, "
+                "e.g. 'hetermoe'"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HeterMoEConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"Unknown HeterMoEConfig keys {unknown}; allowed keys are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> HeterMoEConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,51 @@
+"""Every environment toggle of hf-hetermoe, in one place.
+
+| variable | effect |
+|---|---|
+| ``HETERMOE_DISABLE=1`` | ``prepare`` returns the model untouched (with a warning): a kill switch for debugging |
+| ``HETERMOE_BACKEND`` | ``auto`` (default), ``triton`` or ``reference``: overrides ``HeterMoEConfig.backend`` |
+| ``HETERMOE_AUTOTUNE=0`` | pin the default kernel tile sizes instead of autotuning |
+| ``HETERMOE_CACHE_DIR`` | where tuned kernel configs are cached (default ``~/.cache/hf_hetermoe``) |
+| ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    value = value.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean; use one of {sorted(_TRUE | _FALSE)}")
+
+
+def disabled() -> bool:
+    return _flag("HETERMOE_DISABLE", False)
+
+
+def autotune_enabled() -> bool:
+    return _flag("HETERMOE_AUTOTUNE", True)
+
+
+def triton_interpret() -> bool:
+    return _flag("TRITON_INTERPRET", False)
+
+
+def backend_override() -> str | None:
+    value = os.environ.get("HETERMOE_BACKEND", "").strip().lower()
+    return value or None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HETERMOE_CACHE_DIR", Path.home() / ".cache" / "hf_hetermoe"))

@@ -1,0 +1,63 @@
+"""The ``"hetermoe"`` experts implementation that transformers dispatches to.
+
+transformers v5 routes every decorated experts module's forward through
+``ALL_EXPERTS_FUNCTIONS[config._experts_implementation](self, hidden_states, top_k_index, top_k_weights)``.
+Registering here (on ``import hf_hetermoe``) also makes ``from_pretrained(..., experts_implementation="hetermoe")``
+work without calling ``prepare``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .kernels import moe_experts
+from .kernels.layout import ExpertLayout
+
+IMPLEMENTATION_NAME = "hetermoe"
+LAYOUT_ATTR = "_hetermoe_layout"
+BACKEND_ATTR = "_hetermoe_backend"
+
+
+def experts_layout(experts: nn.Module) -> ExpertLayout:
+    """The module's layout: set by ``prepare`` (the family's own reading), else read generically and cached."""
+    layout = getattr(experts, LAYOUT_ATTR, None)
+    if layout is None:
+        from .model_patches import default_layout
+
+        layout = default_layout(experts)
+        setattr(experts, LAYOUT_ATTR, layout)
+    return layout
+
+
+def hetermoe_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """``hidden_states [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]`` in the hidden dtype."""
+    layout = experts_layout(self)
+    w1 = self.gate_up_proj if layout.has_gate else self.up_proj
+    b1 = b2 = None
+    if layout.has_bias:
+        b1 = self.gate_up_proj_bias if layout.has_gate else self.up_proj_bias
+        b2 = self.down_proj_bias
+    shape = hidden_states.shape
+    out = moe_experts(
+        hidden_states.reshape(-1, shape[-1]),
+        top_k_index.reshape(-1, top_k_index.shape[-1]),
+        top_k_weights.reshape(-1, top_k_weights.shape[-1]),
+        w1,
+        self.down_proj,
+        b1,
+        b2,
+        layout=layout,
+        backend=getattr(self, BACKEND_ATTR, "auto"),
+    )
+    return out.view(shape)
+
+
+def register(name: str = IMPLEMENTATION_NAME) -> None:
+    """Add the hetermoe experts function to transformers' ``ALL_EXPERTS_FUNCTIONS`` under ``name``."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if ALL_EXPERTS_FUNCTIONS.get(name) is not hetermoe_experts_forward:
+        ALL_EXPERTS_FUNCTIONS[name] = hetermoe_experts_forward

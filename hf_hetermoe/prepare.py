@@ -1,0 +1,129 @@
+"""``hetermoe.prepare(model)``: swap a transformers MoE model's routed experts onto hf-hetermoe's kernels.
+
+It acts on the instance only: it selects the registered ``"hetermoe"`` experts implementation on the
+configs of the model's experts modules and records each module's weight layout. No parameter, buffer,
+router or hook changes, so the state dict, ``save_pretrained``, PEFT ``target_parameters`` and
+``output_router_logits`` behave exactly as before. ``unprepare`` restores the previous implementation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import env
+from .config import HeterMoEConfig
+from .errors import UnsupportedModelError
+from .experts import BACKEND_ATTR, LAYOUT_ATTR, register
+from .model_patches import MODEL_PATCHES, ModelPatch, get_model_patch, supported_model_types
+
+STATE_ATTR = "_hetermoe_state"
+
+
+@dataclass
+class _PreparedState:
+    config: HeterMoEConfig
+    patch: ModelPatch
+    experts: list[nn.Module]
+    # (config object, the raw `_experts_implementation` it had) for every config prepare touched
+    previous: list[tuple[object, str | None]]
+
+
+def _model_types(model: nn.Module) -> list[str]:
+    """The model's ``model_type`` and those of its sub-configs (multimodal wrappers keep the MoE in one)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return []
+    types = [getattr(config, "model_type", None)]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        types.append(getattr(sub, "model_type", None))
+    return [t for t in types if t]
+
+
+def _find_patch(model: nn.Module) -> ModelPatch:
+    types = _model_types(model)
+    for model_type in types:
+        if model_type in MODEL_PATCHES:
+            return get_model_patch(model_type)
+    shown = ", ".join(repr(t) for t in types) or f"a {type(model).__name__} without a transformers config"
+    raise UnsupportedModelError(
+        f"hetermoe.prepare supports transformers MoE models of types {', '.join(supported_model_types())}; "
+        f"got {shown}"
+    )
+
+
+def _raw_impl(config) -> str | None:
+    return config.__dict__.get("_experts_implementation_internal", getattr(config, "_experts_implementation", None))
+
+
+def _set_raw_impl(config, value: str | None) -> None:
+    # The internal attribute sets only this config; the public property would recurse into sub-configs.
+    if "_experts_implementation_internal" in config.__dict__ or hasattr(type(config), "_experts_implementation"):
+        config.__dict__["_experts_implementation_internal"] = value
+    else:
+        config._experts_implementation = value
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return getattr(model, STATE_ATTR, None) is not None
+
+
+def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module:
+    """Run ``model``'s routed experts on hf-hetermoe's operators. Returns the same model object.
+
+    Idempotent (a second call warns and changes nothing); undone by ``unprepare``.
+
+    Raises:
+        UnsupportedModelError: the model's family is not supported, or it has no MoE experts module.
+        UnsupportedLayoutError: an experts module uses a layout or activation the kernels do not cover.
+    """
+    config = config if config is not None else HeterMoEConfig()
+    if env.disabled():
+        warnings.warn("HETERMOE_DISABLE=1: hetermoe.prepare left the model unchanged", stacklevel=2)
+        return model
+    if is_prepared(model):
+        warnings.warn("hetermoe.prepare was already called on this model; nothing changed", stacklevel=2)
+        return model
+
+    patch = _find_patch(model)
+    experts_type = patch.experts_type()
+    experts = [m for m in model.modules() if isinstance(m, experts_type)]
+    if not experts:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} ({patch.family}) has no {patch.experts_class} module: nothing for "
+            "hetermoe to accelerate (is every layer dense, e.g. mlp_only_layers covers them all?)"
+        )
+    layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
+
+    register(config.implementation_name)
+    configs: list[object] = []
+    for cfg in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in experts]:
+        if cfg is not None and all(cfg is not c for c in configs):
+            configs.append(cfg)
+    previous = [(cfg, _raw_impl(cfg)) for cfg in configs]
+    for cfg in configs:
+        _set_raw_impl(cfg, config.implementation_name)
+    for module, layout in zip(experts, layouts):
+        setattr(module, LAYOUT_ATTR, layout)
+        setattr(module, BACKEND_ATTR, config.backend)
+    setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, previous))
+    return model
+
+
+def unprepare(model: nn.Module) -> nn.Module:
+    """Undo ``prepare``: restore each config's previous experts implementation. Returns the same model."""
+    state: _PreparedState | None = getattr(model, STATE_ATTR, None)
+    if state is None:
+        warnings.warn("hetermoe.unprepare called on a model that was not prepared; nothing changed", stacklevel=2)
+        return model
+    for cfg, value in state.previous:
+        _set_raw_impl(cfg, value)
+    for module in state.experts:
+        for attr in (LAYOUT_ATTR, BACKEND_ATTR):
+            if attr in module.__dict__:
+                delattr(module, attr)
+    delattr(model, STATE_ATTR)
+    return model

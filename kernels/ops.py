@@ -1,0 +1,238 @@
+"""The experts operator: routing, dispatch to Triton or the reference, autograd, torch.compile.
+
+``moe_experts`` is the one entry point. Its forward and backward are two ``torch.library`` custom ops
+(``hetermoe::experts_forward`` / ``hetermoe::experts_backward``) with fake implementations, so
+``torch.compile(fullgraph=True)`` traces a model that uses them; ``MoEExpertsFunction`` ties them together
+for autograd. Routing metadata is built with plain device ops outside the custom ops, so the compiler
+sees (and may fuse) it too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from ..errors import DeviceMismatchError
+from .layout import ExpertLayout, w1_logical
+from .routing import Routing, build_routing
+
+BACKENDS = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """'triton' or 'reference' for tensors on ``device``. ``HETERMOE_BACKEND`` overrides ``requested``."""
+    requested = os.environ.get("HETERMOE_BACKEND", "").strip().lower() or requested
+    if requested not in BACKENDS:
+        raise ValueError(f"backend={requested!r} is not one of {BACKENDS} (check HETERMOE_BACKEND)")
+    if requested == "reference":
+        return "reference"
+    usable = triton_available() and (device.type == "cuda" or _interpret_mode())
+    if requested == "auto":
+        return "triton" if usable and device.type == "cuda" else "reference"
+    if not usable:
+        raise RuntimeError(
+            f"backend='triton' needs the triton package and CUDA tensors (got {device.type} tensors, "
+            f"triton {'installed' if triton_available() else 'missing'}); on CPU set TRITON_INTERPRET=1 before "
+            "importing hf_hetermoe, or use backend='auto'"
+        )
+    return "triton"
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        return importlib.import_module(".triton_ops", __package__)
+    return importlib.import_module(".reference", __package__)
+
+
+def _block_m(backend: str, device: torch.device) -> int:
+    if backend == "triton":
+        return _impl("triton").block_m_for(device)
+    return 16
+
+
+def _layout(has_gate, is_transposed, is_concatenated, activation, alpha, limit) -> ExpertLayout:
+    return ExpertLayout(has_gate, is_transposed, is_concatenated, False, activation, alpha, limit)
+
+
+@torch.library.custom_op("hetermoe::experts_forward", mutates_args=())
+def experts_forward_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    top_k_weights: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+    expert: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    has_gate: bool,
+    is_transposed: bool,
+    is_concatenated: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+    block_m: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    routing = Routing(order, inverse, expert, offsets, tile_expert, tile_start)
+    layout = _layout(has_gate, is_transposed, is_concatenated, activation, alpha, limit)
+    if backend == "triton":
+        return _impl(backend).experts_forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m)
+    return _impl(backend).experts_forward(x, w1, w2, b1, b2, top_k_weights, routing, layout)
+
+
+@experts_forward_op.register_fake
+def _(x, w1, w2, b1, b2, top_k_weights, order, inverse, expert, offsets, tile_expert, tile_start, has_gate,
+      is_transposed, is_concatenated, activation, alpha, limit, block_m, backend):
+    n1 = w1.shape[2] if is_transposed else w1.shape[1]
+    return x.new_empty(x.shape), x.new_empty(order.shape[0], n1)
+
+
+@torch.library.custom_op("hetermoe::experts_backward", mutates_args=())
+def experts_backward_op(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    top_k_weights: torch.Tensor,
+    gu: torch.Tensor,
+    order: torch.Tensor,
+    inverse: torch.Tensor,
+    expert: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    has_gate: bool,
+    is_transposed: bool,
+    is_concatenated: bool,
+    activation: str,
+    alpha: float,
+    limit: float,
+    block_m: int,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    routing = Routing(order, inverse, expert, offsets, tile_expert, tile_start)
+    layout = _layout(has_gate, is_transposed, is_concatenated, activation, alpha, limit)
+    extra = (block_m,) if backend == "triton" else ()
+    dx, dweights, dw1, dw2, db1, db2 = _impl(backend).experts_backward(
+        dout, x, w1, w2, b1, b2, top_k_weights, routing, gu, layout, *extra
+    )
+    # Custom ops cannot return None (nor one tensor twice): absent bias gradients travel as distinct empty tensors.
+    return (
+        dx, dweights, dw1, dw2,
+        db1 if db1 is not None else x.new_empty(0),
+        db2 if db2 is not None else x.new_empty(0),
+    )
+
+
+@experts_backward_op.register_fake
+def _(dout, x, w1, w2, b1, b2, top_k_weights, *args):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(top_k_weights),
+        torch.empty_like(w1),
+        torch.empty_like(w2),
+        torch.empty_like(b1) if b1 is not None else x.new_empty(0),
+        torch.empty_like(b2) if b2 is not None else x.new_empty(0),
+    )
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    """Autograd over the two custom ops. Saves ``x``, the weights, the routing and the pre-activations
+    ``gu [S, N1]``; ``h`` and every ``[S, H]`` intermediate are recomputed or transient."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m, backend):
+        flags = (layout.has_gate, layout.is_transposed, layout.is_concatenated, layout.activation, layout.alpha,
+                 layout.limit, block_m, backend)
+        out, gu = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags)
+        ctx.save_for_backward(x, w1, w2, b1, b2, top_k_weights, gu, *routing)
+        ctx.flags = flags
+        ctx.mark_non_differentiable(gu)
+        return out, gu
+
+    @staticmethod
+    def backward(ctx, dout, _dgu):
+        x, w1, w2, b1, b2, top_k_weights, gu, *routing = ctx.saved_tensors
+        dx, dweights, dw1, dw2, db1, db2 = experts_backward_op(
+            dout, x, w1, w2, b1, b2, top_k_weights, gu, *routing, *ctx.flags
+        )
+        return (
+            dx, dw1, dw2, db1 if b1 is not None else None, db2 if b2 is not None else None, dweights,
+            None, None, None, None,
+        )
+
+
+def _check_inputs(x, top_k_index, top_k_weights, w1, w2, b1, b2, layout: ExpertLayout) -> None:
+    tensors = {"hidden_states": x, "top_k_index": top_k_index, "top_k_weights": top_k_weights, "w1": w1, "w2": w2}
+    if b1 is not None:
+        tensors.update(b1=b1, b2=b2)
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
+        raise DeviceMismatchError(
+            f"MoE experts inputs are on different devices ({listing}); move the model and its inputs to one "
+            "device (e.g. model.to(device) and inputs.to(device))"
+        )
+    if x.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"expected hidden_states [T, H], top_k_index [T, k] and top_k_weights [T, k]; got "
+            f"{tuple(x.shape)}, {tuple(top_k_index.shape)}, {tuple(top_k_weights.shape)}"
+        )
+    if w1_logical(w1, layout).shape[2] != x.shape[1]:
+        raise ValueError(f"expert weights {tuple(w1.shape)} do not match hidden size {x.shape[1]} ({layout})")
+    if layout.has_bias != (b1 is not None and b2 is not None):
+        raise ValueError(f"layout.has_bias={layout.has_bias} but biases given: b1={b1 is not None}, b2={b2 is not None}")
+
+
+def moe_experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    layout: ExpertLayout = ExpertLayout(),
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Routed experts of one MoE layer: ``out[t] = sum_j w[t, j] * FFN_{idx[t, j]}(x[t])``.
+
+    Args:
+        x: [T, H] hidden states (fp32, fp16 or bf16).
+        top_k_index: [T, k] expert ids in ``[0, E)``.
+        top_k_weights: [T, k] routing weights (any float dtype; its gradient comes back in that dtype).
+        w1: ``gate_up_proj`` (or ``up_proj``) as stored by transformers, e.g. ``[E, 2I, H]``.
+        w2: ``down_proj`` as stored, e.g. ``[E, H, I]``.
+        b1, b2: biases ``[E, N1]`` and ``[E, H]`` when ``layout.has_bias``.
+        layout: how the weights are laid out and which activation applies.
+        backend: 'auto', 'triton' or 'reference'.
+
+    Returns:
+        [T, H] in ``x.dtype``. Weights of another dtype (e.g. fp32 masters under autocast) are cast to ``x.dtype``.
+    """
+    _check_inputs(x, top_k_index, top_k_weights, w1, w2, b1, b2, layout)
+    if w1.dtype != x.dtype:
+        w1, w2 = w1.to(x.dtype), w2.to(x.dtype)
+        b1 = b1.to(x.dtype) if b1 is not None else None
+        b2 = b2.to(x.dtype) if b2 is not None else None
+    chosen = resolve_backend(backend, x.device)
+    block_m = _block_m(chosen, x.device)
+    routing = build_routing(top_k_index, w1.shape[0], block_m)
+    out, _ = MoEExpertsFunction.apply(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, chosen)
+    return out

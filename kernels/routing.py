@@ -1,0 +1,74 @@
+"""Routing metadata, built on the device with no host synchronisation.
+
+A routed *pair* is one (token, slot) of ``top_k_index [T, k]``; its flat index is ``token * k + slot``.
+Pairs are sorted by expert (stable, so ties keep token order), which makes every expert's pairs one
+contiguous run of the sorted order. Nothing is permuted or padded: kernels read token rows in place
+through ``order`` and write results back through ``inverse``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Routing(NamedTuple):
+    """Device tensors describing one routing decision. ``S = T * k`` pairs, ``E`` experts.
+
+    order:        [S] int32, flat pair index at each sorted position (token = order // k).
+    inverse:      [S] int32, sorted position of each flat pair index (``inverse[order] = arange(S)``).
+    expert:       [S] int32, expert id at each sorted position (non-decreasing).
+    offsets:      [E + 1] int32, sorted positions where each expert's run starts; ``offsets[E] = S``.
+    tile_expert:  [max_tiles] int32, expert of each row tile of ``block_m`` sorted rows; ``E`` marks an unused tile.
+    tile_start:   [max_tiles] int32, first sorted row of each tile.
+    """
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    expert: torch.Tensor
+    offsets: torch.Tensor
+    tile_expert: torch.Tensor
+    tile_start: torch.Tensor
+
+
+def max_row_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on row tiles: each expert adds at most one partial tile."""
+    return -(-num_pairs // block_m) + min(num_experts, num_pairs)
+
+
+def build_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+    """Sort (token, slot) pairs by expert and tile each expert's run into blocks of ``block_m`` rows.
+
+    Args:
+        top_k_index: [T, k] integer expert ids in ``[0, num_experts)``.
+        num_experts: E.
+        block_m: rows per tile of the grouped matmuls (fixes the tile arrays).
+    """
+    device = top_k_index.device
+    flat = top_k_index.reshape(-1)
+    num_pairs = flat.numel()
+    expert_sorted, order = torch.sort(flat, stable=True)
+    # scatter_add_ rather than bincount: bincount sizes its output from the data (a host sync on CUDA).
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int32))
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int32, device=device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    inverse = torch.empty(num_pairs, dtype=torch.int32, device=device)
+    inverse[order] = torch.arange(num_pairs, dtype=torch.int32, device=device)
+
+    tiles_per_expert = (counts + (block_m - 1)) // block_m
+    tile_end = torch.cumsum(tiles_per_expert, 0)
+    tiles = torch.arange(max_row_tiles(num_pairs, num_experts, block_m), device=device, dtype=tile_end.dtype)
+    tile_expert = torch.searchsorted(tile_end, tiles, right=True, out_int32=True)
+    clamped = tile_expert.clamp(max=num_experts - 1).long()
+    local_tile = tiles - (tile_end[clamped] - tiles_per_expert[clamped])
+    tile_start = (offsets[clamped] + local_tile * block_m).to(torch.int32)
+    return Routing(
+        order=order.to(torch.int32),
+        inverse=inverse,
+        expert=expert_sorted.to(torch.int32),
+        offsets=offsets,
+        tile_expert=tile_expert,
+        tile_start=tile_start,
+    )

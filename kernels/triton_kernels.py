@@ -1,0 +1,276 @@
+"""Triton jit code of the expert operators (no launch logic here; see ``triton_ops.py``).
+
+Kernels, in Hexa-MoE's terms:
+
+- ``_gather_gemm_kernel``  ESMM: ``C[r] = A[row(r)] @ B[e(r)]^T`` over row tiles of one expert each, reading A
+  rows in place (``row(r) = order[r] // k`` or ``r``); optionally two B operands (gate and up) with the gated
+  activation fused into the epilogue.
+- ``_combine_kernel``      ESS: ``out[t] = sum_j w[t, j] * Y[inverse[t*k + j]]``, fp32, deterministic (no atomics).
+- ``_wgrad_kernel``        ESTMM: ``dW[e] = A_e^T B_e`` per expert, optional row gathers, row scale and bias grad.
+- ``_glu_backward_kernel`` the gated activation's backward and the routing-weight gradient, one sorted row each.
+
+Row indices are widened to int64 before they multiply a stride: ``T * H`` passes 2**31 at long context.
+"""
+
+import triton
+import triton.language as tl
+
+# Codes of hf_hetermoe.kernels.layout.ACTIVATIONS.
+SILU: tl.constexpr = 0
+GELU: tl.constexpr = 1
+GELU_TANH: tl.constexpr = 2
+RELU: tl.constexpr = 3
+RELU2: tl.constexpr = 4
+SWIGLU_OAI: tl.constexpr = 5
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    if ACT == SILU:
+        y = x * tl.sigmoid(x)
+    elif ACT == GELU:
+        y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACT == GELU_TANH:
+        y = 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACT == RELU:
+        y = tl.maximum(x, 0.0)
+    else:  # RELU2
+        r = tl.maximum(x, 0.0)
+        y = r * r
+    return y
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    if ACT == SILU:
+        s = tl.sigmoid(x)
+        d = s * (1.0 + x * (1.0 - s))
+    elif ACT == GELU:
+        d = 0.5 * (1.0 + tl.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACT == GELU_TANH:
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif ACT == RELU:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    else:  # RELU2
+        d = 2.0 * tl.maximum(x, 0.0)
+    return d
+
+
+@triton.jit
+def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
+    if ACT == SWIGLU_OAI:
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        h = (u + 1.0) * g * tl.sigmoid(g * alpha)
+    else:
+        h = _act(gate, ACT) * up
+    return h
+
+
+@triton.jit
+def _gather_gemm_kernel(
+    a_ptr, stride_am, stride_ak,  # A [*, K]
+    order_ptr, top_k,  # row(r) = order[r] // top_k when GATHER_A
+    b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,  # B[e] logical [N, K]; b2 = up half when GATED
+    bias_ptr, bias2_ptr, stride_biase, stride_biasn,
+    c_ptr, c2_ptr, stride_cm, stride_cn,  # pre-activation output [S, N] (gate, up halves when GATED)
+    h_ptr, stride_hm, stride_hn,  # activation output [S, N] when ACT >= 0
+    tile_expert_ptr, tile_start_ptr, offsets_ptr,
+    N, K, num_experts, alpha, limit,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(tile_expert_ptr + pid_m)
+    if expert >= num_experts:
+        return
+    row_start = tl.load(tile_start_ptr + pid_m)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    if GATHER_A:
+        a_rows = (tl.load(order_ptr + offs_m, mask=mask_m, other=0) // top_k).to(tl.int64)
+    else:
+        a_rows = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    e64 = expert.to(tl.int64)
+
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_off = e64 * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + b_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GATED:
+            b2 = tl.load(b2_ptr + b_off, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_off += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        bias_off = e64 * stride_biase + offs_n * stride_biasn
+        acc += tl.load(bias_ptr + bias_off, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc2 += tl.load(bias2_ptr + bias_off, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    out_dtype = c_ptr.dtype.element_ty
+    mask = mask_m[:, None] & mask_n[None, :]
+    c_off = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    pre = acc.to(out_dtype)
+    tl.store(c_ptr + c_off, pre, mask=mask)
+    if GATED:
+        pre2 = acc2.to(out_dtype)
+        tl.store(c2_ptr + c_off, pre2, mask=mask)
+    if ACT >= 0:
+        # The activation reads the rounded pre-activations, exactly what the backward pass re-reads.
+        if GATED:
+            h = _glu(pre.to(tl.float32), pre2.to(tl.float32), ACT, alpha, limit)
+        else:
+            h = _act(pre.to(tl.float32), ACT)
+        h_off = offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
+        tl.store(h_ptr + h_off, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(
+    y_ptr, stride_ym, stride_yn,  # Y [S, N] in sorted order
+    inverse_ptr, w_ptr, top_k,  # inverse [T*k], w [T*k] routing weights
+    out_ptr, stride_om, stride_on,  # out [T, N]
+    N,
+    HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for j in range(0, top_k):
+        row = tl.load(inverse_ptr + token * top_k + j).to(tl.int64)
+        y = tl.load(y_ptr + row * stride_ym + offs_n * stride_yn, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_WEIGHTS:
+            y = y * tl.load(w_ptr + token * top_k + j).to(tl.float32)
+        acc += y
+    tl.store(out_ptr + token * stride_om + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _wgrad_kernel(
+    a_ptr, stride_am, stride_an,  # A [*, N]: dW[e][n, k] = sum_r A[ra(r), n] * scale(r) * B[rb(r), k]
+    b_ptr, stride_bm, stride_bk,  # B [*, K]
+    order_ptr, w_ptr, top_k,  # gathers use row = order[r] // top_k; scale(r) = w[order[r]]
+    c_ptr, stride_ce, stride_cn, stride_ck,  # dW logical [E, N, K]
+    db_ptr, stride_dbe, stride_dbn,  # bias grad [E, N] (sum over rows of scale * A)
+    offsets_ptr, N, K,
+    GATHER_A: tl.constexpr, SCALE_A: tl.constexpr, GATHER_B: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    row_start = tl.load(offsets_ptr + expert)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        offs_r = r0 + tl.arange(0, BLOCK_M)
+        mask_r = offs_r < row_end
+        if GATHER_A or GATHER_B or SCALE_A:
+            flat = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
+        if GATHER_A:
+            a_rows = (flat // top_k).to(tl.int64)
+        else:
+            a_rows = offs_r.to(tl.int64)
+        if GATHER_B:
+            b_rows = (flat // top_k).to(tl.int64)
+        else:
+            b_rows = offs_r.to(tl.int64)
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        if SCALE_A:
+            scale = tl.load(w_ptr + flat, mask=mask_r, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * scale[:, None]).to(b_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_k[None, :] * stride_bk,
+                    mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+        if BIAS_GRAD:
+            bias_acc += tl.sum(a.to(tl.float32), axis=0)
+    c_off = expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :] * stride_ck
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    if BIAS_GRAD:
+        if pid_k == 0:
+            db_off = expert.to(tl.int64) * stride_dbe + offs_n * stride_dbn
+            tl.store(db_ptr + db_off, bias_acc.to(db_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _glu_backward_kernel(
+    g_ptr, stride_gm, stride_gn,  # g = dout[tok] @ w2[e]: [S, I] unweighted
+    gate_ptr, up_ptr, stride_pm, stride_pn,  # saved pre-activations (gate, up halves) [S, I]
+    dgate_ptr, dup_ptr, stride_dm, stride_dn,  # their gradients, same layout
+    h_ptr, stride_hm, stride_hn,  # recomputed activation [S, I], for dW2
+    order_ptr, w_ptr, dw_ptr,  # w routing weights by flat pair; dw [S] fp32 in sorted order
+    dout_ptr, stride_om, stride_on, bias2_ptr, stride_b2e, stride_b2n, expert_ptr, top_k,  # bias term of dw
+    I, H, alpha, limit,
+    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    flat = tl.load(order_ptr + row)
+    w = tl.load(w_ptr + flat).to(tl.float32)
+    offs = tl.arange(0, BLOCK_N)
+    dot = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for n0 in range(0, I, BLOCK_N):
+        cols = n0 + offs
+        mask = cols < I
+        g = tl.load(g_ptr + row * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        dh = w * g
+        if GATED:
+            gate = tl.load(gate_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+            if ACT == SWIGLU_OAI:
+                gc = tl.minimum(gate, limit)
+                uc = tl.minimum(tl.maximum(up, -limit), limit)
+                s = tl.sigmoid(gc * alpha)
+                glu = gc * s
+                h = (uc + 1.0) * glu
+                dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
+                dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+            else:
+                a = _act(gate, ACT)
+                h = a * up
+                dgate = dh * up * _act_grad(gate, ACT)
+                dup = dh * a
+            tl.store(dgate_ptr + row * stride_dm + cols * stride_dn, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+        else:
+            h = _act(up, ACT)
+            dup = dh * _act_grad(up, ACT)
+        tl.store(dup_ptr + row * stride_dm + cols * stride_dn, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+        h_low = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * stride_hm + cols * stride_hn, h_low, mask=mask)
+        dot += g * h_low.to(tl.float32)
+    if HAS_BIAS:
+        token = (flat // top_k).to(tl.int64)
+        expert = tl.load(expert_ptr + row).to(tl.int64)
+        for c0 in range(0, H, BLOCK_N):
+            cols = c0 + offs
+            mask = cols < H
+            d = tl.load(dout_ptr + token * stride_om + cols * stride_on, mask=mask, other=0.0).to(tl.float32)
+            b = tl.load(bias2_ptr + expert * stride_b2e + cols * stride_b2n, mask=mask, other=0.0).to(tl.float32)
+            dot += d * b
+    tl.store(dw_ptr + row, tl.sum(dot, axis=0))
