@@ -29,6 +29,8 @@ class _PreparedState:
     experts: list[nn.Module]
     # (config object, the raw `_experts_implementation` it had) for every config prepare touched
     previous: list[tuple[object, str | None]]
+    # undo functions of instance-patched experts modules (families outside transformers' experts interface)
+    undo: list
 
 
 def _model_types(model: nn.Module) -> list[str]:
@@ -98,6 +100,15 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
         )
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
 
+    undo = []
+    if patch.dispatch == "instance_patch":
+        for module, layout in zip(experts, layouts):
+            setattr(module, LAYOUT_ATTR, layout)
+            setattr(module, BACKEND_ATTR, config.backend)
+            undo.append(patch.patch_instance(module, layout, config.backend))
+        setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, [], undo))
+        return model
+
     register(config.implementation_name)
     configs: list[object] = []
     for cfg in [getattr(model, "config", None)] + [getattr(m, "config", None) for m in experts]:
@@ -109,7 +120,7 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
     for module, layout in zip(experts, layouts):
         setattr(module, LAYOUT_ATTR, layout)
         setattr(module, BACKEND_ATTR, config.backend)
-    setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, previous))
+    setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, previous, undo))
     return model
 
 
@@ -121,6 +132,8 @@ def unprepare(model: nn.Module) -> nn.Module:
         return model
     for cfg, value in state.previous:
         _set_raw_impl(cfg, value)
+    for restore in state.undo:
+        restore()
     for module in state.experts:
         for attr in (LAYOUT_ATTR, BACKEND_ATTR):
             if attr in module.__dict__:

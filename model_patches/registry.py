@@ -30,6 +30,9 @@ class ModelPatch:
         tiny_config: builds a small config of the family (tests, demo, compatibility matrix).
         dispatch: "experts_interface" (transformers' ``ALL_EXPERTS_FUNCTIONS``) or "instance_patch".
         layout: reads an ``ExpertLayout`` off one experts module.
+        patch_instance: for ``dispatch="instance_patch"`` families (which ignore ``ALL_EXPERTS_FUNCTIONS``):
+            ``patch_instance(experts, layout, backend) -> undo`` rebinds that one module's forward (never the
+            class) and returns a zero-argument function that restores it.
         quirks: upstream behaviours a prepared model reproduces on purpose (listed in the docs).
     """
 
@@ -40,6 +43,7 @@ class ModelPatch:
     tiny_config: Callable[[], object]
     dispatch: str = "experts_interface"
     layout: Callable[[nn.Module], object] = default_layout
+    patch_instance: Callable[[nn.Module, object, str], Callable[[], None]] | None = None
     quirks: tuple[str, ...] = field(default_factory=tuple)
 
     def experts_type(self) -> type[nn.Module]:
@@ -55,6 +59,8 @@ def register_model_patch(patch: ModelPatch) -> ModelPatch:
         raise ValueError(f"ModelPatch {patch.family!r} declares no model_types")
     if patch.dispatch not in DISPATCHES:
         raise ValueError(f"ModelPatch {patch.family!r}: dispatch={patch.dispatch!r} is not one of {DISPATCHES}")
+    if (patch.dispatch == "instance_patch") != (patch.patch_instance is not None):
+        raise ValueError(f"ModelPatch {patch.family!r}: patch_instance is required exactly when dispatch='instance_patch'")
     taken = [t for t in patch.model_types if t in MODEL_PATCHES]
     if taken:
         raise ValueError(f"model types {taken} of {patch.family!r} are already registered by {MODEL_PATCHES[taken[0]].family!r}")
