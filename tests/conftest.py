@@ -1,0 +1,43 @@
+"""Test setup. Without CUDA, Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET must be
+set before any @triton.jit decorator runs, so it is set here, before hf_hetermoe is imported."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from hf_hetermoe.kernels import triton_available  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# Relative-norm tolerance ||a - b|| / ||b|| per dtype (accumulation-order noise, never NaN).
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+# The Triton interpreter computes bf16 arithmetic wrongly (FACTS.md): CPU runs test fp32 and fp16.
+KERNEL_DTYPES = [torch.float32, torch.float16] if DEVICE.type == "cpu" else [torch.float32, torch.bfloat16]
+
+requires_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    assert torch.isfinite(actual).all(), "non-finite values in the result"
+    denom = expected.norm().item()
+    return (actual - expected).norm().item() / (denom if denom > 0 else 1.0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)

@@ -1,0 +1,140 @@
+"""Triton expert kernels against the plain-PyTorch reference, and the reference against transformers'
+eager formulation through autograd. On CPU the kernels run under TRITON_INTERPRET=1 (see conftest)."""
+
+import pytest
+import torch
+from _moe_inputs import LAYOUTS, make_inputs
+from conftest import DEVICE, KERNEL_DTYPES, TOLERANCE, rel_err, requires_triton
+
+from hf_hetermoe.kernels import build_routing, moe_experts
+from hf_hetermoe.kernels import reference as ref
+
+# (T, H, I, E, k, routing): T below one row tile, odd H and I, prime E, k = 1, k = E, experts without
+# tokens, every token on one expert.
+EDGE_SHAPES = {
+    "T<block": (5, 24, 20, 3, 2, "random"),
+    "odd_H_I_prime_E": (37, 33, 19, 7, 3, "random"),
+    "k=1": (23, 32, 16, 5, 1, "random"),
+    "k=E": (9, 16, 24, 4, 4, "random"),
+    "empty_experts": (3, 16, 16, 11, 2, "random"),
+    "one_expert": (29, 16, 24, 5, 1, "one_expert"),
+}
+
+
+def _triton_ops():
+    from hf_hetermoe.kernels import triton_ops
+
+    return triton_ops
+
+
+def _fwd_bwd(impl, inputs, layout, routing, dout, block_m=None):
+    x, index, weights, w1, w2, b1, b2 = inputs
+    extra = (block_m,) if block_m is not None else ()
+    out, gu = impl.experts_forward(x, w1, w2, b1, b2, weights, routing, layout, *extra)
+    grads = impl.experts_backward(dout, x, w1, w2, b1, b2, weights, routing, gu, layout, *extra)
+    return out, gu, grads
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", list(EDGE_SHAPES), ids=list(EDGE_SHAPES))
+def test_triton_matches_reference_edge_shapes(shape, dtype):
+    _check_triton_vs_reference(EDGE_SHAPES[shape], LAYOUTS["mixtral"], dtype)
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("layout", [name for name in LAYOUTS if name != "mixtral"])
+def test_triton_matches_reference_layouts(layout):
+    _check_triton_vs_reference((19, 24, 20, 5, 2, "random"), LAYOUTS[layout], torch.float32)
+
+
+def _check_triton_vs_reference(shape, layout, dtype):
+    T, H, I, E, k, routing_kind = shape
+    triton_ops = _triton_ops()
+    inputs = make_inputs(T, H, I, E, k, layout, dtype, DEVICE, routing=routing_kind)
+    block_m = triton_ops.block_m_for(DEVICE)
+    routing = build_routing(inputs[1], E, block_m)
+    dout = torch.randn(T, H, device=DEVICE).to(dtype)
+    out_t, gu_t, grads_t = _fwd_bwd(triton_ops, inputs, layout, routing, dout, block_m)
+    out_r, gu_r, grads_r = _fwd_bwd(ref, inputs, layout, routing, dout)
+    tol = TOLERANCE[dtype]
+    assert out_t.dtype == inputs[0].dtype and out_t.shape == (T, H)
+    assert rel_err(out_t, out_r) < tol
+    assert rel_err(gu_t, gu_r) < tol
+    names = ["dx", "d_top_k_weights", "dw1", "dw2", "db1", "db2"]
+    for name, g_t, g_r in zip(names, grads_t, grads_r):
+        if g_r is None:
+            assert g_t is None, name
+            continue
+        assert g_t.shape == g_r.shape and g_t.dtype == g_r.dtype, name
+        assert rel_err(g_t, g_r) < tol, f"{name}: {rel_err(g_t, g_r):.2e}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reference_matches_eager_autograd(layout):
+    """The explicit forward/backward formulas equal autograd through transformers' eager loop."""
+    layout_ = LAYOUTS[layout]
+    x, index, weights, w1, w2, b1, b2 = make_inputs(21, 24, 20, 5, 2, layout_, torch.float32, "cpu")
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, b1, b2) if t is not None]
+    out = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout_, backend="reference")
+    expected = ref.experts_eager(x, index, weights, w1, w2, b1, b2, layout_)
+    assert rel_err(out, expected) < 1e-5
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, dout)
+    want = torch.autograd.grad(expected, leaves, dout)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+def test_op_triton_backend_through_autograd():
+    layout = LAYOUTS["gpt_oss"]
+    x, index, weights, w1, w2, b1, b2 = make_inputs(13, 16, 16, 4, 2, layout, torch.float32, DEVICE)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, b1, b2)]
+    out = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="triton")
+    expected = ref.experts_eager(x, index, weights, w1, w2, b1, b2, layout)
+    assert rel_err(out, expected) < 1e-5
+    for g, w in zip(torch.autograd.grad(out.square().sum(), leaves), torch.autograd.grad(expected.square().sum(), leaves)):
+        assert rel_err(g, w) < 1e-4
+
+
+def test_mixed_dtypes_cast_weights_to_hidden_dtype():
+    """fp32 master weights with half-precision activations (autocast): output and grads keep their dtypes."""
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(8, 16, 16, 3, 2, layout, torch.float32, "cpu")
+    x = x.to(torch.bfloat16).requires_grad_()
+    w1.requires_grad_()
+    out = moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert w1.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=requires_triton)])
+def test_zero_tokens(backend):
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(0, 16, 16, 3, 2, layout, torch.float32, DEVICE)
+    w1.requires_grad_()
+    out = moe_experts(x, index, weights, w1, w2, layout=layout, backend=backend)
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    assert torch.equal(w1.grad, torch.zeros_like(w1))
+
+
+def test_compile_fullgraph_traces_the_op():
+    """The custom ops have fake implementations: torch.compile(fullgraph=True) traces forward and backward."""
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(11, 16, 16, 4, 2, layout, torch.float32, "cpu")
+    w1.requires_grad_()
+
+    def step(x, index, weights, w1, w2):
+        return moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference").square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, index, weights, w1, w2)
+    (g_compiled,) = torch.autograd.grad(loss, [w1])
+    (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [w1])
+    assert rel_err(g_compiled, g_eager) < 1e-6

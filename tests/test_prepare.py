@@ -1,0 +1,182 @@
+"""hetermoe.prepare on tiny models of each supported family: same function, same state dict, reversible."""
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import rel_err
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
+
+import hf_hetermoe as hetermoe
+from hf_hetermoe.model_patches import MODEL_PATCHES
+
+FAMILIES = ["mixtral", "qwen3_moe", "olmoe"]
+
+
+def tiny_model(model_type: str, **overrides):
+    config = MODEL_PATCHES[model_type].tiny_config()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return AutoModelForCausalLM.from_config(config, experts_implementation="eager").float()
+
+
+def _forward_backward(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_prepared_matches_unprepared(model_type, backend):
+    base = tiny_model(model_type)
+    prepared = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(backend=backend))
+    ids = torch.randint(0, base.config.vocab_size, (2, 11))
+    want, want_grads = _forward_backward(base, ids)
+    got, got_grads = _forward_backward(prepared, ids)
+    assert prepared.config._experts_implementation == "hetermoe"
+    assert rel_err(got.logits, want.logits) < 1e-5
+    assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    assert want.aux_loss is not None and torch.allclose(got.aux_loss, want.aux_loss, rtol=1e-5)
+    assert len(got.router_logits) == len(want.router_logits) > 0
+    assert set(got_grads) == set(want_grads) == {n for n, _ in base.named_parameters()}
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) < 1e-4, name
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_state_dict_unchanged(model_type):
+    model = tiny_model(model_type)
+    before = {k: (v.shape, v.dtype, v.data_ptr()) for k, v in model.state_dict().items()}
+    hetermoe.prepare(model)
+    after = {k: (v.shape, v.dtype, v.data_ptr()) for k, v in model.state_dict().items()}
+    assert before == after
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in tiny_model(model_type).named_modules()]
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_save_pretrained_reloads_in_plain_transformers(model_type, tmp_path):
+    model = hetermoe.prepare(tiny_model(model_type))
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "hetermoe" not in json.dumps(saved)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    assert plain.config._experts_implementation == "eager"
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_from_pretrained_can_select_hetermoe_by_name(tmp_path):
+    tiny_model("mixtral").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="hetermoe")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, plain(ids).logits) < 1e-5
+
+
+def test_second_prepare_warns_and_changes_nothing():
+    model = hetermoe.prepare(tiny_model("mixtral"))
+    state = model._hetermoe_state
+    with pytest.warns(UserWarning, match="already called"):
+        assert hetermoe.prepare(model) is model
+    assert model._hetermoe_state is state
+
+
+def test_unprepare_restores_previous_implementation():
+    model = tiny_model("qwen3_moe")
+    model.set_experts_implementation("grouped_mm")
+    hetermoe.prepare(model)
+    assert hetermoe.is_prepared(model)
+    experts = [m for m in model.modules() if hasattr(m, "_hetermoe_layout")]
+    assert experts
+    hetermoe.unprepare(model)
+    assert not hetermoe.is_prepared(model)
+    assert model.config._experts_implementation == "grouped_mm"
+    assert not any(hasattr(m, "_hetermoe_layout") for m in experts)
+    with pytest.warns(UserWarning, match="not prepared"):
+        hetermoe.unprepare(model)
+
+
+def test_dense_model_is_rejected_with_supported_types():
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(hetermoe.UnsupportedModelError) as err:
+        hetermoe.prepare(model)
+    assert isinstance(err.value, ValueError)
+    for model_type in FAMILIES:
+        assert model_type in str(err.value)
+    assert "'llama'" in str(err.value)
+
+
+def test_plain_module_is_rejected():
+    with pytest.raises(hetermoe.UnsupportedModelError, match="without a transformers config"):
+        hetermoe.prepare(torch.nn.Linear(3, 3))
+
+
+def test_family_without_moe_layers_is_rejected():
+    model = tiny_model("qwen3_moe", mlp_only_layers=[0, 1])
+    with pytest.raises(hetermoe.UnsupportedModelError, match="no Qwen3MoeExperts"):
+        hetermoe.prepare(model)
+
+
+def test_tensors_on_the_wrong_device_name_both_devices():
+    model = hetermoe.prepare(tiny_model("mixtral"))
+    experts = next(m for m in model.modules() if hasattr(m, "_hetermoe_layout"))
+    x = torch.randn(4, model.config.hidden_size, device="meta")
+    index = torch.zeros(4, 2, dtype=torch.long)
+    with pytest.raises(hetermoe.DeviceMismatchError, match="hidden_states on meta"):
+        experts(x, index, torch.ones(4, 2))
+
+
+def test_disable_env_leaves_model_untouched(monkeypatch):
+    monkeypatch.setenv("HETERMOE_DISABLE", "1")
+    model = tiny_model("mixtral")
+    with pytest.warns(UserWarning, match="HETERMOE_DISABLE"):
+        hetermoe.prepare(model)
+    assert not hetermoe.is_prepared(model) and model.config._experts_implementation == "eager"
+
+
+def test_config_validation_and_round_trip():
+    config = hetermoe.HeterMoEConfig(backend="reference", autotune=False)
+    assert hetermoe.HeterMoEConfig.from_json(config.to_json()) == config
+    with pytest.raises(hetermoe.ConfigError, match="backend='cuda' is not one of"):
+        hetermoe.HeterMoEConfig(backend="cuda")
+    with pytest.raises(hetermoe.ConfigError, match="Unknown HeterMoEConfig keys"):
+        hetermoe.HeterMoEConfig.from_dict({"backnd": "auto"})
+
+
+def test_triton_backend_on_cpu_without_interpreter_explains(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from hf_hetermoe.kernels import resolve_backend
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"))
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+
+
+def test_generate_on_prepared_model():
+    model = hetermoe.prepare(tiny_model("mixtral")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        base = hetermoe.unprepare(model).generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, base)
+
+
+def test_mixtral_in_bf16_reference_close_to_eager():
+    config = MixtralConfig(**MODEL_PATCHES["mixtral"].tiny_config().to_dict())
+    base = AutoModelForCausalLM.from_config(config, experts_implementation="eager").to(torch.bfloat16)
+    prepared = hetermoe.prepare(copy.deepcopy(base))
+    ids = torch.randint(0, config.vocab_size, (2, 8))
+    with torch.no_grad():
+        assert rel_err(prepared(ids).logits, base(ids).logits) < 2e-2
