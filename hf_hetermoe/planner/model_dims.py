@@ -1,0 +1,156 @@
+"""Model dimensions the planner needs, read from a transformers config object or a plain dict.
+
+MoE families name the same quantities differently (Mixtral ``num_local_experts``, Qwen3-MoE
+``num_experts`` and ``moe_intermediate_size``, DeepSeek ``n_routed_experts`` and ``first_k_dense_replace``,
+OLMoE ``num_experts``). :func:`model_dims` tries each known name in order and says which one is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hf_hetermoe.errors import ConfigError
+
+# Attribute names per quantity, first match wins (order matters: `moe_intermediate_size` before the dense one).
+_NAMES: dict[str, tuple[str, ...]] = {
+    "hidden_size": ("hidden_size", "d_model", "n_embd"),
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+    "num_experts": ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
+    "top_k": ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k"),
+    "expert_intermediate_size": ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size", "ffn_dim"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
+    "vocab_size": ("vocab_size",),
+}
+
+
+@dataclass
+class ModelDims:
+    """The dimensions of an MoE decoder that the cost model uses. All sizes are element counts."""
+
+    hidden_size: int = field(metadata={"help": "H, the residual width."})
+    num_layers: int = field(metadata={"help": "Decoder layers (MoE and dense) in the model."})
+    num_experts: int = field(metadata={"help": "E, routed experts per MoE layer."})
+    top_k: int = field(metadata={"help": "Routed experts per token."})
+    expert_intermediate_size: int = field(metadata={"help": "I, intermediate width of one routed expert."})
+    num_attention_heads: int = field(metadata={"help": "Query heads."})
+    num_key_value_heads: int = field(default=0, metadata={"help": "KV heads (GQA); 0 means equal to query heads."})
+    head_dim: int = field(default=0, metadata={"help": "Per-head width; 0 means hidden_size // heads."})
+    vocab_size: int = field(default=32000, metadata={"help": "Vocabulary size (LM head and embedding)."})
+    num_shared_experts: int = field(default=0, metadata={"help": "Shared (always-on) experts, run on attention GPUs."})
+    shared_intermediate_size: int = field(default=0, metadata={"help": "Intermediate width of one shared expert."})
+    first_dense_layers: int = field(default=0, metadata={"help": "Leading dense (non-MoE) layers (DeepSeek)."})
+    dense_intermediate_size: int = field(default=0, metadata={"help": "MLP width of the dense layers."})
+    gated: bool = field(default=True, metadata={"help": "Gated (SwiGLU) experts: three matrices instead of two."})
+    tie_word_embeddings: bool = field(default=False, metadata={"help": "LM head shares the embedding matrix."})
+    model_type: str = field(default="", metadata={"help": "transformers model_type, for messages only."})
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_experts", "top_k", "expert_intermediate_size",
+                     "num_attention_heads", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"ModelDims.{name}={value!r} must be a positive integer")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"ModelDims.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.num_key_value_heads == 0:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if not 0 <= self.first_dense_layers < self.num_layers:
+            raise ConfigError(
+                f"ModelDims.first_dense_layers={self.first_dense_layers} must be in [0, num_layers={self.num_layers})"
+            )
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_layers - self.first_dense_layers
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one routed expert."""
+        return (3 if self.gated else 2) * self.hidden_size * self.expert_intermediate_size
+
+    @property
+    def attention_half_params(self) -> int:
+        """Parameters of one layer's attention half: q/k/v/o projections, two norms, router, shared experts."""
+        h = self.hidden_size
+        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
+        shared = self.num_shared_experts * (3 if self.gated else 2) * h * max(self.shared_intermediate_size, 0)
+        return attn + 2 * h + h * self.num_experts + shared
+
+    @property
+    def embedding_params(self) -> int:
+        """Embedding plus LM head parameters (counted once when tied)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelDims:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelDims keys {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+def _first(cfg: dict[str, Any], quantity: str) -> Any:
+    for name in _NAMES[quantity]:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    return None
+
+
+def model_dims(config: Any) -> ModelDims:
+    """Extract :class:`ModelDims` from a transformers ``PretrainedConfig``, a config dict, a ``ModelDims``,
+    or a path to ``config.json`` / a checkpoint directory."""
+    if isinstance(config, ModelDims):
+        return config
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"model config {str(config)!r} not found: pass a config.json or a checkpoint directory")
+        config = json.loads(path.read_text())
+    cfg = dict(config) if isinstance(config, dict) else config.to_dict()
+    # Multimodal / composite configs keep the decoder under text_config.
+    if _first(cfg, "num_experts") is None and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    values = {q: _first(cfg, q) for q in _NAMES}
+    missing = [f"{q} (tried {', '.join(_NAMES[q])})" for q, v in values.items() if v is None]
+    if missing:
+        raise ConfigError(
+            f"model config of type {cfg.get('model_type', '?')!r} lacks {'; '.join(missing)}: "
+            "it is not an MoE config the planner understands; pass a dict with these keys"
+        )
+    act = str(cfg.get("hidden_act", "silu"))
+    gated = cfg.get("model_type") not in {"switch_transformers", "nllb_moe", "gpt_bigcode"} and act != "gelu_new"
+    return ModelDims(
+        **{q: int(v) for q, v in values.items()},
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or 0),
+        head_dim=int(cfg.get("head_dim") or 0),
+        num_shared_experts=int(cfg.get("n_shared_experts")
+                               or (1 if cfg.get("shared_expert_intermediate_size") else 0)),
+        shared_intermediate_size=int(
+            cfg.get("shared_expert_intermediate_size") or (values["expert_intermediate_size"]
+                                                           if cfg.get("n_shared_experts") else 0)
+        ),
+        first_dense_layers=int(cfg.get("first_k_dense_replace") or 0),
+        dense_intermediate_size=int(cfg.get("intermediate_size") or 0),
+        gated=gated,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        model_type=str(cfg.get("model_type", "")),
+    )

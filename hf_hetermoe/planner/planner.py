@@ -1,0 +1,237 @@
+"""The planner: choose attention/expert roles, ZP groups, R and the expert placement by simulating candidates,
+check memory, and produce a :class:`Plan` plus the simulated baselines."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from hf_hetermoe.errors import ConfigError
+
+from .asym_ea import AsymEAReport, asym_ea, base_placement
+from .cluster import ClusterConfig
+from .cost import CostModel, MemoryError_, ZPLayout
+from .model_dims import ModelDims, model_dims
+from .plan import Plan
+from .presets import preset_profiles
+from .profiles import ProfileSet
+from .simulator import SimResult, schedule_for, simulate_data_parallel, simulate_layout
+
+SQUEEZES = (0.5, 1.0, 1.5)
+
+
+@dataclass
+class Candidate:
+    layout: ZPLayout
+    result: SimResult
+    report: AsymEAReport | None = None
+
+
+@dataclass
+class PlanResult:
+    """The chosen plan, its simulation, and every baseline."""
+
+    plan: Plan
+    best: SimResult
+    results: dict[str, SimResult] = field(default_factory=dict)  # method -> result, baselines included
+    layout: ZPLayout | None = None
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def _attention_affinity(cost: CostModel, kind: str, tokens: float) -> float:
+    """How much better ``kind`` is at attention than at experts: lower = give it attention."""
+    prof = cost.profiles[kind]
+    attn = prof.attn_ms(cost.seq_len) + prof.attn_ms(cost.seq_len, True)
+    exp = prof.expert_ms(tokens) + prof.expert_ms(tokens, True)
+    return attn / exp
+
+
+def role_splits(cost: CostModel) -> list[tuple[list[int], list[int]]]:
+    """Candidate (attention ranks, expert ranks): the kinds with the best attention affinity go to attention.
+    A single-kind cluster is split in halves and quarters (zebra still overlaps; there is no heterogeneity)."""
+    ranks = cost.cluster.ranks()
+    kinds = cost.cluster.kinds()
+    tok = cost.seq_len * cost.dims.top_k / cost.dims.num_experts
+    order = sorted(kinds, key=lambda k: _attention_affinity(cost, k, tok))
+    by_kind = {k: [r for r, _, g in ranks if g.kind == k] for k in kinds}
+    splits = []
+    if len(kinds) == 1:
+        world = len(ranks)
+        for m in sorted({world // 2, world // 4} - {0}):
+            splits.append((list(range(m)), list(range(m, world))))
+        return splits
+    for j in range(1, len(order)):
+        attn = sorted(r for k in order[:j] for r in by_kind[k])
+        splits.append((attn, sorted(set(range(len(ranks))) - set(attn))))
+    return splits
+
+
+def _groups(cost: CostModel, attn: list[int], experts: list[int], g: int) -> list[list[int]] | None:
+    """Split ranks into ``g`` identical ZP groups (same kinds at the same local positions), or None."""
+    kinds = cost.kind_of
+    out: list[list[int]] = [[] for _ in range(g)]
+    for side in (attn, experts):
+        for kind in dict.fromkeys(kinds[r] for r in side):
+            members = [r for r in side if kinds[r] == kind]
+            if len(members) % g:
+                return None
+            per = len(members) // g
+            for i in range(g):
+                out[i].extend(members[i * per:(i + 1) * per])
+    return out
+
+
+def candidates(cost: CostModel, asym: bool = True) -> list[Candidate]:
+    """Every (roles, G, R, placement) the planner considers, simulated."""
+    tr = cost.cluster.training
+    out: list[Candidate] = []
+    for attn, experts in role_splits(cost):
+        for g in _divisors(math.gcd(len(attn), len(experts)), len(attn)):
+            groups = _groups(cost, attn, experts, g)
+            if groups is None:
+                continue
+            m = len(attn) // g
+            if tr.global_batch_sequences % (g * m):
+                continue
+            seqs = tr.global_batch_sequences // (g * m)
+            for r in _divisors(seqs, tr.max_micro_batches):
+                lay = ZPLayout(groups, list(range(m)), [{} for _ in range(cost.dims.num_layers)], r, seqs)
+                placement, n_min = base_placement(cost, lay, list(range(m, len(groups[0]))))
+                lay = replace(lay, placement=placement)
+                if n_min == 0:
+                    out.append(Candidate(lay, simulate_layout(cost, lay, f"zebra R={r}")))
+                if not asym:
+                    continue
+                for s in SQUEEZES:
+                    try:
+                        lay2, rep = asym_ea(cost, lay, squeeze=s)
+                    except MemoryError_:
+                        continue
+                    out.append(Candidate(lay2, simulate_layout(cost, lay2, f"zebra+Asym-EA R={r}"), rep))
+    return out
+
+
+def _best(cands: list[Candidate]) -> Candidate | None:
+    fitting = [c for c in cands if c.result.fits]
+    return min(fitting, key=lambda c: c.result.step_ms) if fitting else None
+
+
+def ep_layout(cost: CostModel) -> ZPLayout:
+    """EP baseline: every GPU runs attention on an equal batch and holds E/ep experts of every layer."""
+    world, e = cost.cluster.world_size, cost.dims.num_experts
+    ep = max(d for d in range(1, world + 1) if world % d == 0 and e % d == 0)
+    groups = [list(range(i * ep, (i + 1) * ep)) for i in range(world // ep)]
+    per = e // ep
+    placement = [{} if li < cost.dims.first_dense_layers else {r: tuple(range(r * per, (r + 1) * per))
+                                                                  for r in range(ep)}
+                 for li in range(cost.dims.num_layers)]
+    seqs = math.ceil(cost.cluster.training.global_batch_sequences / world)
+    return ZPLayout(groups, list(range(ep)), placement, 1, seqs)
+
+
+def make_plan(model: Any, cluster: ClusterConfig, profiles: ProfileSet | None = None) -> PlanResult:
+    """Plan ``model`` (config object, dict, path or :class:`ModelDims`) on ``cluster``."""
+    dims: ModelDims = model_dims(model)
+    notes: list[str] = []
+    if profiles is None:
+        profiles = preset_profiles(cluster.kinds(), dims, cluster.training.seq_len)
+        notes.append("no --profiles: costs are estimates from built-in published-ratio presets, not measurements")
+    profiles.check_against(cluster.kinds(), dims, cluster.training.seq_len)
+    cost = CostModel(dims, cluster, profiles)
+    cands = candidates(cost)
+    if not cands:
+        raise ConfigError(
+            f"no ZP layout fits training.global_batch_sequences={cluster.training.global_batch_sequences}: it must "
+            "be a multiple of the number of attention GPUs; change the batch or the cluster"
+        )
+    chosen = _best(cands)
+    if chosen is None:
+        worst = min(cands, key=lambda c: c.result.step_ms)
+        raise MemoryError_(f"no layout fits in memory. Closest: {worst.result.note}")
+    results: dict[str, SimResult] = {}
+    plain = _best([c for c in cands if c.report is None])
+    if plain is not None:
+        results["zebra (no Asym-EA)"] = plain.result
+    dist = [c for c in cands if c.report is None and c.layout.micro_batches == 1
+            and c.layout.groups == chosen.layout.groups]
+    if dist:
+        results["DistEP"] = replace(dist[0].result, method="DistEP")
+    ep = simulate_layout(cost, ep_layout(cost), "EP")
+    results["EP"] = ep
+    results["DP (speed-balanced)"] = simulate_data_parallel(cost)
+    results["HeterMoE (chosen)"] = chosen.result
+    if any(p.emulated for p in profiles.devices.values()):
+        notes.append("some GPUs are EMULATED older GPUs (hetermoe.emulate): figures are for emulated devices")
+    notes.append("assumes balanced routing, k copies per routed token, no compute/communication interference")
+    plan = build_plan(cost, chosen, results, profiles, notes)
+    return PlanResult(plan, chosen.result, results, chosen.layout)
+
+
+def build_plan(cost: CostModel, chosen: Candidate, results: dict[str, SimResult], profiles: ProfileSet,
+               notes: list[str]) -> Plan:
+    lay = chosen.layout
+    sched = schedule_for(cost, lay)
+    local_of = {g: (gi, li) for gi, grp in enumerate(lay.groups) for li, g in enumerate(grp)}
+    ranks = []
+    for rank, node, group in cost.cluster.ranks():
+        gi, li = local_of[rank]
+        ranks.append({"rank": rank, "node": node, "device": group.kind, "zp_group": gi, "local_rank": li,
+                      "role": "attention" if li in lay.attention else "expert"})
+    holders = sorted({r for p in lay.placement for r in p})
+    process_groups = {
+        "dispatch": lay.groups, "combine": lay.groups,
+        "attn_dp": [[grp[a] for grp in lay.groups for a in lay.attention]],
+        "expert_dp": [[grp[h] for grp in lay.groups] for h in holders],
+    }
+    rep = chosen.report
+    return Plan(
+        world_size=cost.cluster.world_size, micro_batches=lay.micro_batches,
+        sequences_per_attention_rank=lay.sequences_per_attention_rank, seq_len=cost.seq_len,
+        model=cost.dims.to_dict(), ranks=ranks, zp_groups=lay.groups, process_groups=process_groups,
+        placement=[{str(r): list(e) for r, e in p.items()} for p in lay.placement],
+        schedule=sched.to_dict(), expected=chosen.result.summary(),
+        baselines={k: v.summary() for k, v in results.items() if k != "HeterMoE (chosen)"},
+        asym_ea={} if rep is None else {"moved": [{str(a): n for a, n in m.items()} for m in rep.moved],
+                                        "n_max": {str(a): n for a, n in rep.n_max.items()}, "n_min": rep.n_min},
+        profiles={k: ("emulated, " if p.emulated else "") + p.source for k, p in profiles.devices.items()},
+        notes=notes,
+    )
+
+
+def _experts_summary(counts: list[int]) -> str:
+    """'8x6, 7x2' style: count x layers, most common first; '-' for none."""
+    if not any(counts):
+        return "-"
+    tally: dict[int, int] = {}
+    for c in counts:
+        tally[c] = tally.get(c, 0) + 1
+    return ", ".join(f"{c}x{n}L" for c, n in sorted(tally.items(), key=lambda kv: (-kv[1], -kv[0])))
+
+
+def format_plan(result: PlanResult) -> str:
+    """The table `hetermoe plan` prints: per GPU, then per method."""
+    plan, best = result.plan, result.best
+    util = best.utilisation()
+    lines = [f"HeterMoE plan: {plan.world_size} GPUs, {len(plan.zp_groups)} ZP group(s), R={plan.micro_batches}, "
+             f"{plan.sequences_per_attention_rank} x {plan.seq_len}-token sequences per attention GPU"]
+    lines.append(f"{'rank':>4}  {'device':<38} {'role':<9} {'experts/layer':<18} {'util':>6}")
+    for r in plan.ranks:
+        li = r["local_rank"]
+        counts = [len(p.get(str(li), ())) for p in plan.placement]
+        lines.append(f"{r['rank']:>4}  {r['device'][:38]:<38} {r['role']:<9} {_experts_summary(counts):<18} "
+                     f"{util.get(r['rank'], 0.0):>6.1%}")
+    lines.append("")
+    lines.append(f"{'method':<22} {'step ms':>10} {'tokens/s':>12} {'HeterMoE speed-up':>18}  note")
+    for name, res in result.results.items():
+        speed = res.step_ms / best.step_ms if best.step_ms else float("nan")
+        note = ("" if res.fits else "DOES NOT FIT: ") + res.note
+        lines.append(f"{name:<22} {res.step_ms:>10.2f} {res.tokens_per_s:>12.0f} {speed:>17.2f}x  {note[:90]}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    for kind, src in plan.profiles.items():
+        lines.append(f"profile {kind}: {src}")
+    return "\n".join(lines)
