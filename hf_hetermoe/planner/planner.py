@@ -85,8 +85,8 @@ def _groups(cost: CostModel, attn: list[int], experts: list[int], g: int) -> lis
     return out
 
 
-def candidates(cost: CostModel, asym: bool = True) -> list[Candidate]:
-    """Every (roles, G, R, placement) the planner considers, simulated."""
+def candidates(cost: CostModel, asym: bool = True, errors: list[Exception] | None = None) -> list[Candidate]:
+    """Every (roles, G, R, placement) the planner considers, simulated; memory failures go to ``errors``."""
     tr = cost.cluster.training
     out: list[Candidate] = []
     for attn, experts in role_splits(cost):
@@ -109,7 +109,9 @@ def candidates(cost: CostModel, asym: bool = True) -> list[Candidate]:
                 for s in SQUEEZES:
                     try:
                         lay2, rep = asym_ea(cost, lay, squeeze=s)
-                    except MemoryError_:
+                    except MemoryError_ as err:
+                        if errors is not None:
+                            errors.append(err)
                         continue
                     out.append(Candidate(lay2, simulate_layout(cost, lay2, f"zebra+Asym-EA R={r}"), rep))
     return out
@@ -142,7 +144,10 @@ def make_plan(model: Any, cluster: ClusterConfig, profiles: ProfileSet | None = 
         notes.append("no --profiles: costs are estimates from built-in published-ratio presets, not measurements")
     profiles.check_against(cluster.kinds(), dims, cluster.training.seq_len)
     cost = CostModel(dims, cluster, profiles)
-    cands = candidates(cost)
+    errors: list[Exception] = []
+    cands = candidates(cost, errors=errors)
+    if not cands and errors:
+        raise errors[0]
     if not cands:
         raise ConfigError(
             f"no ZP layout fits training.global_batch_sequences={cluster.training.global_batch_sequences}: it must "
@@ -167,6 +172,10 @@ def make_plan(model: Any, cluster: ClusterConfig, profiles: ProfileSet | None = 
     if any(p.emulated for p in profiles.devices.values()):
         notes.append("some GPUs are EMULATED older GPUs (hetermoe.emulate): figures are for emulated devices")
     notes.append("assumes balanced routing, k copies per routed token, no compute/communication interference")
+    for name, res in results.items():
+        if res.fits and res.step_ms < chosen.result.step_ms and name != "zebra (no Asym-EA)":
+            notes.append(f"{name} is faster than zebra here ({res.step_ms:.1f} vs {chosen.result.step_ms:.1f} ms): "
+                         "attention is too small a share of the step to pay for disaggregation; train with it")
     plan = build_plan(cost, chosen, results, profiles, notes)
     return PlanResult(plan, chosen.result, results, chosen.layout)
 
