@@ -27,11 +27,15 @@ class HeterMoEConfig:
     )
     autotune: bool = field(
         default=True,
-        metadata={"help": "Autotune kernel tile sizes per shape bucket (cached on disk). HETERMOE_AUTOTUNE=0 pins defaults."},
+        metadata={
+            "help": "Autotune kernel tile sizes per shape bucket (cached on disk). HETERMOE_AUTOTUNE=0 pins defaults."
+        },
     )
     implementation_name: str = field(
         default="hetermoe",
-        metadata={"help": "Name under which the experts function is registered in transformers' ALL_EXPERTS_FUNCTIONS."},
+        metadata={
+            "help": "Name under which the experts function is registered in transformers' ALL_EXPERTS_FUNCTIONS."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -52,8 +52,7 @@ def _find_patch(model: nn.Module) -> ModelPatch:
             return get_model_patch(model_type)
     shown = ", ".join(repr(t) for t in types) or f"a {type(model).__name__} without a transformers config"
     raise UnsupportedModelError(
-        f"hetermoe.prepare supports transformers MoE models of types {', '.join(supported_model_types())}; "
-        f"got {shown}"
+        f"hetermoe.prepare supports transformers MoE models of types {', '.join(supported_model_types())}; got {shown}"
     )
 
 

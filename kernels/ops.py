@@ -95,8 +95,28 @@ def experts_forward_op(
 
 
 @experts_forward_op.register_fake
-def _(x, w1, w2, b1, b2, top_k_weights, order, inverse, expert, offsets, tile_expert, tile_start, has_gate,
-      is_transposed, is_concatenated, activation, alpha, limit, block_m, backend):
+def _(
+    x,
+    w1,
+    w2,
+    b1,
+    b2,
+    top_k_weights,
+    order,
+    inverse,
+    expert,
+    offsets,
+    tile_expert,
+    tile_start,
+    has_gate,
+    is_transposed,
+    is_concatenated,
+    activation,
+    alpha,
+    limit,
+    block_m,
+    backend,
+):
     n1 = w1.shape[2] if is_transposed else w1.shape[1]
     return x.new_empty(x.shape), x.new_empty(order.shape[0], n1)
 
@@ -134,7 +154,10 @@ def experts_backward_op(
     )
     # Custom ops cannot return None (nor one tensor twice): absent bias gradients travel as distinct empty tensors.
     return (
-        dx, dweights, dw1, dw2,
+        dx,
+        dweights,
+        dw1,
+        dw2,
         db1 if db1 is not None else x.new_empty(0),
         db2 if db2 is not None else x.new_empty(0),
     )
@@ -158,8 +181,16 @@ class MoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m, backend):
-        flags = (layout.has_gate, layout.is_transposed, layout.is_concatenated, layout.activation, layout.alpha,
-                 layout.limit, block_m, backend)
+        flags = (
+            layout.has_gate,
+            layout.is_transposed,
+            layout.is_concatenated,
+            layout.activation,
+            layout.alpha,
+            layout.limit,
+            block_m,
+            backend,
+        )
         out, gu = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags)
         ctx.save_for_backward(x, w1, w2, b1, b2, top_k_weights, gu, *routing)
         ctx.flags = flags
@@ -173,8 +204,16 @@ class MoEExpertsFunction(torch.autograd.Function):
             dout, x, w1, w2, b1, b2, top_k_weights, gu, *routing, *ctx.flags
         )
         return (
-            dx, dw1, dw2, db1 if b1 is not None else None, db2 if b2 is not None else None, dweights,
-            None, None, None, None,
+            dx,
+            dw1,
+            dw2,
+            db1 if b1 is not None else None,
+            db2 if b2 is not None else None,
+            dweights,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -197,7 +236,9 @@ def _check_inputs(x, top_k_index, top_k_weights, w1, w2, b1, b2, layout: ExpertL
     if w1_logical(w1, layout).shape[2] != x.shape[1]:
         raise ValueError(f"expert weights {tuple(w1.shape)} do not match hidden size {x.shape[1]} ({layout})")
     if layout.has_bias != (b1 is not None and b2 is not None):
-        raise ValueError(f"layout.has_bias={layout.has_bias} but biases given: b1={b1 is not None}, b2={b2 is not None}")
+        raise ValueError(
+            f"layout.has_bias={layout.has_bias} but biases given: b1={b1 is not None}, b2={b2 is not None}"
+        )
 
 
 def moe_experts(

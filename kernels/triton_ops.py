@@ -69,22 +69,48 @@ def gather_gemm(
     grid = (routing.tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
     act_t = act_out if act_out is not None else out
     tk._gather_gemm_kernel[grid](
-        a, a.stride(0), a.stride(1),
-        routing.order, top_k,
-        b, b_up if gated else b, b.stride(0), b.stride(1), b.stride(2),
-        bias if bias is not None else b, bias_up if bias_up is not None else b,
-        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
-        out, out_up if gated else out, out.stride(0), out.stride(1),
-        act_t, act_t.stride(0), act_t.stride(1),
-        routing.tile_expert, routing.tile_start, routing.offsets,
-        n, k, num_experts,
-        layout.alpha if layout is not None else 0.0, layout.limit if layout is not None else 0.0,
-        GATHER_A=gather_a, GATED=gated, HAS_BIAS=bias is not None, ACT=act,
-        DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=block_m, **blocks,
+        a,
+        a.stride(0),
+        a.stride(1),
+        routing.order,
+        top_k,
+        b,
+        b_up if gated else b,
+        b.stride(0),
+        b.stride(1),
+        b.stride(2),
+        bias if bias is not None else b,
+        bias_up if bias_up is not None else b,
+        bias.stride(0) if bias is not None else 0,
+        bias.stride(1) if bias is not None else 0,
+        out,
+        out_up if gated else out,
+        out.stride(0),
+        out.stride(1),
+        act_t,
+        act_t.stride(0),
+        act_t.stride(1),
+        routing.tile_expert,
+        routing.tile_start,
+        routing.offsets,
+        n,
+        k,
+        num_experts,
+        layout.alpha if layout is not None else 0.0,
+        layout.limit if layout is not None else 0.0,
+        GATHER_A=gather_a,
+        GATED=gated,
+        HAS_BIAS=bias is not None,
+        ACT=act,
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BLOCK_M=block_m,
+        **blocks,
     )
 
 
-def combine(y: torch.Tensor, routing: Routing, weights: torch.Tensor | None, num_tokens: int, top_k: int) -> torch.Tensor:
+def combine(
+    y: torch.Tensor, routing: Routing, weights: torch.Tensor | None, num_tokens: int, top_k: int
+) -> torch.Tensor:
     """ESS: ``out[t] = sum_j w[t, j] * y[inverse[t*k + j]]`` in fp32, deterministic. ``y [S, N] -> out [T, N]``."""
     n = y.shape[1]
     out = y.new_empty(num_tokens, n)
@@ -93,8 +119,18 @@ def combine(y: torch.Tensor, routing: Routing, weights: torch.Tensor | None, num
     block_n = 64 if _interpreting(y) else 256
     w = weights.reshape(-1) if weights is not None else y
     tk._combine_kernel[(num_tokens, triton.cdiv(n, block_n))](
-        y, y.stride(0), y.stride(1), routing.inverse, w, top_k, out, out.stride(0), out.stride(1), n,
-        HAS_WEIGHTS=weights is not None, BLOCK_N=block_n,
+        y,
+        y.stride(0),
+        y.stride(1),
+        routing.inverse,
+        w,
+        top_k,
+        out,
+        out.stride(0),
+        out.stride(1),
+        n,
+        HAS_WEIGHTS=weights is not None,
+        BLOCK_N=block_n,
     )
     return out
 
@@ -119,14 +155,33 @@ def wgrad(
     grid = (num_experts, triton.cdiv(n, block_n), triton.cdiv(k, block_k))
     db = bias_grad if bias_grad is not None else out
     tk._wgrad_kernel[grid](
-        a, a.stride(0), a.stride(1),
-        b, b.stride(0), b.stride(1),
-        routing.order, scale if scale is not None else a, top_k,
-        out, out.stride(0), out.stride(1), out.stride(2),
-        db, db.stride(0), db.stride(1) if bias_grad is not None else 0,
-        routing.offsets, n, k,
-        GATHER_A=gather_a, SCALE_A=scale is not None, GATHER_B=gather_b, BIAS_GRAD=bias_grad is not None,
-        DOT_PRECISION=_dot_precision(a.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        a,
+        a.stride(0),
+        a.stride(1),
+        b,
+        b.stride(0),
+        b.stride(1),
+        routing.order,
+        scale if scale is not None else a,
+        top_k,
+        out,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        db,
+        db.stride(0),
+        db.stride(1) if bias_grad is not None else 0,
+        routing.offsets,
+        n,
+        k,
+        GATHER_A=gather_a,
+        SCALE_A=scale is not None,
+        GATHER_B=gather_b,
+        BIAS_GRAD=bias_grad is not None,
+        DOT_PRECISION=_dot_precision(a.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
         num_warps=4,
     )
 
@@ -154,9 +209,19 @@ def experts_forward(
     gu_gate, gu_up = _halves(gu, 1, layout)
     b_gate, b_up = _halves(b1, 1, layout) if b1 is not None else (None, None)
     gather_gemm(
-        x, w_gate, routing, top_k, gather_a=True, b_up=w_up if layout.has_gate else None, bias=b_gate,
-        bias_up=b_up if layout.has_gate else None, out=gu_gate, out_up=gu_up if layout.has_gate else None,
-        act_out=h, layout=layout, block_m=block_m,
+        x,
+        w_gate,
+        routing,
+        top_k,
+        gather_a=True,
+        b_up=w_up if layout.has_gate else None,
+        bias=b_gate,
+        bias_up=b_up if layout.has_gate else None,
+        out=gu_gate,
+        out_up=gu_up if layout.has_gate else None,
+        act_out=h,
+        layout=layout,
+        block_m=block_m,
     )
     y = x.new_empty(num_pairs, hidden)
     gather_gemm(h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m)
@@ -196,16 +261,38 @@ def experts_backward(
     dgu_gate, dgu_up = _halves(dgu, 1, layout)
     if num_pairs:
         tk._glu_backward_kernel[(num_pairs,)](
-            g, g.stride(0), g.stride(1),
-            gu_gate, gu_up, gu_up.stride(0), gu_up.stride(1),
-            dgu_gate, dgu_up, dgu_up.stride(0), dgu_up.stride(1),
-            h, h.stride(0), h.stride(1),
-            routing.order, weights_flat, dw_sorted,
-            dout, dout.stride(0), dout.stride(1),
-            b2 if b2 is not None else dout, b2.stride(0) if b2 is not None else 0,
-            b2.stride(1) if b2 is not None else 0, routing.expert, top_k,
-            inter, hidden, layout.alpha, layout.limit,
-            GATED=layout.has_gate, ACT=layout.act_code, HAS_BIAS=b2 is not None,
+            g,
+            g.stride(0),
+            g.stride(1),
+            gu_gate,
+            gu_up,
+            gu_up.stride(0),
+            gu_up.stride(1),
+            dgu_gate,
+            dgu_up,
+            dgu_up.stride(0),
+            dgu_up.stride(1),
+            h,
+            h.stride(0),
+            h.stride(1),
+            routing.order,
+            weights_flat,
+            dw_sorted,
+            dout,
+            dout.stride(0),
+            dout.stride(1),
+            b2 if b2 is not None else dout,
+            b2.stride(0) if b2 is not None else 0,
+            b2.stride(1) if b2 is not None else 0,
+            routing.expert,
+            top_k,
+            inter,
+            hidden,
+            layout.alpha,
+            layout.limit,
+            GATED=layout.has_gate,
+            ACT=layout.act_code,
+            HAS_BIAS=b2 is not None,
             BLOCK_N=64 if _interpreting(x) else 256,
         )
 
@@ -219,7 +306,16 @@ def experts_backward(
     wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, bias_grad=db1)
     dw2 = torch.empty_like(w2)
     db2 = torch.empty_like(b2) if b2 is not None else None
-    wgrad(dout, h, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False, scale=weights_flat,
-          bias_grad=db2)
+    wgrad(
+        dout,
+        h,
+        routing,
+        top_k,
+        w2_logical(dw2, layout),
+        gather_a=True,
+        gather_b=False,
+        scale=weights_flat,
+        bias_grad=db2,
+    )
     dweights = dw_sorted[routing.inverse.long()].view_as(top_k_weights).to(top_k_weights.dtype)
     return dx, dweights, dw1, dw2, db1, db2

@@ -34,5 +34,4 @@ def make_inputs(T, H, I, E, k, layout: ExpertLayout, dtype, device, routing="ran
     if layout.has_bias:
         b1 = 0.1 * torch.randn(E, n1, device=device)
         b2 = 0.1 * torch.randn(E, H, device=device)
-    cast = (lambda t: None if t is None else t.to(dtype))
-    return x, index, weights, cast(w1), cast(w2), cast(b1), cast(b2)
+    return x, index, weights, *(None if t is None else t.to(dtype) for t in (w1, w2, b1, b2))

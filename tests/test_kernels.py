@@ -97,7 +97,9 @@ def test_op_triton_backend_through_autograd():
     out = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="triton")
     expected = ref.experts_eager(x, index, weights, w1, w2, b1, b2, layout)
     assert rel_err(out, expected) < 1e-5
-    for g, w in zip(torch.autograd.grad(out.square().sum(), leaves), torch.autograd.grad(expected.square().sum(), leaves)):
+    for g, w in zip(
+        torch.autograd.grad(out.square().sum(), leaves), torch.autograd.grad(expected.square().sum(), leaves)
+    ):
         assert rel_err(g, w) < 1e-4
 
 

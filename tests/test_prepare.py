@@ -106,8 +106,14 @@ def test_unprepare_restores_previous_implementation():
 
 
 def test_dense_model_is_rejected_with_supported_types():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(hetermoe.UnsupportedModelError) as err:
         hetermoe.prepare(model)

@@ -6,7 +6,9 @@ from hf_hetermoe.kernels.reference import routing_reference
 from hf_hetermoe.kernels.routing import max_row_tiles
 
 
-@pytest.mark.parametrize("T,E,k,block_m", [(1, 1, 1, 16), (7, 3, 2, 16), (50, 13, 4, 16), (33, 8, 8, 64), (100, 5, 1, 32)])
+@pytest.mark.parametrize(
+    "T,E,k,block_m", [(1, 1, 1, 16), (7, 3, 2, 16), (50, 13, 4, 16), (33, 8, 8, 64), (100, 5, 1, 32)]
+)
 def test_routing_invariants(T, E, k, block_m):
     index = torch.rand(T, E).topk(k, dim=-1).indices
     r = build_routing(index, E, block_m)

@@ -1,0 +1,274 @@
+"""Experts-layer benchmark: transformers eager / grouped_mm vs hetermoe vs a dense cuBLAS roof.
+
+Every provider runs the same real transformers experts module (only ``config._experts_implementation``
+changes) on the same inputs; outputs and gradients are checked against each other before anything is
+timed. FLOPs are the three expert matmuls: forward ``6*T*k*H*I``, forward+backward three times that.
+
+    python benchmarks/bench_experts.py                     # all shapes, T in 4096 16384
+    python benchmarks/bench_experts.py --shapes qwen3_30b_a3b --tokens 4096 --providers grouped_mm hetermoe
+
+Writes ``benchmarks/results/experts_<gpu>.csv`` (appending) and ``experts_<gpu>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+# name: (family, H, I, E, k)
+SHAPES = {
+    "qwen3_30b_a3b": ("qwen3_moe", 2048, 768, 128, 8),
+    "olmoe_1b_7b": ("olmoe", 2048, 1024, 64, 8),
+    "deepseek_v3_like": ("qwen3_moe", 7168, 2048, 32, 8),  # 32 local experts of DeepSeek-V3's width
+    "gpt_oss_20b": ("gpt_oss", 2880, 2880, 32, 4),
+    "mixtral_8x7b": ("mixtral", 4096, 14336, 8, 2),
+}
+PROVIDERS = ("eager", "grouped_mm", "hetermoe", "dense_roof")
+
+
+def experts_module(family: str, H: int, I: int, E: int, k: int, dtype):
+    """A real transformers experts module of ``family`` with the given width, randomly initialised."""
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+
+        config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
+    elif family == "olmoe":
+        from transformers import OlmoeConfig
+        from transformers.models.olmoe.modeling_olmoe import OlmoeExperts as cls
+
+        config = OlmoeConfig(hidden_size=H, intermediate_size=I, num_experts=E, num_experts_per_tok=k)
+    elif family == "mixtral":
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+
+        config = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    elif family == "gpt_oss":
+        from transformers import GptOssConfig
+        from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts as cls
+
+        config = GptOssConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=k)
+    else:
+        raise ValueError(family)
+    with torch.device("cuda"):
+        module = cls(config).to(dtype)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            fan_in = H if "gate_up" in name else I
+            p.normal_(0, fan_in**-0.5 if p.dim() == 3 else 0.02)
+    return module
+
+
+def run_provider(module, provider: str, x, index, weights, dout):
+    """Closures for forward and forward+backward of one provider."""
+    import hf_hetermoe  # noqa: F401  (registers "hetermoe")
+
+    params = [p for p in module.parameters()]
+    module.config._experts_implementation = provider
+
+    def fwd():
+        return module(x, index, weights)
+
+    def fwd_bwd():
+        out = module(x, index, weights)
+        return torch.autograd.grad(out, [x, weights, *params], dout)
+
+    return fwd, fwd_bwd
+
+
+def dense_roof(T, H, I, k, dtype):
+    """cuBLAS chain with the same FLOPs: one dense FFN over all T*k routed rows."""
+    S = T * k
+    a = torch.randn(S, H, device="cuda", dtype=dtype, requires_grad=True)
+    w1 = torch.randn(2 * I, H, device="cuda", dtype=dtype, requires_grad=True)
+    w2 = torch.randn(H, I, device="cuda", dtype=dtype, requires_grad=True)
+    dout = torch.randn(S, H, device="cuda", dtype=dtype)
+
+    def fwd():
+        g, u = torch.nn.functional.linear(a, w1).chunk(2, dim=-1)
+        return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w2)
+
+    def fwd_bwd():
+        return torch.autograd.grad(fwd(), [a, w1, w2], dout)
+
+    return fwd, fwd_bwd
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def bench_one(name, T, providers, dtype, args, writer, meta):
+    from triton.testing import do_bench
+
+    family, H, I, E, k = SHAPES[name]
+    module = experts_module(family, H, I, E, k, dtype)
+    x = torch.randn(T, H, device="cuda", dtype=dtype, requires_grad=True)
+    index = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices
+    weights = torch.softmax(torch.randn(T, k, device="cuda"), -1).to(dtype).requires_grad_()
+    dout = torch.randn(T, H, device="cuda", dtype=dtype)
+    flops_fwd = 6 * T * k * H * I
+    results, reference = {}, None
+    for provider in providers:
+        if provider == "eager" and T * k > args.eager_max_pairs and E > 8:
+            continue
+        fwd, fwd_bwd = (
+            dense_roof(T, H, I, k, dtype)
+            if provider == "dense_roof"
+            else run_provider(module, provider, x, index, weights, dout)
+        )
+        try:
+            torch.cuda.synchronize()
+            base_mem = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            grads = fwd_bwd()
+            torch.cuda.synchronize()
+            peak_extra = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+            if provider != "dense_roof":
+                check = [fwd().detach(), *[g.detach() for g in grads]]
+                if reference is None:
+                    reference = check
+                else:
+                    errs = [rel(a, b) for a, b in zip(check, reference)]
+                    status = "ok" if max(errs) < 3e-2 else "MISMATCH"
+                    print(f"  verify {provider} vs {providers[0]}: max rel err {max(errs):.1e} {status}")
+                    if status != "ok":
+                        raise RuntimeError(f"{provider} disagrees with {providers[0]} on {name} T={T}: {errs}")
+            del grads
+            t_fwd = do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
+            t_fb = do_bench(fwd_bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
+        except torch.OutOfMemoryError:
+            print(f"  {provider}: out of memory")
+            torch.cuda.empty_cache()
+            continue
+        row = dict(
+            meta,
+            shape=name,
+            H=H,
+            I=I,
+            E=E,
+            k=k,
+            T=T,
+            dtype=str(dtype).replace("torch.", ""),
+            provider=provider,
+            fwd_ms=round(t_fwd, 4),
+            fwd_bwd_ms=round(t_fb, 4),
+            fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
+            fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
+            peak_extra_gib=round(peak_extra, 3),
+        )
+        writer.writerow(row)
+        results[provider] = row
+        print(
+            f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
+            f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB",
+            flush=True,
+        )
+    del module
+    torch.cuda.empty_cache()
+    return results
+
+
+def plot(csv_path: Path, png_path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(csv.DictReader(open(csv_path)))
+    latest = max(r["date"] for r in rows)
+    rows = [r for r in rows if r["date"] == latest]
+    shapes = sorted({r["shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        for provider in PROVIDERS:
+            pts = sorted(
+                (int(r["T"]), float(r["fwd_bwd_tflops"]))
+                for r in rows
+                if r["shape"] == shape and r["provider"] == provider
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=provider)
+        ax.set_title(shape, fontsize=9)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens T")
+        ax.set_ylabel("fwd+bwd TF/s")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{rows[0]['gpu']}, bf16, {latest}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
+    parser.add_argument(
+        "--providers", nargs="+", default=["grouped_mm", "hetermoe", "eager", "dense_roof"], choices=PROVIDERS
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument("--eager-max-pairs", type=int, default=40_000, help="skip eager above this many routed pairs")
+    parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
+    parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench_experts.py needs a CUDA GPU")
+    import transformers
+    import triton
+
+    import hf_hetermoe
+
+    gpu = torch.cuda.get_device_name()
+    meta = dict(
+        date=datetime.date.today().isoformat(),
+        gpu=gpu,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        hetermoe=hf_hetermoe.__version__,
+        python=platform.python_version(),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "_")
+    csv_path = args.out / f"experts_{slug}.csv"
+    new = not csv_path.exists()
+    dtype = getattr(torch, args.dtype)
+    with open(csv_path, "a", newline="") as f:
+        fields = [
+            *meta,
+            "shape",
+            "H",
+            "I",
+            "E",
+            "k",
+            "T",
+            "dtype",
+            "provider",
+            "fwd_ms",
+            "fwd_bwd_ms",
+            "fwd_tflops",
+            "fwd_bwd_tflops",
+            "peak_extra_gib",
+        ]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for name in args.shapes:
+            for T in args.tokens:
+                print(f"{name} T={T} ({gpu}, {args.dtype})", flush=True)
+                bench_one(name, T, args.providers, dtype, args, writer, meta)
+                f.flush()
+    plot(csv_path, csv_path.with_suffix(".png"))
+    print(f"wrote {csv_path} and {csv_path.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Fine-tune a small Mixtral-style model with hf-hetermoe, end to end, without the Hub.
+
+    python examples/finetune.py                      # built-in corpus, a few minutes on CPU
+    accelerate launch examples/finetune.py --steps 200 --corpus my_text.txt
+
+What it does (see hf_hetermoe/demo.py): trains a BPE tokenizer on the corpus, loads the corpus through
+`datasets`, builds a Mixtral-style model from a config, calls `hetermoe.prepare(model)`, fine-tunes it with
+AdamW under accelerate (progress bar with loss and tokens/s), saves a standard checkpoint atomically, then
+reloads it with plain transformers and checks that the logits match.
+
+With a real model the only hf-hetermoe line is `prepare`:
+
+    model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-30B-A3B", dtype=torch.bfloat16)
+    model = hetermoe.prepare(model)
+"""
+
+import sys
+
+from hf_hetermoe.demo import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""The built-in fine-tuning demo (``hetermoe demo`` / ``python examples/finetune.py``).
+
+End to end, with no Hub access: train a byte-level BPE tokenizer on a text corpus (the small one shipped in
+the package by default), load the corpus through ``datasets``, build a small Mixtral-style model from a
+config, ``hetermoe.prepare`` it, fine-tune with AdamW under ``accelerate``, save a standard checkpoint
+atomically, reload it with plain transformers and check the logits match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_save_pretrained
+from .config import HeterMoEConfig
+from .prepare import prepare
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--corpus", type=Path, default=None, help="text file, one document per line (default: built-in)"
+    )
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/hetermoe-demo"), help="checkpoint folder")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "triton", "reference"),
+        default="auto",
+        help="expert operators: auto = Triton on CUDA, reference elsewhere",
+    )
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=512, help="BPE vocabulary trained on the corpus")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=("auto", "no", "bf16", "fp16"),
+        default="auto",
+        help="auto = bf16 on a CUDA GPU that supports it, else no",
+    )
+    return parser
+
+
+def default_corpus() -> Path:
+    return Path(str(resources.files("hf_hetermoe") / "data" / "tiny_corpus.txt"))
+
+
+def build_tokenizer(corpus: Path, vocab_size: int):
+    """A byte-level BPE tokenizer trained on ``corpus``, as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(corpus)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def build_dataset(corpus: Path, tokenizer, seq_len: int):
+    """The corpus through ``datasets``: tokenized, joined with EOS, cut into blocks of ``seq_len`` tokens."""
+    from datasets import load_dataset
+
+    raw = load_dataset("text", data_files=str(corpus), split="train")
+    raw = raw.filter(lambda row: row["text"].strip() != "")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        return {"ids": [tokenizer(text)["input_ids"] + [eos] for text in batch["text"]]}
+
+    def group(batch):
+        flat = [t for ids in batch["ids"] for t in ids]
+        usable = len(flat) // seq_len * seq_len
+        return {"input_ids": [flat[i : i + seq_len] for i in range(0, usable, seq_len)]}
+
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
+    blocks = tokenized.map(group, batched=True, batch_size=10_000, remove_columns=["ids"])
+    if len(blocks) == 0:
+        raise ValueError(
+            f"{corpus} holds fewer than --seq-len={seq_len} tokens; give a longer corpus or a smaller --seq-len"
+        )
+    return blocks.with_format("torch")
+
+
+def build_model(args, vocab_size: int):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=2 * args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        max_position_embeddings=4 * args.seq_len,
+        output_router_logits=True,
+        router_aux_loss_coef=0.01,
+        tie_word_embeddings=False,
+    )
+    return MixtralForCausalLM(config)
+
+
+def active_params(model) -> int:
+    """Parameters one token touches: everything but the routed experts, plus k / E of them."""
+    config = model.config
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return (
+        sum(p.numel() for p in model.parameters())
+        - expert
+        + expert * config.num_experts_per_tok // config.num_local_experts
+    )
+
+
+def finetune(args: argparse.Namespace) -> dict:
+    """Run the demo; returns a summary dict. Raises if the reloaded checkpoint's logits differ."""
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    mixed = args.mixed_precision
+    if mixed == "auto":
+        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mixed)
+    logger = get_logger("hf_hetermoe.demo")
+    set_seed(args.seed)
+    corpus = args.corpus or default_corpus()
+    if not Path(corpus).is_file():
+        raise FileNotFoundError(f"--corpus {corpus} does not exist")
+
+    tokenizer = build_tokenizer(corpus, args.vocab_size)
+    dataset = build_dataset(corpus, tokenizer, args.seq_len)
+    model = build_model(args, len(tokenizer))
+    prepare(model, HeterMoEConfig(backend=args.backend))
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    flops_per_token = 6 * active_params(accelerator.unwrap_model(model))
+    losses, tokens_seen, started = [], 0, time.perf_counter()
+    bar = tqdm(total=args.steps, desc="fine-tuning", disable=not accelerator.is_local_main_process)
+    model.train()
+    while len(losses) < args.steps:
+        for batch in loader:
+            if len(losses) == args.steps:
+                break
+            step_start = time.perf_counter()
+            ids = batch["input_ids"]
+            out = model(input_ids=ids, labels=ids)
+            accelerator.backward(out.loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss = out.loss.item()  # once per step, for the progress bar
+            losses.append(loss)
+            tokens = ids.numel() * accelerator.num_processes
+            tokens_seen += tokens
+            tok_s = tokens / (time.perf_counter() - step_start)
+            bar.set_postfix(loss=f"{loss:.3f}", aux=f"{out.aux_loss.item():.3f}", tok_s=f"{tok_s:,.0f}")
+            bar.update()
+            if len(losses) % 10 == 0 or len(losses) == args.steps:
+                mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+                logger.info(
+                    f"step {len(losses)} loss {loss:.4f} tok/s {tok_s:,.0f} "
+                    f"TFLOP/s {flops_per_token * tok_s / 1e12:.3f} mem {mem:.2f} GiB"
+                )
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    summary = {
+        "steps": len(losses),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "tokens_per_s": tokens_seen / elapsed,
+        "backend": _backend_used(unwrapped),
+        "mixed_precision": mixed,
+    }
+    if accelerator.is_main_process:
+        path = atomic_save_pretrained(unwrapped, args.output_dir, tokenizer)
+        plain = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").to(accelerator.device)
+        sample = dataset[: min(4, len(dataset))]["input_ids"].to(accelerator.device)
+        unwrapped.eval().float()
+        with torch.no_grad():
+            want, got = unwrapped(sample).logits, plain.float()(sample).logits
+        summary.update(checkpoint=str(path), max_abs_logit_diff=(want - got).abs().max().item())
+        tolerance = 1e-4 if summary["backend"] == "reference" else 2e-2
+        summary["reload_matches"] = summary["max_abs_logit_diff"] <= tolerance * max(1.0, want.abs().max().item())
+    return summary
+
+
+def _backend_used(model) -> str:
+    from .kernels import resolve_backend
+
+    state = getattr(model, "_hetermoe_state", None)
+    return resolve_backend(state.config.backend if state else "auto", next(model.parameters()).device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_demo_arguments(argparse.ArgumentParser("hetermoe demo", description=__doc__))
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = finetune(args)
+    if "checkpoint" not in summary:  # not the main process
+        return 0
+    s = summary
+    print(
+        f"\nhf-hetermoe demo: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}, "
+        f"{s['tokens_per_s']:,.0f} tokens/s ({s['backend']} experts, mixed precision {s['mixed_precision']})\n"
+        f"checkpoint: {summary['checkpoint']}\n"
+        f"reloaded with plain transformers: max |logit diff| = {summary['max_abs_logit_diff']:.2e} "
+        f"-> {'OK' if summary['reload_matches'] else 'MISMATCH'}"
+    )
+    if not math.isfinite(summary["last_loss"]):
+        print("training diverged (non-finite loss)")
+        return 1
+    return 0 if summary["reload_matches"] else 1

@@ -1,0 +1,109 @@
+"""Tests that need a CUDA device (skipped elsewhere): the compiled Triton kernels in bf16, a prepared model
+on the GPU, CUDA-graph capture (no host synchronisation) and torch.compile with inductor."""
+
+import copy
+
+import pytest
+import torch
+from _moe_inputs import LAYOUTS, make_inputs
+from conftest import TOLERANCE, rel_err
+
+import hf_hetermoe as hetermoe
+from hf_hetermoe.kernels import build_routing, moe_experts
+from hf_hetermoe.kernels import reference as ref
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(1000, 256, 192, 16, 4), (77, 136, 72, 7, 2), (2048, 512, 256, 8, 8)])
+def test_triton_bf16_matches_reference_on_gpu(layout, dtype, shape):
+    from hf_hetermoe.kernels import triton_ops
+
+    T, H, I, E, k = shape
+    layout_ = LAYOUTS[layout]
+    inputs = make_inputs(T, H, I, E, k, layout_, dtype, "cuda")
+    block_m = triton_ops.block_m_for(torch.device("cuda"))
+    routing = build_routing(inputs[1], E, block_m)
+    x, index, weights, w1, w2, b1, b2 = inputs
+    dout = torch.randn(T, H, device="cuda").to(dtype)
+    out_t, gu_t = triton_ops.experts_forward(x, w1, w2, b1, b2, weights, routing, layout_, block_m)
+    out_r, gu_r = ref.experts_forward(x, w1, w2, b1, b2, weights, routing, layout_)
+    tol = TOLERANCE[dtype] * (1 if dtype != torch.float32 else 5)
+    assert rel_err(out_t, out_r) < tol
+    grads_t = triton_ops.experts_backward(dout, x, w1, w2, b1, b2, weights, routing, gu_t, layout_, block_m)
+    grads_r = ref.experts_backward(dout, x, w1, w2, b1, b2, weights, routing, gu_r, layout_)
+    for name, g_t, g_r in zip(["dx", "dweights", "dw1", "dw2", "db1", "db2"], grads_t, grads_r):
+        if g_r is not None:
+            assert rel_err(g_t, g_r) < tol, name
+
+
+def test_prepared_qwen3_moe_bf16_on_gpu():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=16,
+        num_experts_per_tok=4,
+        norm_topk_prob=True,
+    )
+    base = AutoModelForCausalLM.from_config(config, experts_implementation="eager").to("cuda", torch.bfloat16)
+    prepared = hetermoe.prepare(copy.deepcopy(base))
+    ids = torch.randint(0, 512, (4, 128), device="cuda")
+    want = base(ids, labels=ids, output_router_logits=True)
+    got = prepared(ids, labels=ids, output_router_logits=True)
+    assert rel_err(got.logits.float(), want.logits.float()) < 3e-2
+    got.loss.backward()
+    want.loss.backward()
+    for (name, p), (_, q) in zip(prepared.named_parameters(), base.named_parameters()):
+        assert rel_err(p.grad.float(), q.grad.float()) < 6e-2, name
+
+
+def test_training_step_captures_in_a_cuda_graph():
+    """No host synchronisation in forward or backward: the whole experts step captures in a CUDA graph."""
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(512, 256, 128, 8, 2, layout, torch.bfloat16, "cuda")
+    w1.requires_grad_()
+    w2.requires_grad_()
+
+    def step():
+        out = moe_experts(x, index, weights, w1, w2, layout=layout, backend="triton")
+        gw1, gw2 = torch.autograd.grad(out.float().square().sum(), [w1, w2])
+        return out, gw1, gw2
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = step()
+    index.copy_(torch.rand(512, 8, device="cuda").topk(2, dim=-1).indices)
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(static, eager):
+        assert rel_err(a.float(), b.float()) < 1e-3
+
+
+def test_torch_compile_fullgraph_inductor():
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(256, 128, 64, 8, 2, layout, torch.bfloat16, "cuda")
+    w1.requires_grad_()
+
+    def loss_fn(x, index, weights, w1, w2):
+        return moe_experts(x, index, weights, w1, w2, layout=layout, backend="triton").float().square().mean()
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    (g_c,) = torch.autograd.grad(compiled(x, index, weights, w1, w2), [w1])
+    (g_e,) = torch.autograd.grad(loss_fn(x, index, weights, w1, w2), [w1])
+    assert rel_err(g_c.float(), g_e.float()) < 1e-2
