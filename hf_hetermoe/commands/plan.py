@@ -41,7 +41,11 @@ def write_outputs(result, out: Path) -> list[Path]:
     paths = [out / "plan.json", out / "trace.json", out / "timeline.png"]
     result.plan.save(paths[0])
     write_chrome_trace(result.best, paths[1])
-    write_timeline_png(result.best, paths[2])
+    try:
+        write_timeline_png(result.best, paths[2])
+    except ImportError:
+        print("note: no timeline PNG: matplotlib is not installed (pip install 'hf-hetermoe[bench]')")
+        paths.pop()
     (out / "summary.json").write_text(json.dumps({k: v.summary() for k, v in result.results.items()}, indent=1))
     return paths
 
