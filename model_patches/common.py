@@ -1,7 +1,11 @@
-"""Reading a transformers v5 experts module: its weight layout flags and its activation."""
+"""Reading a transformers v5 experts module (weight layout flags, activation) and the helpers of instance patches."""
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
+
+import torch
 from torch import nn
 
 from ..errors import UnsupportedLayoutError
@@ -55,3 +59,86 @@ def default_layout(experts: nn.Module) -> ExpertLayout:
         has_bias=getattr(experts, "has_bias", False),
         activation=activation_name(experts.act_fn),
     )
+
+
+# ----------------------------------------------------------------------------- instance patches
+
+# Set (only) by anatomy.attention_half on an instance-patched module: replaces its routed-experts computation.
+ROUTED_HOOK_ATTR = "_hetermoe_routed_hook"
+
+
+def rebind_forward(module: nn.Module, forward: Callable[..., object]) -> Callable[[], None]:
+    """Bind ``forward`` as this one instance's forward (the class is untouched). Returns the undo function."""
+    previous = module.__dict__.get("forward")
+    module.forward = types.MethodType(forward, module)
+
+    def undo() -> None:
+        if previous is None:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+
+    return undo
+
+
+def routed(
+    owner: nn.Module,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    compute: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The routed experts of an instance-patched ``owner``: ``compute(owner, hidden [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H]``, unless the layer anatomy has hooked it (then the hook answers)."""
+    hook = owner.__dict__.get(ROUTED_HOOK_ATTR)
+    if hook is not None:
+        return hook(hidden, top_k_index, top_k_weights)
+    return compute(owner, hidden, top_k_index, top_k_weights)
+
+
+def module_layout(module: nn.Module, read: Callable[[nn.Module], ExpertLayout]) -> ExpertLayout:
+    """The layout ``prepare`` recorded on ``module``, else ``read(module)`` (anatomy on an unprepared model)."""
+    from ..experts import LAYOUT_ATTR
+
+    layout = getattr(module, LAYOUT_ATTR, None)
+    return layout if layout is not None else read(module)
+
+
+def run_kernels(
+    module: nn.Module,
+    layout: ExpertLayout,
+    hidden: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``moe_experts`` on ``hidden [T, H]`` with the backend ``prepare`` chose for ``module`` -> ``[T, H]``."""
+    from ..experts import BACKEND_ATTR
+    from ..kernels import moe_experts
+
+    out = moe_experts(
+        hidden, top_k_index, top_k_weights, w1, w2, b1, b2, layout=layout,
+        backend=getattr(module, BACKEND_ATTR, "auto"),
+    )
+    return out.to(hidden.dtype)
+
+
+def hit_experts(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int
+) -> tuple[list[int], torch.Tensor]:
+    """Experts that some (token, slot) with a nonzero weight selects, and ``top_k_index`` renumbered over them.
+
+    For families whose experts are separate modules (Switch, NLLB-MoE), upstream runs only those experts, so
+    the others keep ``grad = None``; stacking just these reproduces that. Slots of experts that are not hit
+    (weight 0: dropped tokens) map to position 0. Reading the hit list is one host sync per layer, as in
+    upstream's own ``expert_hit`` loop.
+    """
+    selected = torch.zeros(num_experts, dtype=torch.bool, device=top_k_index.device)
+    selected[top_k_index[top_k_weights != 0]] = True
+    hit = selected.nonzero().flatten()
+    lookup = torch.zeros(num_experts, dtype=top_k_index.dtype, device=top_k_index.device)
+    lookup[hit] = torch.arange(hit.numel(), dtype=top_k_index.dtype, device=top_k_index.device)
+    return hit.tolist(), lookup[top_k_index]

@@ -1,5 +1,6 @@
 """Mixtral: softmax top-k router (renormalised), gated SiLU experts, concatenated gate/up."""
 
+from .anatomy import LayerAnatomy
 from .registry import ModelPatch, register_model_patch
 
 
@@ -20,5 +21,7 @@ PATCH = register_model_patch(
         modeling_module="transformers.models.mixtral.modeling_mixtral",
         experts_class="MixtralExperts",
         tiny_config=tiny_config,
+        notes="softmax top-k, renormalised; `gate_up_proj [E,2I,H]`, SiLU",
+        anatomy=LayerAnatomy(layer_classes=("MixtralDecoderLayer",)),
     )
 )

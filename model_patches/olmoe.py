@@ -1,5 +1,6 @@
 """OLMoE: softmax top-k router (not renormalised), gated SiLU experts, QK-norm attention."""
 
+from .anatomy import LayerAnatomy
 from .registry import ModelPatch, register_model_patch
 
 
@@ -20,5 +21,7 @@ PATCH = register_model_patch(
         modeling_module="transformers.models.olmoe.modeling_olmoe",
         experts_class="OlmoeExperts",
         tiny_config=tiny_config,
+        notes="softmax top-k (not renormalised); `gate_up_proj [E,2I,H]`, SiLU",
+        anatomy=LayerAnatomy(layer_classes=("OlmoeDecoderLayer",)),
     )
 )

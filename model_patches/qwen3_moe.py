@@ -1,5 +1,6 @@
 """Qwen3-MoE: softmax top-k router (optionally renormalised), gated SiLU experts, dense layers allowed."""
 
+from .anatomy import LayerAnatomy
 from .registry import ModelPatch, register_model_patch
 
 
@@ -20,5 +21,7 @@ PATCH = register_model_patch(
         modeling_module="transformers.models.qwen3_moe.modeling_qwen3_moe",
         experts_class="Qwen3MoeExperts",
         tiny_config=tiny_config,
+        notes="softmax top-k (norm_topk_prob); `gate_up_proj [E,2I,H]`, SiLU; mlp_only_layers dense",
+        anatomy=LayerAnatomy(layer_classes=("Qwen3MoeDecoderLayer",)),
     )
 )

@@ -1,7 +1,35 @@
 """The one list of supported model families.
 
-Each family file calls ``register_model_patch`` once; the README's supported-model table, the error for
-an unsupported model and the test matrix are all generated from ``MODEL_PATCHES``.
+Each family file calls ``register_model_patch`` once; the README's supported-model table
+(``supported_models_markdown``), the error for an unsupported model, the test matrix and ``MODEL_COMPATIBILITY.md``
+are all generated from ``MODEL_PATCHES``.
+
+Adding a family
+---------------
+Write ``model_patches/<family>.py`` with a ``ModelPatch``:
+
+* families whose experts class is decorated with transformers' ``@use_experts_implementation`` set
+  ``dispatch="experts_interface"``; transformers then calls the registered ``"hetermoe"`` function with the
+  ``ExpertLayout`` that ``layout(experts)`` reads (``common.default_layout`` unless the family overrides
+  ``_apply_gate`` or stores its weights differently);
+* the others set ``dispatch="instance_patch"`` and give ``patch_instance(module, layout, backend) -> undo``, which
+  rebinds that one module's ``forward`` (never the class) so that its routed experts run through
+  ``common.routed(...)`` and the kernels. The router is still called as a module, so its hooks (and
+  ``output_router_logits``) see the same outputs.
+
+Layer anatomy (the disaggregated runtime)
+-----------------------------------------
+``ModelPatch.anatomy`` (a ``LayerAnatomy``, see ``anatomy.py``) splits one decoder layer into
+
+* ``attention_half(patch, layer, *args, **kwargs) -> LayerSplit``: norms, attention, residuals, router and
+  shared experts (everything but the routed experts), on the attention ranks. ``LayerSplit`` carries
+  ``hidden [T, H]``, ``top_k_index [T, k]`` and ``top_k_weights [T, k]`` (what to ship to the expert ranks; all
+  three are ``None`` for a dense layer) and what ``finish`` needs;
+* ``expert_half(patch, layer, hidden, top_k_index, top_k_weights) -> routed [T, H]``: the routed experts only,
+  on the expert ranks (they need only the experts module of the layer);
+* ``finish(patch, layer, split, routed) -> layer output``: exactly what ``layer(*args, **kwargs)`` returns.
+
+Running the three in sequence equals ``layer(...)`` forward and backward (``tests/test_anatomy.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +41,11 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from .anatomy import LayerAnatomy
 from .common import default_layout
 
 DISPATCHES = ("experts_interface", "instance_patch")
+TASKS = ("causal_lm", "seq2seq_lm")
 
 
 @dataclass(frozen=True)
@@ -26,13 +56,18 @@ class ModelPatch:
         family: display name, e.g. "Mixtral".
         model_types: ``config.model_type`` values of the family.
         modeling_module: transformers module defining the experts class.
-        experts_class: name of the experts class in ``modeling_module``.
+        experts_class: name of the class ``prepare`` acts on in ``modeling_module``: the experts module for
+            ``experts_interface`` families, the module whose forward is rebound for ``instance_patch`` ones.
         tiny_config: builds a small config of the family (tests, demo, compatibility matrix).
         dispatch: "experts_interface" (transformers' ``ALL_EXPERTS_FUNCTIONS``) or "instance_patch".
-        layout: reads an ``ExpertLayout`` off one experts module.
+        layout: reads an ``ExpertLayout`` off one ``experts_class`` module.
         patch_instance: for ``dispatch="instance_patch"`` families (which ignore ``ALL_EXPERTS_FUNCTIONS``):
-            ``patch_instance(experts, layout, backend) -> undo`` rebinds that one module's forward (never the
+            ``patch_instance(module, layout, backend) -> undo`` rebinds that one module's forward (never the
             class) and returns a zero-argument function that restores it.
+        anatomy: how a decoder layer splits into an attention half and an expert half (``anatomy.py``);
+            ``None`` where no split is offered.
+        task: "causal_lm" (``AutoModelForCausalLM``) or "seq2seq_lm" (``AutoModelForSeq2SeqLM``).
+        notes: one line on the family's routing and weight layout (README table).
         quirks: upstream behaviours a prepared model reproduces on purpose (listed in the docs).
     """
 
@@ -44,10 +79,41 @@ class ModelPatch:
     dispatch: str = "experts_interface"
     layout: Callable[[nn.Module], object] = default_layout
     patch_instance: Callable[[nn.Module, object, str], Callable[[], None]] | None = None
+    anatomy: LayerAnatomy | None = None
+    task: str = "causal_lm"
+    notes: str = ""
     quirks: tuple[str, ...] = field(default_factory=tuple)
 
     def experts_type(self) -> type[nn.Module]:
-        return getattr(importlib.import_module(self.modeling_module), self.experts_class)
+        """The ``experts_class`` of the installed transformers.
+
+        Raises:
+            UnsupportedModelError: this transformers version does not ship that class.
+        """
+        try:
+            return getattr(importlib.import_module(self.modeling_module), self.experts_class)
+        except (ImportError, AttributeError) as err:
+            import transformers
+
+            raise UnsupportedModelError(
+                f"{self.family}: transformers {transformers.__version__} has no {self.modeling_module}."
+                f"{self.experts_class}, the module hf-hetermoe patches; upgrade transformers "
+                f"(`pip install -U transformers`) or use experts_implementation='grouped_mm' ({err})"
+            ) from None
+
+    def available(self) -> bool:
+        """Whether the installed transformers ships this family's experts class."""
+        try:
+            self.experts_type()
+        except UnsupportedModelError:
+            return False
+        return True
+
+    def auto_class(self):
+        """The transformers auto class that builds this family's model with a language-modelling head."""
+        import transformers
+
+        return transformers.AutoModelForSeq2SeqLM if self.task == "seq2seq_lm" else transformers.AutoModelForCausalLM
 
 
 MODEL_PATCHES: dict[str, ModelPatch] = {}
@@ -59,11 +125,21 @@ def register_model_patch(patch: ModelPatch) -> ModelPatch:
         raise ValueError(f"ModelPatch {patch.family!r} declares no model_types")
     if patch.dispatch not in DISPATCHES:
         raise ValueError(f"ModelPatch {patch.family!r}: dispatch={patch.dispatch!r} is not one of {DISPATCHES}")
+    if patch.task not in TASKS:
+        raise ValueError(f"ModelPatch {patch.family!r}: task={patch.task!r} is not one of {TASKS}")
     if (patch.dispatch == "instance_patch") != (patch.patch_instance is not None):
-        raise ValueError(f"ModelPatch {patch.family!r}: patch_instance is required exactly when dispatch='instance_patch'")
+        raise ValueError(
+            f"ModelPatch {patch.family!r}: patch_instance is required exactly when dispatch='instance_patch'"
+        )
+    if patch.anatomy is not None and (patch.dispatch == "instance_patch") != (patch.anatomy.expert_fn is not None):
+        raise ValueError(
+            f"ModelPatch {patch.family!r}: anatomy.expert_fn is required exactly when dispatch='instance_patch' "
+            "(experts-interface families run their experts module itself as the expert half)"
+        )
     taken = [t for t in patch.model_types if t in MODEL_PATCHES]
     if taken:
-        raise ValueError(f"model types {taken} of {patch.family!r} are already registered by {MODEL_PATCHES[taken[0]].family!r}")
+        owner = MODEL_PATCHES[taken[0]].family
+        raise ValueError(f"model types {taken} of {patch.family!r} are already registered by {owner!r}")
     for model_type in patch.model_types:
         MODEL_PATCHES[model_type] = patch
     return patch
@@ -71,6 +147,14 @@ def register_model_patch(patch: ModelPatch) -> ModelPatch:
 
 def supported_model_types() -> list[str]:
     return sorted(MODEL_PATCHES)
+
+
+def model_patches() -> list[ModelPatch]:
+    """Every registered family once, in registration order."""
+    seen: dict[int, ModelPatch] = {}
+    for patch in MODEL_PATCHES.values():
+        seen.setdefault(id(patch), patch)
+    return list(seen.values())
 
 
 def get_model_patch(model_type: str) -> ModelPatch:
@@ -81,3 +165,17 @@ def get_model_patch(model_type: str) -> ModelPatch:
             f"model_type {model_type!r} is not supported by hf-hetermoe; supported model types: "
             f"{', '.join(supported_model_types())}"
         ) from None
+
+
+def supported_models_markdown() -> str:
+    """The README's supported-models table, generated from the registry."""
+    rows = [
+        "| Family | `model_type` | Dispatch | Layer anatomy | Routing and expert layout |",
+        "|---|---|---|---|---|",
+    ]
+    for patch in model_patches():
+        types = ", ".join(f"`{t}`" for t in patch.model_types)
+        dispatch = "experts interface" if patch.dispatch == "experts_interface" else "instance patch"
+        anatomy = "yes" if patch.anatomy is not None else "no"
+        rows.append(f"| {patch.family} | {types} | {dispatch} | {anatomy} | {patch.notes} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,205 @@
+"""Check that a prepared model of one family computes what the unprepared one does (tests, MODEL_COMPATIBILITY.md).
+
+``verify_family(patch)`` builds the family's tiny model twice (transformers' eager experts as the truth, and a
+prepared copy with the same weights), runs a training step on both with ``output_router_logits=True``, and
+compares logits, loss, every aux / z loss, every parameter gradient, the state dict, a ``save_pretrained`` ->
+plain ``from_pretrained`` round trip and greedy ``generate``.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+# Tolerances on max |delta| <= atol + rtol * max |reference|, per compute dtype.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 5e-2), torch.float16: (5e-3, 2e-2)}
+
+
+@dataclass
+class FamilyReport:
+    """Outcome of ``verify_family``; every ``*_delta`` is a max absolute difference."""
+
+    family: str
+    dtype: str
+    device: str
+    logits_delta: float = float("nan")
+    logits_scale: float = float("nan")
+    loss_delta: float = float("nan")
+    aux_delta: float | None = None
+    grad_delta: float = float("nan")
+    grad_scale: float = float("nan")
+    grads_missing: list[str] = field(default_factory=list)
+    state_dict_same: bool = False
+    saved_same: bool = False
+    round_trip_delta: float = float("nan")
+    generate_same: bool | None = None
+    error: str | None = None
+
+    def failures(self) -> list[str]:
+        """Why this report is not a pass (empty when it is)."""
+        if self.error:
+            return [self.error]
+        atol, rtol = TOLERANCES[getattr(torch, self.dtype)]
+        out = []
+        if not self.logits_delta <= atol + rtol * self.logits_scale:
+            out.append(f"logits differ by {self.logits_delta:.3g}")
+        if not self.loss_delta <= atol + rtol:
+            out.append(f"loss differs by {self.loss_delta:.3g}")
+        if self.aux_delta is not None and not self.aux_delta <= atol + rtol:
+            out.append(f"aux loss differs by {self.aux_delta:.3g}")
+        if not self.grad_delta <= atol + rtol * self.grad_scale:
+            out.append(f"gradients differ by {self.grad_delta:.3g}")
+        if self.grads_missing:
+            out.append(f"gradient present on one side only: {self.grads_missing[:3]}")
+        if not self.state_dict_same:
+            out.append("state dict keys or shapes changed")
+        if not self.saved_same:
+            out.append("save_pretrained output differs")
+        if not self.round_trip_delta <= atol + rtol * self.logits_scale:
+            out.append(f"reloaded model's logits differ by {self.round_trip_delta:.3g}")
+        if self.dtype == "float32" and self.generate_same is False:
+            out.append("generate() returned other tokens")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed, "failures": self.failures()}
+
+
+def build_tiny_model(patch, *, dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0) -> nn.Module:
+    """The family's tiny model with transformers' eager attention and eager experts (the ground truth)."""
+    kwargs = {"attn_implementation": "eager", "dtype": dtype}
+    if patch.dispatch == "experts_interface":
+        kwargs["experts_implementation"] = "eager"
+    torch.manual_seed(seed)
+    return patch.auto_class().from_config(patch.tiny_config(), **kwargs).to(device)
+
+
+def tiny_inputs(patch, model: nn.Module, *, batch: int = 2, seq: int = 9, seed: int = 0) -> dict:
+    """Random token ids with one right-padded row, labels (-100 on padding), on the model's device."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(3, vocab, (batch, seq), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[-1, -2:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if patch.task == "seq2seq_lm":
+        inputs["labels"] = torch.randint(3, vocab, (batch, seq - 2), generator=gen)
+    else:
+        inputs["labels"] = ids.masked_fill(mask == 0, -100)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _step(model: nn.Module, inputs: dict, seed: int):
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    out = model(**inputs, output_router_logits=True)
+    out.loss.backward()
+    return out
+
+
+def _aux_losses(out) -> dict[str, torch.Tensor]:
+    return {
+        k: v for k, v in out.items()
+        if ("aux_loss" in k or "z_loss" in k) and isinstance(v, torch.Tensor)
+    }
+
+
+def _max_delta(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+def _generate(patch, model: nn.Module, inputs: dict) -> torch.Tensor:
+    gen_inputs = {"input_ids": inputs["input_ids"][:1, :5], "attention_mask": inputs["attention_mask"][:1, :5]}
+    pad = model.config.get_text_config().pad_token_id
+    return model.generate(
+        **gen_inputs, max_new_tokens=4, do_sample=False, pad_token_id=0 if pad is None else pad,
+    )
+
+
+def verify_family(
+    patch, *, backend: str = "reference", dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+) -> FamilyReport:
+    """Compare a prepared tiny model of ``patch``'s family with the unprepared one. Never raises on a mismatch:
+    the returned report says what differs (``report.failures()``)."""
+    import hf_hetermoe as hetermoe
+
+    report = FamilyReport(patch.family, str(dtype).removeprefix("torch."), device)
+    try:
+        _verify(patch, report, hetermoe, backend, dtype, device, seed)
+    except Exception as err:  # the matrix records the error a user would get
+        report.error = f"{type(err).__name__}: {err}"
+    return report
+
+
+def _verify(patch, report: FamilyReport, hetermoe, backend: str, dtype: torch.dtype, device: str, seed: int) -> None:
+    ref = build_tiny_model(patch, dtype=dtype, device=device, seed=seed)
+    prep = copy.deepcopy(ref)
+    before = {k: (tuple(v.shape), v.dtype) for k, v in prep.state_dict().items()}
+    hetermoe.prepare(prep, hetermoe.HeterMoEConfig(backend=backend))
+    report.state_dict_same = before == {k: (tuple(v.shape), v.dtype) for k, v in prep.state_dict().items()}
+
+    inputs = tiny_inputs(patch, ref, seed=seed)
+    ref.train()
+    prep.train()
+    out_ref, out_prep = _step(ref, inputs, seed), _step(prep, inputs, seed)
+    report.logits_delta = _max_delta(out_ref.logits, out_prep.logits)
+    report.logits_scale = out_ref.logits.abs().max().item()
+    report.loss_delta = abs(out_ref.loss.item() - out_prep.loss.item())
+    aux_ref, aux_prep = _aux_losses(out_ref), _aux_losses(out_prep)
+    if aux_ref or aux_prep:
+        if set(aux_ref) != set(aux_prep):
+            raise AssertionError(f"aux losses {sorted(aux_ref)} vs {sorted(aux_prep)}")
+        report.aux_delta = max(_max_delta(aux_ref[k], aux_prep[k]) for k in aux_ref)
+
+    grads_prep = dict(prep.named_parameters())
+    report.grad_delta, report.grad_scale = 0.0, 0.0
+    for name, p in ref.named_parameters():
+        q = grads_prep[name]
+        if (p.grad is None) != (q.grad is None):
+            report.grads_missing.append(name)
+        elif p.grad is not None:
+            report.grad_delta = max(report.grad_delta, _max_delta(p.grad, q.grad))
+            report.grad_scale = max(report.grad_scale, p.grad.abs().max().item())
+
+    ref.eval()
+    prep.eval()
+    plain_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    if patch.task == "seq2seq_lm":
+        plain_inputs["decoder_input_ids"] = inputs["input_ids"][:, :4]
+    with torch.no_grad():
+        logits_ref = ref(**plain_inputs).logits
+    with tempfile.TemporaryDirectory() as tmp_prep, tempfile.TemporaryDirectory() as tmp_ref:
+        prep.save_pretrained(tmp_prep)
+        ref.save_pretrained(tmp_ref)
+        report.saved_same = _same_saved(tmp_ref, tmp_prep)
+        reloaded = patch.auto_class().from_pretrained(tmp_prep, dtype=dtype).to(device).eval()
+        with torch.no_grad():
+            report.round_trip_delta = _max_delta(reloaded(**plain_inputs).logits, logits_ref)
+
+    with torch.no_grad():
+        report.generate_same = bool(torch.equal(_generate(patch, ref, inputs), _generate(patch, prep, inputs)))
+
+
+def _same_saved(dir_a: str, dir_b: str) -> bool:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    def load(d: str) -> dict:
+        tensors = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            tensors.update(load_file(str(f)))
+        return tensors
+
+    a, b = load(dir_a), load(dir_b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
