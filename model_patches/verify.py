@@ -203,3 +203,105 @@ def _same_saved(dir_a: str, dir_b: str) -> bool:
 
     a, b = load(dir_a), load(dir_b)
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@dataclass
+class AnatomyReport:
+    """Outcome of ``verify_anatomy``: max |delta| of layer outputs and of gradients (input and parameters)."""
+
+    family: str
+    layers: int = 0
+    moe_layers: int = 0
+    output_delta: float = 0.0
+    grad_delta: float = 0.0
+    grads_missing: int = 0
+    error: str | None = None
+
+    def failures(self, atol: float = 1e-5) -> list[str]:
+        if self.error:
+            return [self.error]
+        out = []
+        if self.moe_layers == 0:
+            out.append("no MoE layer was split")
+        if self.output_delta > atol or self.grad_delta > 10 * atol:
+            out.append(f"halves differ from the layer: output {self.output_delta:.3g}, grad {self.grad_delta:.3g}")
+        if self.grads_missing:
+            out.append(f"{self.grads_missing} gradients present on one side only")
+        return out
+
+
+def layer_calls(patch, model: nn.Module, inputs: dict) -> list[tuple[nn.Module, tuple, dict]]:
+    """``(layer, args, kwargs)`` of every splittable layer during one forward of ``model`` (no KV cache)."""
+    from .anatomy import decoder_layers
+
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((module, args, dict(kwargs)))
+
+    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in decoder_layers(patch, model)]
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def split_call(patch, layer: nn.Module, *args, **kwargs):
+    """``layer(*args, **kwargs)`` computed as attention half -> expert half -> finish."""
+    from .anatomy import attention_half, expert_half, finish
+
+    split = attention_half(patch, layer, *args, **kwargs)
+    routed = None
+    if split.is_moe:
+        routed = expert_half(patch, layer, split.hidden, split.top_k_index, split.top_k_weights)
+    return finish(patch, layer, split, routed)
+
+
+def _layer_step(layer: nn.Module, fn, hidden: torch.Tensor, args: tuple, kwargs: dict, seed: int):
+    params = [p for p in layer.parameters() if p.requires_grad]
+    hidden = hidden.detach().clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = fn(hidden, *args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(out)
+    return out.detach(), torch.autograd.grad(out, [hidden, *params], cotangent, allow_unused=True)
+
+
+def verify_anatomy(
+    patch, *, backend: str = "reference", dtype: torch.dtype = torch.float32, device: str = "cpu", seed: int = 0
+) -> AnatomyReport:
+    """Run every splittable layer of a prepared tiny model whole and as its two halves; compare forward and
+    backward (gradients of the layer input and of every layer parameter)."""
+    import hf_hetermoe as hetermoe
+
+    from .anatomy import moe_module
+
+    report = AnatomyReport(patch.family)
+    try:
+        model = build_tiny_model(patch, dtype=dtype, device=device, seed=seed)
+        hetermoe.prepare(model, hetermoe.HeterMoEConfig(backend=backend))
+        model.train()
+        inputs = tiny_inputs(patch, model, seed=seed)
+        inputs.pop("labels")
+        if patch.task == "seq2seq_lm":
+            inputs["decoder_input_ids"] = inputs["input_ids"][:, :5]
+        for layer, args, kwargs in layer_calls(patch, model, inputs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            whole = _layer_step(layer, layer, hidden, args[1:], kwargs, seed)
+            halves = _layer_step(
+                layer, lambda *a, _l=layer, **k: split_call(patch, _l, *a, **k), hidden, args[1:], kwargs, seed
+            )
+            report.layers += 1
+            report.moe_layers += moe_module(patch, layer) is not None
+            report.output_delta = max(report.output_delta, _max_delta(whole[0], halves[0]))
+            for g_whole, g_halves in zip(whole[1], halves[1]):
+                if (g_whole is None) != (g_halves is None):
+                    report.grads_missing += 1
+                elif g_whole is not None:
+                    report.grad_delta = max(report.grad_delta, _max_delta(g_whole, g_halves))
+    except Exception as err:
+        report.error = f"{type(err).__name__}: {err}"
+    return report
