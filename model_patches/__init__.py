@@ -21,6 +21,7 @@ from . import (  # noqa: F401  (registration on import)
     phimoe,
     qwen2_moe,
     qwen3_moe,
+    standard,
     switch_transformers,
 )
 from .anatomy import LayerAnatomy, LayerSplit, attention_half, decoder_layers, expert_half, finish
