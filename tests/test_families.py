@@ -153,3 +153,24 @@ def test_expert_dropout_in_training_falls_back_with_a_warning(model_type):
     with pytest.warns(UserWarning, match="dropout"):
         loss_prep = prep(**inputs).loss
     torch.testing.assert_close(loss_prep, loss_ref)
+
+
+SPECIAL_LAYOUTS = ["dbrx", "llama4_text", "jetmoe", "switch_transformers", "nllb-moe", "gpt_oss", "nemotron_h"]
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("model_type", SPECIAL_LAYOUTS)
+def test_triton_backend_on_special_layouts(model_type):
+    """The Triton kernels on the families with views, stacks, biases, no gate or clamped SwiGLU (CUDA, or CPU
+    under TRITON_INTERPRET=1, which tests/conftest.py sets on CPU)."""
+    import os
+
+    from hf_hetermoe.kernels import triton_available
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not triton_available() or (device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+    patch = get_model_patch(model_type)
+    _skip_unavailable(patch)
+    report = verify_family(patch, backend="triton", device=device)
+    assert report.passed, report.failures()
