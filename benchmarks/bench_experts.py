@@ -147,6 +147,9 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             print(f"  {provider}: out of memory")
             torch.cuda.empty_cache()
             continue
+        except ValueError as err:  # e.g. UnsupportedLayoutError: a family this provider does not cover yet
+            print(f"  {provider}: skipped ({type(err).__name__}: {err})")
+            continue
         row = dict(
             meta,
             shape=name,

@@ -187,7 +187,8 @@ def finetune(args: argparse.Namespace) -> dict:
     elapsed = time.perf_counter() - started
 
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    # keep_fp32_wrapper=False: drop accelerate's autocast wrapper so the reload check compares fp32 to fp32.
+    unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     summary = {
         "steps": len(losses),
         "first_loss": losses[0],

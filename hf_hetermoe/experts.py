@@ -20,12 +20,16 @@ BACKEND_ATTR = "_hetermoe_backend"
 
 
 def experts_layout(experts: nn.Module) -> ExpertLayout:
-    """The module's layout: set by ``prepare`` (the family's own reading), else read generically and cached."""
+    """The module's layout: set by ``prepare``; otherwise (``experts_implementation="hetermoe"`` chosen by name)
+    read by the family's model patch, or generically for an unregistered class, and cached on the module."""
     layout = getattr(experts, LAYOUT_ATTR, None)
     if layout is None:
-        from .model_patches import default_layout
+        from .model_patches import MODEL_PATCHES, default_layout
 
-        layout = default_layout(experts)
+        cls = type(experts)
+        key = (cls.__module__, cls.__name__)
+        patch = next((p for p in MODEL_PATCHES.values() if (p.modeling_module, p.experts_class) == key), None)
+        layout = (patch.layout if patch is not None else default_layout)(experts)
         setattr(experts, LAYOUT_ATTR, layout)
     return layout
 

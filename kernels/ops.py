@@ -21,28 +21,38 @@ from .routing import Routing, build_routing
 BACKENDS = ("auto", "triton", "reference")
 
 
+# Read once at import: torch.compile cannot trace importlib or environment look-ups inside a compiled region,
+# and TRITON_INTERPRET only works when set before the jit decorators run anyway.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
+_BACKEND_OVERRIDE = os.environ.get("HETERMOE_BACKEND", "").strip().lower() or None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
-def _interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+def resolve_backend(
+    requested: str, device: torch.device, *, interpret: bool | None = None, override: str | None = None
+) -> str:
+    """'triton' or 'reference' for tensors on ``device``.
 
-
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """'triton' or 'reference' for tensors on ``device``. ``HETERMOE_BACKEND`` overrides ``requested``."""
-    requested = os.environ.get("HETERMOE_BACKEND", "").strip().lower() or requested
+    ``HETERMOE_BACKEND`` (read at import, or ``override``) wins over ``requested``; ``interpret`` defaults to
+    ``TRITON_INTERPRET`` as it was at import.
+    """
+    requested = override or _BACKEND_OVERRIDE or requested
+    interpret = _INTERPRET if interpret is None else interpret
     if requested not in BACKENDS:
         raise ValueError(f"backend={requested!r} is not one of {BACKENDS} (check HETERMOE_BACKEND)")
     if requested == "reference":
         return "reference"
-    usable = triton_available() and (device.type == "cuda" or _interpret_mode())
+    usable = _TRITON_INSTALLED and (device.type == "cuda" or interpret)
     if requested == "auto":
         return "triton" if usable and device.type == "cuda" else "reference"
     if not usable:
         raise RuntimeError(
             f"backend='triton' needs the triton package and CUDA tensors (got {device.type} tensors, "
-            f"triton {'installed' if triton_available() else 'missing'}); on CPU set TRITON_INTERPRET=1 before "
+            f"triton {'installed' if _TRITON_INSTALLED else 'missing'}); on CPU set TRITON_INTERPRET=1 before "
             "importing hf_hetermoe, or use backend='auto'"
         )
     return "triton"

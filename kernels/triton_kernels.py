@@ -16,12 +16,12 @@ import triton
 import triton.language as tl
 
 # Codes of hf_hetermoe.kernels.layout.ACTIVATIONS.
-SILU: tl.constexpr = 0
-GELU: tl.constexpr = 1
-GELU_TANH: tl.constexpr = 2
-RELU: tl.constexpr = 3
-RELU2: tl.constexpr = 4
-SWIGLU_OAI: tl.constexpr = 5
+SILU = tl.constexpr(0)
+GELU = tl.constexpr(1)
+GELU_TANH = tl.constexpr(2)
+RELU = tl.constexpr(3)
+RELU2 = tl.constexpr(4)
+SWIGLU_OAI = tl.constexpr(5)
 
 
 @triton.jit

@@ -56,14 +56,18 @@ def test_prepared_qwen3_moe_bf16_on_gpu():
     )
     base = AutoModelForCausalLM.from_config(config, experts_implementation="eager").to("cuda", torch.bfloat16)
     prepared = hetermoe.prepare(copy.deepcopy(base))
+    truth = copy.deepcopy(base).float()  # fp32 twin: the scale of bf16 rounding error
     ids = torch.randint(0, 512, (4, 128), device="cuda")
-    want = base(ids, labels=ids, output_router_logits=True)
-    got = prepared(ids, labels=ids, output_router_logits=True)
-    assert rel_err(got.logits.float(), want.logits.float()) < 3e-2
-    got.loss.backward()
-    want.loss.backward()
-    for (name, p), (_, q) in zip(prepared.named_parameters(), base.named_parameters()):
-        assert rel_err(p.grad.float(), q.grad.float()) < 6e-2, name
+    outs = [m(ids, labels=ids, output_router_logits=True) for m in (base, prepared, truth)]
+    for out in outs:
+        out.loss.backward()
+    want, got, exact = outs
+    # hetermoe in bf16 must sit as close to eager bf16 as eager bf16 sits to fp32 (within 2x, plus a floor)
+    assert rel_err(got.logits.float(), want.logits.float()) < 2 * rel_err(want.logits.float(), exact.logits) + 1e-3
+    params = zip(prepared.named_parameters(), base.named_parameters(), truth.named_parameters())
+    for (name, p), (_, q), (_, r) in params:
+        scale = rel_err(q.grad.float(), r.grad)
+        assert rel_err(p.grad.float(), q.grad.float()) < 2 * scale + 1e-3, name
 
 
 def test_training_step_captures_in_a_cuda_graph():

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import rel_err
+from conftest import DEVICE, rel_err
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
 import hf_hetermoe as hetermoe
@@ -33,9 +33,9 @@ def _forward_backward(model, ids):
 @pytest.mark.parametrize("model_type", FAMILIES)
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_prepared_matches_unprepared(model_type, backend):
-    base = tiny_model(model_type)
+    base = tiny_model(model_type).to(DEVICE)
     prepared = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(backend=backend))
-    ids = torch.randint(0, base.config.vocab_size, (2, 11))
+    ids = torch.randint(0, base.config.vocab_size, (2, 11), device=DEVICE)
     want, want_grads = _forward_backward(base, ids)
     got, got_grads = _forward_backward(prepared, ids)
     assert prepared.config._experts_implementation == "hetermoe"
@@ -160,13 +160,14 @@ def test_config_validation_and_round_trip():
         hetermoe.HeterMoEConfig.from_dict({"backnd": "auto"})
 
 
-def test_triton_backend_on_cpu_without_interpreter_explains(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_triton_backend_on_cpu_without_interpreter_explains():
     from hf_hetermoe.kernels import resolve_backend
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        resolve_backend("triton", torch.device("cpu"))
+        resolve_backend("triton", torch.device("cpu"), interpret=False)
     assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="HETERMOE_BACKEND"):
+        resolve_backend("auto", torch.device("cpu"), override="cuda")
 
 
 def test_generate_on_prepared_model():
