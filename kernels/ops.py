@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DeviceMismatchError
 from .layout import ExpertLayout, w1_logical
-from .routing import Routing, build_routing
+from .routing import Routing, block_m_for, build_routing
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -65,9 +65,8 @@ def _impl(backend: str):
 
 
 def _block_m(backend: str, device: torch.device) -> int:
-    if backend == "triton":
-        return _impl("triton").block_m_for(device)
-    return 16
+    # No import here: this runs inside torch.compile'd regions, which cannot trace importlib.
+    return block_m_for(device) if backend == "triton" else 16
 
 
 def _layout(has_gate, is_transposed, is_concatenated, activation, alpha, limit) -> ExpertLayout:

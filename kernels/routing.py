@@ -32,6 +32,11 @@ class Routing(NamedTuple):
     tile_start: torch.Tensor
 
 
+def block_m_for(device: torch.device) -> int:
+    """Rows per tile of the Triton grouped matmuls on ``device``; fixes the routing tile arrays."""
+    return 64 if device.type == "cuda" else 16
+
+
 def max_row_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Upper bound on row tiles: each expert adds at most one partial tile."""
     return -(-num_pairs // block_m) + min(num_experts, num_pairs)

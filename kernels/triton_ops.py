@@ -12,16 +12,11 @@ import triton
 
 from . import triton_kernels as tk
 from .layout import ExpertLayout, split_gate_up, w1_logical, w2_logical
-from .routing import Routing
+from .routing import Routing, block_m_for  # noqa: F401  (re-exported for callers)
 
 
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
-
-
-def block_m_for(device: torch.device) -> int:
-    """Rows per tile of the grouped matmuls; fixes the routing tile arrays."""
-    return 16 if device.type != "cuda" else 64
 
 
 def _gemm_blocks(t: torch.Tensor) -> dict:
