@@ -1,0 +1,98 @@
+"""Regenerate the README's generated sections: the supported-models table (from the model-patch registry) and
+the performance table (from the newest run in ``benchmarks/results/experts_*.csv``).
+
+    python benchmarks/update_readme.py          # rewrite README.md in place
+    python benchmarks/update_readme.py --check  # exit 1 if README.md is stale (used by the tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def replace_section(text: str, name: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)}[^>]*-->\n)(.*?)(<!-- END {re.escape(name)} -->)", re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"README.md has no '<!-- BEGIN {name} -->' ... '<!-- END {name} -->' section")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text)
+
+
+def supported_models() -> str:
+    from hf_hetermoe.model_patches import supported_models_markdown
+
+    return supported_models_markdown()
+
+
+def benchmark_table() -> str:
+    rows = []
+    for path in sorted(RESULTS.glob("experts_*.csv")):
+        with open(path, newline="") as f:
+            rows += list(csv.DictReader(f))
+    if not rows:
+        return "No GPU results committed yet: run `python benchmarks/bench_experts.py` on a GPU.\n"
+    gpu = max(rows, key=lambda r: r["date"])["gpu"]
+    rows = [r for r in rows if r["gpu"] == gpu]
+    latest = {}
+    for r in rows:  # newest measurement of each (shape, T, provider)
+        key = (r["shape"], int(r["T"]), r["provider"])
+        if key not in latest or r["date"] >= latest[key]["date"]:
+            latest[key] = r
+    first = next(iter(latest.values()))
+    lines = [
+        f"Experts layer only (the three expert matmuls, routing, combine), forward+backward TF/s, bf16, "
+        f"{gpu}, torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "
+        f"{max(r['date'] for r in latest.values())}. Reproduce: `python benchmarks/bench_experts.py`; every "
+        "provider is checked against an fp32 truth before timing; full numbers (forward, memory, errors) in "
+        "`benchmarks/results/`.",
+        "",
+        "| shape (H, I, E, k) | T | eager | grouped_mm (v5 default) | hetermoe | hetermoe / grouped_mm "
+        "| hetermoe fwd / grouped_mm fwd | peak extra memory, hetermoe / grouped_mm | dense cuBLAS roof |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape, T in sorted({(s, t) for s, t, _ in latest}):
+        get = {p: latest.get((shape, T, p)) for p in ("eager", "grouped_mm", "hetermoe", "dense_roof")}
+        some = next(r for r in get.values() if r)
+
+        def tf(row, col="fwd_bwd_tflops"):
+            return f"{float(row[col]):.0f}" if row else "-"
+
+        ratio = fwd_ratio = mem = "-"
+        if get["hetermoe"] and get["grouped_mm"]:
+            h, g = get["hetermoe"], get["grouped_mm"]
+            ratio = f"{float(h['fwd_bwd_tflops']) / float(g['fwd_bwd_tflops']):.2f}x"
+            fwd_ratio = f"{float(h['fwd_tflops']) / float(g['fwd_tflops']):.2f}x"
+            mem = f"{float(h['peak_extra_gib']) / float(g['peak_extra_gib']):.2f}x"
+        dims = f"{shape} ({some['H']}, {some['I']}, {some['E']}, {some['k']})"
+        lines.append(
+            f"| {dims} | {T} | {tf(get['eager'])} | {tf(get['grouped_mm'])} | {tf(get['hetermoe'])} | {ratio} "
+            f"| {fwd_ratio} | {mem} | {tf(get['dense_roof'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what it would be")
+    args = parser.parse_args(argv)
+    text = README.read_text()
+    new = replace_section(text, "supported-models", supported_models())
+    new = replace_section(new, "benchmark", benchmark_table())
+    if args.check:
+        if new != text:
+            print("README.md is stale: run python benchmarks/update_readme.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
