@@ -1,0 +1,97 @@
+"""The built-in demo end to end (few steps), and atomic checkpoint writes."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hf_hetermoe.checkpoint import atomic_save_pretrained
+from hf_hetermoe.demo import add_demo_arguments, default_corpus, finetune, main
+
+
+def _args(tmp_path, **overrides):
+    import argparse
+
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args(
+        ["--steps", "4", "--hidden-size", "32", "--layers", "1", "--experts", "4", "--vocab-size", "300",
+         "--seq-len", "32", "--output-dir", str(tmp_path / "ckpt")]
+    )
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_demo_trains_saves_and_reloads_in_plain_transformers(tmp_path):
+    summary = finetune(_args(tmp_path))
+    assert summary["steps"] == 4 and all(map(lambda v: v == v, (summary["first_loss"], summary["last_loss"])))
+    assert summary["reload_matches"], summary
+    ckpt = tmp_path / "ckpt"
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["model_type"] == "mixtral" and "hetermoe" not in json.dumps(config)
+    assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
+    assert not list(tmp_path.glob(".ckpt.*")), "staging folders left behind"
+
+
+def test_demo_main_exit_code(tmp_path, capsys):
+    code = main(["--steps", "2", "--hidden-size", "32", "--layers", "1", "--experts", "3", "--vocab-size", "300",
+                 "--seq-len", "32", "--output-dir", str(tmp_path / "out")])
+    assert code == 0
+    assert "reloaded with plain transformers" in capsys.readouterr().out
+
+
+def test_demo_rejects_missing_or_short_corpus(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--corpus"):
+        finetune(_args(tmp_path, corpus=tmp_path / "nope.txt"))
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words\n" * 3)
+    with pytest.raises(ValueError, match="fewer than --seq-len"):
+        finetune(_args(tmp_path, corpus=short, seq_len=512, vocab_size=280))
+
+
+def test_default_corpus_ships_with_the_package():
+    assert default_corpus().is_file() and default_corpus().stat().st_size > 1000
+
+
+class _Saver:
+    def __init__(self, payload: str, fail: bool = False):
+        self.payload, self.fail = payload, fail
+
+    def save_pretrained(self, path, **kwargs):
+        (path / "weights.bin").write_text(self.payload)
+        if self.fail:
+            raise OSError("disk full")
+        (path / "config.json").write_text("{}")
+
+
+def test_atomic_save_replaces_whole_checkpoint(tmp_path):
+    target = tmp_path / "ckpt"
+    atomic_save_pretrained(_Saver("v1"), target)
+    atomic_save_pretrained(_Saver("v2"), target)
+    assert (target / "weights.bin").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_failed_save_keeps_previous_checkpoint_intact(tmp_path):
+    target = tmp_path / "ckpt"
+    atomic_save_pretrained(_Saver("good"), target)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save_pretrained(_Saver("half", fail=True), target)
+    assert (target / "weights.bin").read_text() == "good" and (target / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "staging folder left behind"
+
+
+def test_atomic_save_refuses_a_file_in_the_way(tmp_path):
+    (tmp_path / "ckpt").write_text("not a directory")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        atomic_save_pretrained(SimpleNamespace(save_pretrained=lambda p: None), tmp_path / "ckpt")
+
+
+def test_active_params_counts_k_of_e_experts():
+    from hf_hetermoe.demo import active_params, build_model
+
+    model = build_model(SimpleNamespace(hidden_size=32, layers=1, experts=4, top_k=2, seq_len=16), 100)
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert active_params(model) == total - expert // 2
+    assert torch.is_tensor(next(model.parameters()))
