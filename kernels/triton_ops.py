@@ -20,9 +20,17 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 
 def _gemm_blocks(t: torch.Tensor) -> dict:
+    """Tile sizes of the gathered grouped matmul (BLOCK_M comes with the routing). Untuned: see benchmarks/NOTES.md."""
     if _interpreting(t):
         return dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
     return dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
+def _wgrad_blocks(t: torch.Tensor) -> dict:
+    """Tile sizes of the per-expert weight-gradient kernel (BLOCK_M = rows per step). Untuned."""
+    if _interpreting(t):
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -144,10 +152,8 @@ def wgrad(
 ) -> None:
     """ESTMM: ``out[e] = sum_{r in e} (scale(r) * a[ra(r)])^T b[rb(r)]`` into a logical ``[E, N, K]`` view."""
     num_experts, n, k = out.shape
-    interp = _interpreting(a)
-    block_n, block_k = (32, 32) if interp else (64, 64)
-    block_m = 16 if interp else 64
-    grid = (num_experts, triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    blocks = _wgrad_blocks(a)
+    grid = (num_experts, triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(k, blocks["BLOCK_K"]))
     db = bias_grad if bias_grad is not None else out
     tk._wgrad_kernel[grid](
         a,
@@ -174,10 +180,7 @@ def wgrad(
         GATHER_B=gather_b,
         BIAS_GRAD=bias_grad is not None,
         DOT_PRECISION=_dot_precision(a.dtype),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        num_warps=4,
+        **blocks,
     )
 
 
