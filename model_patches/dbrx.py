@@ -66,6 +66,11 @@ PATCH = register_model_patch(
         patch_instance=patch_instance,
         anatomy=LayerAnatomy(layer_classes=("DbrxBlock",), expert_fn=routed_experts, post=_residual_dropout),
         notes="softmax top-k, p-norm renormalised; `w1`/`v1`/`w2 [E*I,H]` (gate/up concatenated per forward: a copy)",
-        quirks=("DBRX's default config does not run: it needs `attn_config.rope_theta` and `clip_qkv`.",),
+        quirks=(
+            "DBRX's default config does not run: it needs `attn_config.rope_theta` and `clip_qkv`.",
+            "transformers 5.17 (fixed by 5.23): a training step with `output_router_logits=True` and labels raises "
+            "`AttributeError: 'int' object has no attribute 'to'` in the unprepared model too (DbrxModel records no "
+            "router logits); train with `output_router_logits=False` there or upgrade transformers.",
+        ),
     )
 )

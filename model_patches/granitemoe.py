@@ -6,6 +6,12 @@ GraniteMoE-Shared adds a dense shared MLP next to the routed experts (it stays i
 from .anatomy import LayerAnatomy
 from .registry import ModelPatch, register_model_patch
 
+_QUIRK_517 = (
+    "transformers 5.17 (fixed by 5.23): a training step with `output_router_logits=True` and labels raises "
+    "`AttributeError: 'int' object has no attribute 'to'` in the unprepared model too (the model records no router "
+    "logits); train with `output_router_logits=False` there or upgrade transformers."
+)
+
 
 def _scaled(layer, routed):
     # The layer adds `moe_output * residual_multiplier` to the residual.
@@ -43,6 +49,7 @@ PATCH = register_model_patch(
         tiny_config=tiny_config,
         anatomy=LayerAnatomy(layer_classes=("GraniteMoeDecoderLayer",), post=_scaled),
         notes="softmax over the top-k logits; output x residual_multiplier; `gate_up_proj [E,2I,H]`, SiLU",
+        quirks=(_QUIRK_517,),
     )
 )
 
@@ -55,5 +62,6 @@ SHARED_PATCH = register_model_patch(
         tiny_config=tiny_shared_config,
         anatomy=LayerAnatomy(layer_classes=("GraniteMoeSharedDecoderLayer",), post=_scaled),
         notes="as GraniteMoE plus a dense shared MLP (attention half)",
+        quirks=(_QUIRK_517,),
     )
 )

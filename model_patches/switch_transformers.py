@@ -98,6 +98,8 @@ PATCH = register_model_patch(
             "Dropout inside the experts (`dropout_rate > 0`, training) is not fused: those layers fall back to the "
             "upstream loop with a warning.",
             "The experts' `wi`/`wo` are stacked per forward (one weight copy per layer).",
+            "transformers 5.17 (fixed by 5.23): with `*_sparse_step > 1`, a forward with `output_router_logits=True` "
+            "raises `ValueError: torch.cat(): expected a non-empty list of Tensors` in the unprepared model too.",
         ),
     )
 )
