@@ -25,11 +25,22 @@ _TINY = dict(
 )
 
 
+# Per-family sizes the shared ones do not cover (Nemotron-H's Mamba2 mixer and shared expert default to 8192 and
+# 7688 wide, which makes its CPU chunk scan take ~10 s a step).
+_TINY_EXTRA = {
+    "nemotron_h": dict(
+        mamba_num_heads=4, mamba_head_dim=12, ssm_state_size=16, n_groups=1, chunk_size=16,
+        moe_shared_expert_intermediate_size=32,
+    ),
+}
+
+
 def _tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING, AutoConfig
 
     known = CONFIG_MAPPING[model_type]()
-    return AutoConfig.for_model(model_type, **{k: v for k, v in _TINY.items() if hasattr(known, k)})
+    sizes = {**_TINY, **_TINY_EXTRA.get(model_type, {})}
+    return AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if hasattr(known, k)})
 
 
 # (family, model_type, modeling package, experts class, decoder layer class or None when not splittable, notes)

@@ -176,7 +176,7 @@ def test_triton_backend_on_special_layouts(model_type):
     assert report.passed, report.failures()
 
 
-@pytest.mark.parametrize("model_type,seed", [("flex_olmo", 0), ("flex_olmo", 1), ("mixtral", 0), ("dbrx", 0)])
+@pytest.mark.parametrize("model_type,seed", [("flex_olmo", 1), ("dbrx", 0)])
 def test_low_precision_is_as_close_to_fp32_as_transformers(model_type, seed):
     """bf16 (reference backend: CPU bf16 is exact there, unlike the Triton interpreter's): the prepared model's
     distance to an fp32 truth is judged against transformers' own bf16 paths. FlexOlmo seed 1 is a case where a
