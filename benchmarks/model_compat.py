@@ -10,6 +10,7 @@ markdown from every stored file, so a CPU run keeps the GPU column of an earlier
 
     python benchmarks/model_compat.py                 # CPU fp32 (+ GPU bf16 when CUDA is available)
     python benchmarks/model_compat.py --family Mixtral --no-write
+    python benchmarks/model_compat.py --no-cpu         # GPU column only, the stored CPU column kept
 """
 
 from __future__ import annotations
@@ -163,10 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", action="append", help="only these families (repeatable)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU bf16 run even when CUDA is available")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU fp32 run (keep the stored CPU column)")
     parser.add_argument("--no-write", action="store_true", help="print results, write no file")
     args = parser.parse_args(argv)
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.no_gpu else [])
+    devices = ([] if args.no_cpu else ["cpu"]) + (["cuda"] if torch.cuda.is_available() and not args.no_gpu else [])
     runs = {}
     for device in ("cpu", "cuda"):
         path = RESULTS / f"model_compat_{device}.json"
