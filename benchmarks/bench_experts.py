@@ -205,7 +205,7 @@ def _migrate_header(csv_path: Path) -> None:
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         old_fields, rows = reader.fieldnames or [], list(reader)
-    fields = list(dict.fromkeys([*old_fields, "max_rel_err_vs_fp32"]))
+    fields = list(dict.fromkeys([*old_fields[:1], "run", *old_fields[1:], "max_rel_err_vs_fp32"]))
     if fields == old_fields:
         return
     tmp = csv_path.with_suffix(".csv.tmp")
@@ -223,8 +223,8 @@ def plot(csv_path: Path, png_path: Path):
     import matplotlib.pyplot as plt
 
     rows = list(csv.DictReader(open(csv_path)))
-    latest = max(r["date"] for r in rows)
-    rows = [r for r in rows if r["date"] == latest]
+    latest = max(r.get("run") or r["date"] for r in rows)
+    rows = [r for r in rows if (r.get("run") or r["date"]) == latest]
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
@@ -268,8 +268,10 @@ def main(argv=None):
     import hf_hetermoe
 
     gpu = torch.cuda.get_device_name()
+    now = datetime.datetime.now()
     meta = dict(
-        date=datetime.date.today().isoformat(),
+        date=now.date().isoformat(),
+        run=now.isoformat(timespec="seconds"),
         gpu=gpu,
         torch=torch.__version__,
         triton=triton.__version__,

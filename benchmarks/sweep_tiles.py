@@ -49,7 +49,7 @@ def main(argv=None):
             gu = x.new_empty(S, 2 * I)
             hb = x.new_empty(S, I)
             cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-            triton_ops._gemm_blocks = lambda t, cfg=cfg: cfg
+            triton_ops._gemm_blocks = lambda t, block_m, num_b, cfg=cfg: cfg
 
             def fwd():
                 triton_ops.gather_gemm(

@@ -38,18 +38,21 @@ def benchmark_table() -> str:
             rows += list(csv.DictReader(f))
     if not rows:
         return "No GPU results committed yet: run `python benchmarks/bench_experts.py` on a GPU.\n"
-    gpu = max(rows, key=lambda r: r["date"])["gpu"]
+    def when(r):
+        return r.get("run") or r["date"]
+
+    gpu = max(rows, key=when)["gpu"]
     rows = [r for r in rows if r["gpu"] == gpu]
     latest = {}
     for r in rows:  # newest measurement of each (shape, T, provider)
         key = (r["shape"], int(r["T"]), r["provider"])
-        if key not in latest or r["date"] >= latest[key]["date"]:
+        if key not in latest or when(r) >= when(latest[key]):
             latest[key] = r
     first = next(iter(latest.values()))
     lines = [
         f"Experts layer only (the three expert matmuls, routing, combine), forward+backward TF/s, bf16, "
         f"{gpu}, torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "
-        f"{max(r['date'] for r in latest.values())}. Reproduce: `python benchmarks/bench_experts.py`; every "
+        f"run {max(when(r) for r in latest.values())}. Reproduce: `python benchmarks/bench_experts.py`; every "
         "provider is checked against an fp32 truth before timing; full numbers (forward, memory, errors) in "
         "`benchmarks/results/`.",
         "",

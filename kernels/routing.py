@@ -34,7 +34,7 @@ class Routing(NamedTuple):
 
 def block_m_for(device: torch.device) -> int:
     """Rows per tile of the Triton grouped matmuls on ``device``; fixes the routing tile arrays."""
-    return 64 if device.type == "cuda" else 16
+    return 128 if device.type == "cuda" else 16
 
 
 def max_row_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:

@@ -19,11 +19,37 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _gemm_blocks(t: torch.Tensor) -> dict:
-    """Tile sizes of the gathered grouped matmul (BLOCK_M comes with the routing). Untuned: see benchmarks/NOTES.md."""
+def _gemm_blocks(t: torch.Tensor, block_m: int, num_b: int) -> dict:
+    """Tile sizes of the gathered grouped matmul (``block_m`` comes with the routing; ``num_b`` B operands).
+
+    128x128x64 tiles, 8 warps, 4 stages measured best on an H100 (benchmarks/results/sweep_tiles_*.csv);
+    stages, then BLOCK_N, shrink until the pipeline fits the device's shared memory (fp32, smaller GPUs).
+    """
     if _interpreting(t):
         return dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
-    return dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+    block_n, block_k, stages = 128, 64, 4
+    limit = _shared_memory_per_block(t.device)
+    while stages * (block_m * block_k + num_b * block_k * block_n) * t.element_size() > limit:
+        if stages > 2:
+            stages -= 1
+        elif block_n > 32:
+            block_n //= 2
+        else:
+            break
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
+                num_stages=stages)
+
+
+_SMEM: dict[int, int] = {}
+
+
+def _shared_memory_per_block(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMEM:
+        props = torch.cuda.get_device_properties(index)
+        # Leave room for Triton's own scratch (layout conversions, reductions) beyond the operand pipeline.
+        _SMEM[index] = int(getattr(props, "shared_memory_per_block_optin", 99 * 1024)) - 16 * 1024
+    return _SMEM[index]
 
 
 def _wgrad_blocks(t: torch.Tensor) -> dict:
@@ -68,7 +94,7 @@ def gather_gemm(
     num_experts, n, k = b.shape
     gated = b_up is not None
     act = layout.act_code if act_out is not None else -1
-    blocks = _gemm_blocks(a)
+    blocks = _gemm_blocks(a, block_m, 2 if gated else 1)
     grid = (routing.tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
     act_t = act_out if act_out is not None else out
     tk._gather_gemm_kernel[grid](

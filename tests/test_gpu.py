@@ -15,8 +15,14 @@ from hf_hetermoe.kernels import reference as ref
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+# Every layout in bf16; fp16 and fp32 on the default layout (each (dtype, layout) pair compiles its own kernels).
+DTYPE_LAYOUTS = [(torch.bfloat16, n) for n in LAYOUTS] + [(torch.float16, "mixtral"), (torch.float32, "mixtral")]
+
+
+DTYPE_LAYOUT_IDS = [f"{d}-{n}".replace("torch.", "") for d, n in DTYPE_LAYOUTS]
+
+
+@pytest.mark.parametrize("dtype,layout", DTYPE_LAYOUTS, ids=DTYPE_LAYOUT_IDS)
 @pytest.mark.parametrize("shape", [(1000, 256, 192, 16, 4), (77, 136, 72, 7, 2), (2048, 512, 256, 8, 8)])
 def test_triton_bf16_matches_reference_on_gpu(layout, dtype, shape):
     from hf_hetermoe.kernels import triton_ops
