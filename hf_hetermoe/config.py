@@ -28,7 +28,7 @@ class HeterMoEConfig:
     autotune: bool = field(
         default=True,
         metadata={
-            "help": "Autotune kernel tile sizes per shape bucket (cached on disk). HETERMOE_AUTOTUNE=0 pins defaults."
+            "help": "Reserved for autotuning kernel tiles per shape bucket (not built yet: measured defaults apply)."
         },
     )
     implementation_name: str = field(

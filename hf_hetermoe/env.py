@@ -3,9 +3,9 @@
 | variable | effect |
 |---|---|
 | ``HETERMOE_DISABLE=1`` | ``prepare`` returns the model untouched (with a warning): a kill switch for debugging |
-| ``HETERMOE_BACKEND`` | ``auto`` (default), ``triton`` or ``reference``: overrides ``HeterMoEConfig.backend`` |
-| ``HETERMOE_AUTOTUNE=0`` | pin the default kernel tile sizes instead of autotuning |
-| ``HETERMOE_CACHE_DIR`` | where tuned kernel configs are cached (default ``~/.cache/hf_hetermoe``) |
+| ``HETERMOE_BACKEND`` | ``auto``, ``triton`` or ``reference``, read at import: overrides ``HeterMoEConfig.backend`` |
+| ``HETERMOE_AUTOTUNE=0`` | reserved for kernel autotuning (not built yet: the measured defaults always apply) |
+| ``HETERMOE_CACHE_DIR`` | reserved: where tuned kernel configs will be cached (default ``~/.cache/hf_hetermoe``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
 """
 

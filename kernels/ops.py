@@ -10,10 +10,11 @@ sees (and may fuse) it too.
 from __future__ import annotations
 
 import importlib
-import os
+import importlib.util
 
 import torch
 
+from .. import env
 from ..errors import DeviceMismatchError
 from .layout import ExpertLayout, w1_logical
 from .routing import Routing, block_m_for, build_routing
@@ -24,8 +25,8 @@ BACKENDS = ("auto", "triton", "reference")
 # Read once at import: torch.compile cannot trace importlib or environment look-ups inside a compiled region,
 # and TRITON_INTERPRET only works when set before the jit decorators run anyway.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no", "off")
-_BACKEND_OVERRIDE = os.environ.get("HETERMOE_BACKEND", "").strip().lower() or None
+_INTERPRET = env.triton_interpret()
+_BACKEND_OVERRIDE = env.backend_override()
 
 
 def triton_available() -> bool:
