@@ -31,7 +31,7 @@ from .routing import Routing
 
 def routing_reference(top_k_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Naive routing on the host: (order, inverse, offsets) as int64, for testing ``build_routing``."""
-    flat = top_k_index.reshape(-1).tolist()
+    flat = top_k_index.reshape(-1).tolist()  # host copy on purpose: a naive twin for tests, never in a model
     order = sorted(range(len(flat)), key=lambda i: (flat[i], i))
     inverse = [0] * len(flat)
     for pos, i in enumerate(order):
@@ -115,7 +115,7 @@ def _split(t: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor | None, 
 
 def _runs(routing: Routing) -> list[tuple[int, int, int]]:
     # The reference loops over experts on the host; reading the offsets is its one host sync.
-    offsets = routing.offsets.tolist()
+    offsets = routing.offsets.tolist()  # the reference's one host sync (see comment above)
     return [(e, offsets[e], offsets[e + 1]) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
 
 

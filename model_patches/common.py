@@ -67,6 +67,15 @@ def default_layout(experts: nn.Module) -> ExpertLayout:
 ROUTED_HOOK_ATTR = "_hetermoe_routed_hook"
 
 
+def warn_once(module: nn.Module, message: str) -> None:
+    """Warn about ``module`` once per instance (a layer's forward runs every step)."""
+    import warnings
+
+    if not module.__dict__.get("_hetermoe_warned"):
+        module.__dict__["_hetermoe_warned"] = True
+        warnings.warn(f"{type(module).__name__}: {message}", stacklevel=3)
+
+
 def rebind_forward(module: nn.Module, forward: Callable[..., object]) -> Callable[[], None]:
     """Bind ``forward`` as this one instance's forward (the class is untouched). Returns the undo function."""
     previous = module.__dict__.get("forward")

@@ -8,15 +8,20 @@ it as an upstream quirk rather than fixing it. Eval-mode ``moe_token_dropout`` s
 weights; training with token or activation dropout falls back to the upstream loop with a warning.
 """
 
-import warnings
 
 import torch
 from torch import nn
 
 from ..kernels.layout import ExpertLayout
 from .anatomy import LayerAnatomy
-from .common import activation_name, hit_experts, module_layout, rebind_forward, routed, run_kernels
+from .common import activation_name, hit_experts, module_layout, rebind_forward, routed, run_kernels, warn_once
 from .registry import ModelPatch, register_model_patch
+
+_DROPOUT_MESSAGE = (
+    "moe_token_dropout / activation_dropout > 0 in training is not fused by the "
+    "hetermoe kernels, so this layer runs transformers' own experts loop. Set config.moe_token_dropout = 0 "
+    "and config.activation_dropout = 0 before loading to train on the kernels."
+)
 
 
 def layout(experts: nn.Module) -> ExpertLayout:
@@ -39,7 +44,7 @@ def routed_experts(
 
 def _forward(self, hidden_states: torch.Tensor, router_mask: torch.Tensor, router_probs: torch.Tensor):
     if self.training and (self.moe_token_dropout > 0 or self["expert_0"].dropout.p > 0):
-        _warn_dropout(self)
+        warn_once(self, _DROPOUT_MESSAGE)
         return type(self).forward(self, hidden_states, router_mask, router_probs)
     top_1 = router_mask.to(router_probs.dtype)  # [T, E] 0/1: upstream treats these values as expert ids
     top_k_weights = torch.stack([(router_probs * (1 - top_1)).sum(-1), (router_probs * top_1).sum(-1)], dim=-1)
@@ -49,15 +54,6 @@ def _forward(self, hidden_states: torch.Tensor, router_mask: torch.Tensor, route
     return routed(self, hidden_states, top_k_index, top_k_weights, routed_experts)
 
 
-def _warn_dropout(module: nn.Module) -> None:
-    if not module.__dict__.get("_hetermoe_dropout_warned"):
-        module.__dict__["_hetermoe_dropout_warned"] = True
-        warnings.warn(
-            f"{type(module).__name__}: moe_token_dropout / activation_dropout > 0 in training is not fused by the "
-            "hetermoe kernels, so this layer runs transformers' own experts loop. Set config.moe_token_dropout = 0 "
-            "and config.activation_dropout = 0 before loading to train on the kernels.",
-            stacklevel=3,
-        )
 
 
 def patch_instance(experts: nn.Module, layout: ExpertLayout, backend: str):

@@ -7,15 +7,20 @@ stacked to ``[E, I, H]`` / ``[E, H, I]`` per forward (only the experts that get 
 a copy, gradients flow back to each ``nn.Linear``).
 """
 
-import warnings
 
 import torch
 from torch import nn
 
 from ..kernels.layout import ExpertLayout
 from .anatomy import LayerAnatomy
-from .common import activation_name, hit_experts, module_layout, rebind_forward, routed, run_kernels
+from .common import activation_name, hit_experts, module_layout, rebind_forward, routed, run_kernels, warn_once
 from .registry import ModelPatch, register_model_patch
+
+_DROPOUT_MESSAGE = (
+    "dropout inside the experts (config.dropout_rate > 0) is not fused by the "
+    "hetermoe kernels, so this layer runs transformers' own experts loop in training. Set "
+    "model.config.dropout_rate = 0 before loading to train on the kernels."
+)
 
 
 def _experts(module: nn.Module) -> list[nn.Module]:
@@ -39,7 +44,7 @@ def routed_experts(
 
 def _forward(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, routing_weights: torch.Tensor):
     if self.training and any(e.dropout.p > 0 for e in _experts(self)):
-        _warn_dropout(self)
+        warn_once(self, _DROPOUT_MESSAGE)
         return type(self).forward(self, hidden_states, selected_experts, routing_weights)
     mask = selected_experts.reshape(hidden_states.shape[0], -1)  # [T, E] one-hot, all zero for a dropped token
     top_k_index = mask.argmax(-1, keepdim=True)
@@ -47,15 +52,6 @@ def _forward(self, hidden_states: torch.Tensor, selected_experts: torch.Tensor, 
     return routed(self, hidden_states, top_k_index, top_k_weights, routed_experts)
 
 
-def _warn_dropout(module: nn.Module) -> None:
-    if not module.__dict__.get("_hetermoe_dropout_warned"):
-        module.__dict__["_hetermoe_dropout_warned"] = True
-        warnings.warn(
-            f"{type(module).__name__}: dropout inside the experts (config.dropout_rate > 0) is not fused by the "
-            "hetermoe kernels, so this layer runs transformers' own experts loop in training. Set "
-            "model.config.dropout_rate = 0 before loading to train on the kernels.",
-            stacklevel=3,
-        )
 
 
 def patch_instance(experts: nn.Module, layout: ExpertLayout, backend: str):
