@@ -23,6 +23,8 @@ SHAPES = {"qwen3_30b_a3b": (2048, 768, 128, 8, 16384), "mixtral_8x7b": (4096, 14
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    kernels = ["fwd_gate_up", "wgrad_down"]
+    parser.add_argument("--kernels", nargs="+", default=kernels, choices=kernels, help="which kernels to time")
     args = parser.parse_args(argv)
     import triton
     from triton.testing import do_bench
@@ -74,6 +76,9 @@ def main(argv=None):
 
             result = {}
             for label, fn, flops in (("fwd_gate_up", fwd, fwd_flops), ("wgrad_down", wgrad, wgrad_flops)):
+                if label not in args.kernels:
+                    result[label] = float("nan")
+                    continue
                 try:
                     ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
                     result[label] = flops / ms / 1e9
