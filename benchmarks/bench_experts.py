@@ -120,6 +120,11 @@ def fp32_truth(module, x, index, weights, dout):
     return truth
 
 
+def gpu_slug(name: str) -> str:
+    """File-name form of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'h100_80gb_hbm3'."""
+    return name.lower().replace("nvidia", "").strip().replace(" ", "_")
+
+
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
@@ -280,8 +285,7 @@ def main(argv=None):
         python=platform.python_version(),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    slug = gpu.lower().replace("nvidia", "").strip().replace(" ", "_")
-    csv_path = args.out / f"experts_{slug}.csv"
+    csv_path = args.out / f"experts_{gpu_slug(gpu)}.csv"
     dtype = getattr(torch, args.dtype)
     _migrate_header(csv_path)
     new = not csv_path.exists()

@@ -27,6 +27,7 @@ def main(argv=None):
     parser.add_argument("--kernels", nargs="+", default=kernels, choices=kernels, help="which kernels to time")
     args = parser.parse_args(argv)
     import triton
+    from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
     from triton.testing import do_bench
 
     from hf_hetermoe.kernels import ExpertLayout, build_routing, triton_ops
@@ -102,7 +103,7 @@ def main(argv=None):
             rows.append(row)
             print(row, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sweep_tiles_{gpu.lower().replace('nvidia', '').strip().replace(' ', '_')}.csv"
+    path = args.out / f"sweep_tiles_{gpu_slug(gpu)}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -34,10 +33,6 @@ def disabled() -> bool:
     return _flag("HETERMOE_DISABLE", False)
 
 
-def autotune_enabled() -> bool:
-    return _flag("HETERMOE_AUTOTUNE", True)
-
-
 def triton_interpret() -> bool:
     return _flag("TRITON_INTERPRET", False)
 
@@ -45,7 +40,3 @@ def triton_interpret() -> bool:
 def backend_override() -> str | None:
     value = os.environ.get("HETERMOE_BACKEND", "").strip().lower()
     return value or None
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HETERMOE_CACHE_DIR", Path.home() / ".cache" / "hf_hetermoe"))
