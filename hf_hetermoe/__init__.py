@@ -15,6 +15,13 @@ from .errors import (
 )
 from .prepare import is_prepared, prepare, unprepare
 
+
+def distribute(model, plan=None, optimizer=None, **kwargs):
+    """Split ``model`` over a torch.distributed job as ``plan`` says; see :func:`hf_hetermoe.runtime.distribute`."""
+    from .runtime import distribute as _distribute
+
+    return _distribute(model, plan, optimizer, **kwargs)
+
 __version__ = "0.1.0.dev0"
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "UnsupportedLayoutError",
     "UnsupportedModelError",
     "__version__",
+    "distribute",
     "is_prepared",
     "prepare",
     "unprepare",
