@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # One line per subcommand; the module is imported lazily so `hetermoe --help` stays fast.
-SUBCOMMANDS: tuple[str, ...] = ("env", "demo", "profile", "plan", "simulate")
+SUBCOMMANDS: tuple[str, ...] = ("env", "demo", "profile", "plan", "simulate", "launch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "launch":  # accelerate's options pass through verbatim: no argparse here
+        from hf_hetermoe.commands.launch import launch_main
+
+        return launch_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
