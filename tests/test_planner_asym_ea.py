@@ -91,3 +91,18 @@ def test_planner_asym_never_worse_and_long_sequences_fade():
     # Small model at 1K tokens: attention is cheap, EP (all GPUs on experts) wins; the planner says so.
     if res.results["EP"].step_ms < res.best.step_ms:
         assert any("EP is faster" in n for n in res.plan.notes)
+
+
+def test_refinement_never_worse_and_within_memory():
+    from hf_hetermoe.planner.planner import _best, candidates, refine_asym
+
+    cost, _, _ = setup([("NVIDIA A40", 2), ("Tesla V100", 2)], attention=[0, 1], seq=512, batch=8)
+    cand = _best([c for c in candidates(cost) if c.report is not None])
+    ref = refine_asym(cost, cand)
+    assert ref.result.step_ms <= cand.result.step_ms
+    _check_complete(ref.layout)
+    for a in (0, 1):
+        held = sum(len(p.get(a, ())) for p in ref.layout.placement)
+        assert held <= ref.report.n_max[a]
+        assert held == sum(m.get(a, 0) for m in ref.report.moved)
+    assert cand.report.total_moved <= ref.report.total_moved

@@ -104,7 +104,7 @@ def base_placement(cost: CostModel, lay: ZPLayout, expert_ranks: list[int]) -> t
     return placement, n_min
 
 
-def _layer_work(cost: CostModel, lay: ZPLayout, layer: int, local: int) -> float:
+def layer_work(cost: CostModel, lay: ZPLayout, layer: int, local: int) -> float:
     """ms of compute local rank ``local`` does in ``layer`` over the whole step (all R micro-batches)."""
     g = lay.ranks[local]
     w = cost.expert_ms(lay, g, layer, local, False) + cost.expert_ms(lay, g, layer, local, True)
@@ -139,8 +139,8 @@ def asym_ea(cost: CostModel, lay: ZPLayout, squeeze: float = 1.0) -> tuple[ZPLay
                                        + cost.profile(lay.ranks[a]).expert_ms(cost.tokens_per_expert(lay), True))
                for a in lay.attention}
         def bubble(a: int) -> float:  # attention rank a's idle time in this layer under the current placement
-            slowest = max((_layer_work(cost, work_lay, li, j) for j in expert_ranks), default=0.0)
-            return slowest - _layer_work(cost, work_lay, li, a)
+            slowest = max((layer_work(cost, work_lay, li, j) for j in expert_ranks), default=0.0)
+            return slowest - layer_work(cost, work_lay, li, a)
 
         while True:
             room = [a for a in lay.attention if held[a] < report.n_max[a]]
@@ -156,7 +156,7 @@ def asym_ea(cost: CostModel, lay: ZPLayout, squeeze: float = 1.0) -> tuple[ZPLay
                 if not placement[li][-1]:
                     del placement[li][-1]
             else:
-                j = max(donors, key=lambda x: (_layer_work(cost, work_lay, li, x), x))
+                j = max(donors, key=lambda x: (layer_work(cost, work_lay, li, x), x))
                 eid, placement[li][j] = placement[li][j][-1], placement[li][j][:-1]
                 if not placement[li][j]:
                     del placement[li][j]

@@ -35,6 +35,8 @@ class ZPLayout:
     placement: list[dict[int, tuple[int, ...]]] = field(metadata={"help": "Per layer: local rank -> expert ids."})
     micro_batches: int = field(default=1, metadata={"help": "R, micro-batches per step."})
     sequences_per_attention_rank: int = field(default=1, metadata={"help": "Whole sequences per attention rank."})
+    local_experts: str = field(default="layer", metadata={
+        "help": "How far an attention rank delays its own expert work (schedule.LOCAL_EXPERT_ORDERS)."})
 
     def __post_init__(self) -> None:
         sizes = {len(g) for g in self.groups}
@@ -57,6 +59,7 @@ class ZPLayout:
         return {
             "groups": self.groups, "attention": self.attention,
             "micro_batches": self.micro_batches, "sequences_per_attention_rank": self.sequences_per_attention_rank,
+            "local_experts": self.local_experts,
             "placement": [{str(r): list(e) for r, e in p.items()} for p in self.placement],
         }
 

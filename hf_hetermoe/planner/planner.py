@@ -9,13 +9,14 @@ from typing import Any
 
 from hf_hetermoe.errors import ConfigError
 
-from .asym_ea import AsymEAReport, asym_ea, base_placement
+from .asym_ea import AsymEAReport, asym_ea, base_placement, layer_work
 from .cluster import ClusterConfig
 from .cost import CostModel, MemoryError_, ZPLayout
 from .model_dims import ModelDims, model_dims
 from .plan import Plan
 from .presets import preset_profiles
 from .profiles import ProfileSet
+from .schedule import LOCAL_EXPERT_ORDERS
 from .simulator import SimResult, schedule_for, simulate_data_parallel, simulate_layout
 
 SQUEEZES = (0.5, 1.0, 1.5)
@@ -113,8 +114,61 @@ def candidates(cost: CostModel, asym: bool = True, errors: list[Exception] | Non
                         if errors is not None:
                             errors.append(err)
                         continue
-                    out.append(Candidate(lay2, simulate_layout(cost, lay2, f"zebra+Asym-EA R={r}"), rep))
+                    for order in LOCAL_EXPERT_ORDERS[:2]:  # "layer", "step": the delay that fits R best
+                        lay3 = replace(lay2, local_experts=order)
+                        out.append(Candidate(lay3, simulate_layout(cost, lay3, f"zebra+Asym-EA R={r}"), rep))
     return out
+
+
+def _one_round(cost: CostModel, lay: ZPLayout, layer: int, room: dict[int, int]) -> tuple[ZPLayout, dict[int, int]]:
+    """Each attention rank with ``room`` takes one expert of ``layer`` from that layer's busiest expert rank."""
+    placement = [dict(p) for p in lay.placement]
+    new = replace(lay, placement=placement)
+    p = placement[layer]
+    expert_ranks = [r for r in range(len(lay.ranks)) if r not in lay.attention]
+    moved: dict[int, int] = {}
+    for a in lay.attention:
+        donors = [j for j in expert_ranks if p.get(j)]
+        if room.get(a, 0) <= 0 or not donors:
+            continue
+        j = max(donors, key=lambda x: (layer_work(cost, new, layer, x), x))
+        eid, p[j] = p[j][-1], p[j][:-1]
+        if not p[j]:
+            del p[j]
+        p[a] = tuple(sorted(p.get(a, ()) + (eid,)))
+        moved[a] = 1
+    return new, moved
+
+
+def refine_asym(cost: CostModel, cand: Candidate, max_rounds: int = 64) -> Candidate:
+    """Past Algorithm 1: greedily add one more expert per attention rank in the MoE layer where the simulated
+    step improves most, while it improves and memory (``n_max``) allows. Algorithm 1's bubble is per-layer
+    work; the simulated schedule also leaves attention ranks idle during all-to-alls and pipeline fill, which
+    only the simulation sees."""
+    if cand.report is None:
+        return cand
+    rep = AsymEAReport([dict(m) for m in cand.report.moved], dict(cand.report.n_max), cand.report.n_min,
+                       dict(cand.report.credit_left))
+    best, method = cand, cand.result.method
+    held = {a: sum(len(p.get(a, ())) for p in cand.layout.placement) for a in cand.layout.attention}
+    moe = [li for li, p in enumerate(cand.layout.placement) if p]
+    for _ in range(max_rounds):
+        room = {a: rep.n_max.get(a, 0) - held[a] for a in held}
+        trials = []
+        for li in moe:
+            lay, moved = _one_round(cost, best.layout, li, room)
+            if moved:
+                trials.append((simulate_layout(cost, lay, method), li, lay, moved))
+        if not trials:
+            break
+        res, li, lay, moved = min(trials, key=lambda t: (t[0].step_ms, t[1]))
+        if not res.fits or res.step_ms >= best.result.step_ms * (1 - 1e-6):
+            break
+        for a, n in moved.items():
+            held[a] += n
+            rep.moved[li][a] = rep.moved[li].get(a, 0) + n
+        best = Candidate(lay, res, rep)
+    return best
 
 
 def _best(cands: list[Candidate]) -> Candidate | None:
@@ -148,6 +202,9 @@ def make_plan(model: Any, cluster: ClusterConfig, profiles: ProfileSet | None = 
     cands = candidates(cost, errors=errors)
     if not cands and errors:
         raise errors[0]
+    asym = _best([c for c in cands if c.report is not None])
+    if asym is not None:
+        cands.append(refine_asym(cost, asym))
     if not cands:
         raise ConfigError(
             f"no ZP layout fits training.global_batch_sequences={cluster.training.global_batch_sequences}: it must "

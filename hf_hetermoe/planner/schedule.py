@@ -2,8 +2,10 @@
 
 Order (HeterMoE Theorem 1): forward breadth-first over micro-batches layer by layer; at the last layer the
 forward and backward of micro-batches interleave one-forward-one-backward; then backward breadth-first, layer
-by layer in reverse. All ranks' lists are projections of ONE global sequence, so every rank issues the
-collectives of each process group in the same order (checked again by :func:`validate_schedule`).
+by layer in reverse. An attention rank that holds experts (Asym-EA) runs its own expert work of micro-batch m
+after its attention on m+1, in the time it waits for the all-to-all of m (``local_experts``). All ranks' lists
+are projections of ONE global sequence, so every rank issues the collectives of each process group in the
+same order (checked again by :func:`validate_schedule`).
 """
 
 from __future__ import annotations
@@ -123,35 +125,75 @@ class Schedule:
         )
 
 
-def _global_order(num_layers: int, r: int, is_moe: list[bool]) -> Iterator[tuple[str, int, int]]:
-    """The one global sequence of (kind, layer, mb) every rank's list is filtered from."""
+Key = tuple[str, int, int]
+LOCAL_EXPERT_ORDERS = ("layer", "step", "none")
+
+
+def _steps(num_layers: int, r: int, is_moe: list[bool]) -> Iterator[tuple[list[Key], list[Key]]]:
+    """Theorem-1 order as (attention part, expert part) steps: an attention-side compute action with the
+    all-to-all it feeds, then the expert compute and the all-to-all back that answer it."""
     last = num_layers - 1
 
-    def fwd(li: int, m: int) -> Iterator[tuple[str, int, int]]:
-        yield ("attn_fwd", li, m)
-        if is_moe[li]:
-            yield from (("dispatch_fwd", li, m), ("expert_fwd", li, m), ("combine_fwd", li, m))
+    def fwd(li: int, m: int) -> tuple[list[Key], list[Key]]:
+        if not is_moe[li]:
+            return [("attn_fwd", li, m)], []
+        return [("attn_fwd", li, m), ("dispatch_fwd", li, m)], [("expert_fwd", li, m), ("combine_fwd", li, m)]
 
-    def bwd_experts(li: int, m: int) -> Iterator[tuple[str, int, int]]:
-        if is_moe[li]:
-            yield from (("dispatch_bwd", li, m), ("expert_bwd", li, m), ("combine_bwd", li, m))
+    def bwd(head_or_attn: Key, li: int, m: int) -> tuple[list[Key], list[Key]]:
+        # The gradient that `head_or_attn` produces feeds the experts of layer `li` (the layer below).
+        if li < 0 or not is_moe[li]:
+            return [head_or_attn], []
+        return [head_or_attn, ("dispatch_bwd", li, m)], [("expert_bwd", li, m), ("combine_bwd", li, m)]
 
     for li in range(last):
         for m in range(r):
-            yield from fwd(li, m)
+            yield fwd(li, m)
     # Last layer: one forward, one backward (the backward lags one micro-batch so its inputs are ready).
     for m in range(r):
-        yield from fwd(last, m)
+        yield fwd(last, m)
         if m > 0:
-            yield ("head", -1, m - 1)
-            yield from bwd_experts(last, m - 1)
-    yield ("head", -1, r - 1)
-    yield from bwd_experts(last, r - 1)
+            yield bwd(("head", -1, m - 1), last, m - 1)
+    yield bwd(("head", -1, r - 1), last, r - 1)
     for li in range(last, -1, -1):
         for m in range(r):
-            yield ("attn_bwd", li, m)
-            if li > 0:
-                yield from bwd_experts(li - 1, m)
+            yield bwd(("attn_bwd", li, m), li - 1, m)
+
+
+def _global_order(sched: Schedule, local_experts: str) -> Iterator[Key]:
+    """The one global sequence of (kind, layer, mb) every rank's list is filtered from.
+
+    Theorem-1 steps (:func:`_steps`); ``local_experts`` says when a step's expert part is issued:
+
+    - ``"none"``: right after its own attention part (plain Theorem-1 order);
+    - ``"layer"``: after the attention part of the NEXT micro-batch of the same layer and direction:
+      ``attn_fwd(l, m), dispatch_fwd(l, m), attn_fwd(l, m+1), dispatch_fwd(l, m+1), expert_fwd(l, m),
+      combine_fwd(l, m), ...``; the last micro-batch of a layer is not delayed;
+    - ``"step"``: after the next step's attention part, whatever it is, unless that attention part needs it.
+
+    Every expert-only rank sees the same order on each of its streams under all three (its collectives are
+    only issued earlier relative to its compute): only an attention rank that holds experts (Asym-EA, EP)
+    changes, running its own experts of micro-batch m while the all-to-all of m is under way instead of
+    waiting for it in front of attention on m+1. A runtime therefore keeps all-to-all buffers per
+    (layer, micro-batch), as expert ranks already need. The best choice depends on R (a
+    delay across a layer boundary puts a combine on the next layer's path when R is small), so the planner
+    simulates both delays.
+    """
+    if local_experts not in LOCAL_EXPERT_ORDERS:
+        raise ScheduleError(f"local_experts={local_experts!r}; allowed: {LOCAL_EXPERT_ORDERS}")
+    probe = sched.attention_ranks[0]
+    pending: list[Key] = []  # expert part of the previous step, not yet issued
+    for attn_part, expert_part in _steps(sched.num_layers, sched.num_micro_batches,
+                                         [sched.is_moe(li) for li in range(sched.num_layers)]):
+        if pending:
+            needed = any(dep in pending for key in attn_part for dep in dependencies(sched, probe, Action(*key)))
+            same = bool(expert_part) and expert_part[0][:2] == pending[0][:2]  # same kind and layer
+            if needed or local_experts == "none" or (local_experts == "layer" and not same):
+                yield from pending
+                pending = []
+        yield from attn_part
+        yield from pending
+        pending = expert_part
+    yield from pending
 
 
 def build_zebra_schedule(
@@ -160,6 +202,7 @@ def build_zebra_schedule(
     attention_ranks: tuple[int, ...] | list[int],
     placement: list[dict[int, tuple[int, ...]]],
     world: int,
+    local_experts: str = "layer",
 ) -> Schedule:
     """Build the Theorem-1 schedule of one ZP group of ``world`` local ranks.
 
@@ -173,11 +216,11 @@ def build_zebra_schedule(
     if num_micro_batches < 1 or not attention_ranks:
         raise ScheduleError(f"need R >= 1 (got {num_micro_batches}) and at least one attention rank")
     sched = Schedule(num_layers, num_micro_batches, attention_ranks, [dict(p) for p in placement])
-    is_moe = [sched.is_moe(li) for li in range(num_layers)]
     attn = set(attention_ranks)
+    order = list(_global_order(sched, local_experts))
     for rank in range(world):
         acts: list[Action] = []
-        for kind, li, m in _global_order(num_layers, num_micro_batches, is_moe):
+        for kind, li, m in order:
             if kind in ("attn_fwd", "attn_bwd", "head") and rank not in attn:
                 continue
             if kind in ("expert_fwd", "expert_bwd") and not sched.holds(rank, li):
@@ -199,7 +242,7 @@ def build_zebra_schedule(
     return sched
 
 
-def dependencies(sched: Schedule, rank: int, act: Action) -> list[tuple[str, int, int]]:
+def dependencies(sched: Schedule, rank: int, act: Action) -> list[Key]:
     """Keys of the actions of the same rank that must finish before ``act`` may start."""
     k, li, m, last = act.kind, act.layer, act.mb, sched.num_layers - 1
     is_attn, holds = rank in sched.attention_ranks, sched.holds(rank, li) if li >= 0 else False

@@ -51,7 +51,7 @@ class SimResult:
 
 def schedule_for(cost: CostModel, lay: ZPLayout) -> Schedule:
     return build_zebra_schedule(cost.dims.num_layers, lay.micro_batches, lay.attention, lay.placement,
-                                len(lay.ranks))
+                                len(lay.ranks), lay.local_experts)
 
 
 def _tokens_per_step(cost: CostModel, lay: ZPLayout) -> int:

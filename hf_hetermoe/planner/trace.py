@@ -51,7 +51,8 @@ def write_timeline_png(result: SimResult, path: str | Path, title: str | None = 
 
     ranks = sorted({result.rank_of_local.get(e.rank, e.rank) for e in result.events})
     row = {r: i for i, r in enumerate(ranks)}
-    fig, ax = plt.subplots(figsize=(14, 0.45 * len(ranks) + 1.6))
+    height = 0.45 * len(ranks) + 1.9
+    fig, ax = plt.subplots(figsize=(14, height))
     for e in result.events:
         if e.stream != "compute":
             continue
@@ -65,8 +66,9 @@ def write_timeline_png(result: SimResult, path: str | Path, title: str | None = 
     ax.set_xlim(0, result.step_ms * 1.01)
     emulated = " [EMULATED GPUs]" if result.emulated else ""
     ax.set_title((title or f"{result.method}: step {result.step_ms:.1f} ms") + emulated + " (simulated)")
-    ax.legend(handles=[Patch(color=c[0], label=k) for k, c in _COLORS.items()], loc="upper center",
-              bbox_to_anchor=(0.5, -0.12), ncol=len(_COLORS), fontsize=8, frameon=False)
-    fig.tight_layout()
+    # The legend gets its own strip at the bottom of the figure, below the x label (not inside the axes).
+    fig.legend(handles=[Patch(color=c[0], label=k) for k, c in _COLORS.items()], loc="lower center",
+               ncol=len(_COLORS), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
