@@ -25,7 +25,7 @@ def simulate_command_parser(subparsers) -> argparse.ArgumentParser:
 
 def simulate_command(args: argparse.Namespace) -> int:
     from hf_hetermoe.planner import CostModel, model_dims, preset_profiles
-    from hf_hetermoe.planner.planner import _best, candidates, ep_layout
+    from hf_hetermoe.planner.planner import _best, candidates, ep_layout, refine_asym
     from hf_hetermoe.planner.simulator import simulate_data_parallel, simulate_layout
     from hf_hetermoe.planner.trace import write_chrome_trace, write_timeline_png
 
@@ -43,6 +43,8 @@ def simulate_command(args: argparse.Namespace) -> int:
                  if (args.micro_batches is None or c.layout.micro_batches == args.micro_batches)
                  and (not args.no_asym_ea or c.report is None)]
         best = _best(cands)
+        if best is not None and best.report is not None:
+            best = refine_asym(cost, best)
         if best is None:
             print(f"hetermoe simulate: error: no fitting zebra layout with R={args.micro_batches}")
             return 2
