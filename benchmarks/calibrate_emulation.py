@@ -6,7 +6,13 @@ published ones (A40/V100: 1.25x FFN; L40S/T4: 7x FFN; attention ratios are repor
 A40/V100 ~3.7x at 64K tokens, L40S/T4 10-14x). Writes benchmarks/results/emulation_calibration_<gpu>.json,
 which `hetermoe.emulate.load_calibration` applies. All figures are of EMULATED GPUs.
 
-    PYTHONUNBUFFERED=1 python benchmarks/calibrate_emulation.py
+Every SDPA backend is run once at the measured shape OUTSIDE any green context before the grid: cuDNN attention
+first run inside a green context keeps that context's SMs for later calls of the same shape (the 2026-11-22
+H100 grid measured every cuDNN preset at its first, 8-SM, share: ~187 ms whatever the share).
+``--sdpa-check`` instead times each backend alone at several SM counts and records the kernel that ran
+(``emulation_sdpa_check_<gpu>.json``).
+
+    PYTHONUNBUFFERED=1 python benchmarks/calibrate_emulation.py [--sdpa-check]
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hf_hetermoe.emulate import PRESETS, emulate
+from hf_hetermoe.emulate import PRESETS, _sdpa_backends, emulate
 from hf_hetermoe.profiler import time_ms
 
 GRID = (0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.625, 0.75, 1.0)
@@ -43,11 +49,74 @@ def attn_ms(tokens: int = 65536) -> float:
     return time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), warmup=1, reps=3)
 
 
+def warm_sdpa(tokens: int = 65536) -> None:
+    """Build every backend's attention for the calibration shape in the primary context (see module doc)."""
+    from torch.nn.attention import sdpa_kernel
+
+    q, k, v = (torch.randn(1, 8, tokens, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for backend in _sdpa_backends(("cudnn", "flash", "efficient")):
+        try:
+            with sdpa_kernel([backend]):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        except RuntimeError as err:  # a backend this GPU / torch lacks: the presets fall back to the next one
+            print(f"warm-up: {backend} unavailable: {err}", flush=True)
+    torch.cuda.synchronize()
+
+
+def _kernel_names(fn) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.device_time_total)
+    return [e.key for e in events[:2]]
+
+
+def sdpa_check(gpu: str) -> int:
+    """Each SDPA backend alone at 64K tokens, full GPU and in green contexts of several SM counts."""
+    from torch.cuda.green_contexts import GreenContext
+    from torch.nn.attention import sdpa_kernel
+
+    warm_sdpa()
+    q, k, v = (torch.randn(1, 8, 65536, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    rows, total = [], torch.cuda.get_device_properties(0).multi_processor_count
+    for sms in (0, 8, 16, 24, 32, 40, 48, 56, 64, 96, 128):
+        for name in ("cudnn", "flash", "efficient"):
+            if name == "efficient" and sms not in (0, 8, 32):
+                continue
+            ctx = GreenContext.create(num_sms=sms, device_id=0) if sms else None
+            if ctx:
+                ctx.set_context()
+            try:
+                with sdpa_kernel(_sdpa_backends((name,))):
+                    def fn():
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+                    row = {"backend": name, "num_sms": sms or total,
+                           "green_context": bool(sms), "attn64k_ms": time_ms(fn, warmup=2, reps=3),
+                           "kernels": _kernel_names(fn) if sms in (0, 32) else []}
+            finally:
+                if ctx:
+                    ctx.pop_context()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    out = Path("benchmarks/results") / f"emulation_sdpa_check_{gpu.replace(' ', '_')}.json"
+    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "date": str(datetime.date.today()),
+                               "emulated": True, "shape": "B1 H8 S65536 D128 bf16 causal, forward",
+                               "measurements": rows}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("calibrate_emulation.py needs a CUDA GPU (green contexts); none is visible", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name()
+    if "--sdpa-check" in sys.argv[1:]:
+        return sdpa_check(gpu)
+    warm_sdpa()
     rows = []
     for name, preset in PRESETS.items():
         for share in GRID:
