@@ -48,6 +48,10 @@ class Groups:
     def zp_world(self) -> int:
         return len(self.zp_ranks)
 
+    def group_index(self, local_rank: int) -> int:
+        """Rank inside the dispatch/combine groups of the ZP group's ``local_rank`` (groups order global ranks)."""
+        return sorted(self.zp_ranks).index(self.zp_ranks[local_rank])
+
 
 def build_groups(plan: Plan, timeout_s: float) -> Groups:
     """Create every process group of ``plan`` (collectively: all ranks call ``new_group`` in the same order)."""
@@ -138,12 +142,16 @@ class Watchdog:
     then rename).
     """
 
+    _instances = 0  # engines are built collectively, so every rank numbers its watchdogs alike
+
     def __init__(self, timeout_s: float, interval: float = 1.0) -> None:
         from torch.distributed.distributed_c10d import _get_default_store
 
+        Watchdog._instances += 1
+
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.timeout_s, self.interval = timeout_s, interval
-        self.store = dist.PrefixStore("hetermoe_watchdog", _get_default_store())
+        self.store = dist.PrefixStore(f"hetermoe_watchdog/{Watchdog._instances}", _get_default_store())
         self.closing = threading.Event()
         self.lost: list[int] = []
         self._seen = {r: (-1, time.monotonic()) for r in range(self.world) if r != self.rank}

@@ -195,7 +195,8 @@ class ZebraEngine:
             owner = torch.full((p.num_experts,), -1, dtype=torch.long)
             local_id = torch.zeros(p.num_experts, dtype=torch.long)
             for r, ids in self.schedule.placement[li].items():
-                owner[list(ids)] = r
+                # all_to_all_single orders its splits by rank in the group (sorted global ranks), not by local rank
+                owner[list(ids)] = self.groups.group_index(r)
                 local_id[list(ids)] = torch.arange(len(ids))
             self.owner.append(owner.to(dev))
             self.local_id.append(local_id.to(dev))
