@@ -792,11 +792,17 @@ class ZebraEngine:
         dist.barrier()
 
     def close(self) -> None:
-        """Tell the watchdog this rank finished (so peers do not report it lost) and wait for every rank."""
-        if self.watchdog is not None:
+        """Wait for every rank, tell the watchdog this rank finished (so peers do not report it lost), and leave
+        the rank's emulation (green context, SDPA restriction). Call once training is over."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+        if self.watchdog is not None:
             self.watchdog.close()
             self.watchdog = None
+        stack = getattr(self, "_exit_stack", None)
+        if stack is not None:
+            stack.close()
+            self._exit_stack = None
 
 
 class _ShareSampler:
