@@ -18,6 +18,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -153,8 +154,10 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             torch.cuda.synchronize()
             base_mem = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            grads = fwd_bwd()
+            began = time.perf_counter()
+            grads = fwd_bwd()  # the first call: Triton compiles, and with autotuning on, tunes, here
             torch.cuda.synchronize()
+            first_call_s = time.perf_counter() - began
             peak_extra = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
             max_err = float("nan")
             if provider != "dense_roof":
@@ -189,12 +192,15 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
             fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
             peak_extra_gib=round(peak_extra, 3),
+            max_rel_err_vs_fp32=f"{max_err:.1e}",
+            first_call_s=round(first_call_s, 2),
         )
         writer.writerow(row)
         results[provider] = row
         print(
             f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
-            f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB",
+            f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB  "
+            f"first call {first_call_s:.1f} s",
             flush=True,
         )
     del module
@@ -202,7 +208,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     return results
 
 
-def _migrate_header(csv_path: Path) -> None:
+def _migrate_header(csv_path: Path, current: list[str]) -> None:
     """Earlier results files may lack newer columns: rewrite them (atomically) with the current header, so that
     appending never mixes layouts and no earlier row is lost."""
     if not csv_path.exists():
@@ -210,7 +216,7 @@ def _migrate_header(csv_path: Path) -> None:
     with open(csv_path, newline="") as f:
         reader = csv.DictReader(f)
         old_fields, rows = reader.fieldnames or [], list(reader)
-    fields = list(dict.fromkeys([*old_fields[:1], "run", *old_fields[1:], "max_rel_err_vs_fp32"]))
+    fields = list(dict.fromkeys([*old_fields, *current]))
     if fields == old_fields:
         return
     tmp = csv_path.with_suffix(".csv.tmp")
@@ -271,6 +277,7 @@ def main(argv=None):
     import triton
 
     import hf_hetermoe
+    from hf_hetermoe.kernels import tuning
 
     gpu = torch.cuda.get_device_name()
     now = datetime.datetime.now()
@@ -283,31 +290,23 @@ def main(argv=None):
         transformers=transformers.__version__,
         hetermoe=hf_hetermoe.__version__,
         python=platform.python_version(),
+        autotune=int(tuning.autotune_enabled()),
     )
     args.out.mkdir(parents=True, exist_ok=True)
     csv_path = args.out / f"experts_{gpu_slug(gpu)}.csv"
     dtype = getattr(torch, args.dtype)
-    _migrate_header(csv_path)
+    fields = [
+        *meta,
+        *("shape", "H", "I", "E", "k", "T", "dtype", "provider", "fwd_ms", "fwd_bwd_ms", "fwd_tflops"),
+        *("fwd_bwd_tflops", "peak_extra_gib", "max_rel_err_vs_fp32", "first_call_s"),
+    ]
+    _migrate_header(csv_path, fields)
     new = not csv_path.exists()
+    if not new:  # append in the file's own column order
+        with open(csv_path, newline="") as f:
+            fields = next(csv.reader(f))
     with open(csv_path, "a", newline="") as f:
-        fields = [
-            *meta,
-            "shape",
-            "H",
-            "I",
-            "E",
-            "k",
-            "T",
-            "dtype",
-            "provider",
-            "fwd_ms",
-            "fwd_bwd_ms",
-            "fwd_tflops",
-            "fwd_bwd_tflops",
-            "peak_extra_gib",
-            "max_rel_err_vs_fp32",
-        ]
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         for name in args.shapes:

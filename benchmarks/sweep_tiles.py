@@ -1,8 +1,12 @@
-"""Tile-size sweep of the two dominant expert kernels (issue 3 groundwork; GPU only).
+"""Tile sweep of the expert kernels over the autotuner's candidate lists (issue 3; GPU only).
 
-Times, for a few shapes, the forward gate/up gathered grouped matmul (with the fused activation) and the
-down-projection weight-gradient kernel over a grid of tile sizes, by overriding the launchers' tile choices.
-Prints one line per configuration and writes ``sweep_tiles_<gpu>.csv`` to ``--out``.
+For a few shapes, times every candidate of ``hf_hetermoe.kernels.tuning`` on each matmul of one experts layer
+(bf16; GPT-OSS in its interleaved, transposed layout): the forward gate/up gathered matmul with the fused
+activation (``fwd_gate_up``), the down projection (``fwd_down``), the backward's ``g = dout @ w2`` (``bwd_g``)
+and ``dx = dgu @ w1`` (``bwd_dx``), and the two weight gradients (``wgrad_up``: dgu^T x[tok], ``wgrad_down``:
+dout[tok]^T (w h)). Each kernel's output is checked against torch on the first candidate. Prints one line per
+(shape, kernel, candidate), the best per (shape, kernel) last, and writes ``sweep_candidates_<gpu>.csv`` to
+``--out`` (``sweep_tiles_<gpu>.csv`` holds the earlier, v1 sweep of this script).
 
     python benchmarks/sweep_tiles.py --out benchmarks/results
 """
@@ -12,107 +16,190 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import itertools
 from pathlib import Path
 
 import torch
 
-SHAPES = {"qwen3_30b_a3b": (2048, 768, 128, 8, 16384), "mixtral_8x7b": (4096, 14336, 8, 2, 4096)}
+# name: (H, I, E, k, T)
+SHAPES = {
+    "qwen3_30b_a3b": (2048, 768, 128, 8, 16384),
+    "deepseek_v3_like": (7168, 2048, 32, 8, 16384),
+    "gpt_oss_20b": (2880, 2880, 32, 4, 16384),
+    "mixtral_8x7b": (4096, 14336, 8, 2, 4096),
+}
+KERNELS = ("fwd_gate_up", "fwd_down", "bwd_g", "bwd_dx", "wgrad_up", "wgrad_down")
+
+
+def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
+    """(kernel, flops, run(config), check()) for every matmul of one layer on random data."""
+    from hf_hetermoe.kernels import ExpertLayout, build_routing, split_gate_up, triton_ops
+
+    gpt_oss = name.startswith("gpt_oss")  # gate/up interleaved, weights stored [E, in, out]
+    layout = ExpertLayout(is_concatenated=not gpt_oss, is_transposed=gpt_oss)
+    bf = dict(device=device, dtype=dtype)
+    S = T * k
+    x = torch.randn(T, H, **bf)
+    index = torch.rand(T, E, device=device).topk(k, dim=-1).indices
+    routing = build_routing(index, E, triton_ops.block_m_for(x.device))
+    if gpt_oss:  # logical [E, N, K] views of [E, in, out] storage
+        w1 = torch.randn(E, H, 2 * I, **bf).mul_(H**-0.5).transpose(1, 2)
+        w2 = torch.randn(E, I, H, **bf).mul_(I**-0.5).transpose(1, 2)
+    else:
+        w1 = torch.randn(E, 2 * I, H, **bf).mul_(H**-0.5)
+        w2 = torch.randn(E, H, I, **bf).mul_(I**-0.5)
+    w_gate, w_up = split_gate_up(w1, 1, layout)
+    gu = torch.empty(S, 2 * I, **bf)
+    gu_gate, gu_up = split_gate_up(gu, 1, layout)
+    h = torch.randn(S, I, **bf)
+    y = torch.empty(S, H, **bf)
+    dout = torch.randn(T, H, **bf)
+    dgu = torch.randn(S, 2 * I, **bf) * 0.1
+    g = torch.empty(S, I, **bf)
+    dxs = torch.empty(S, H, **bf)
+    dw1 = torch.empty_like(w1)  # same strides as the weights (empty_like keeps a transposed view's layout)
+    dw2 = torch.empty_like(w2)
+    tok = routing.order.long() // k
+    experts = routing.expert.long()
+    e0 = int(experts[0])
+    rows0 = (experts == e0).nonzero().squeeze(1)  # sorted rows of the first expert, for spot checks
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    def gemm(kind):
+        if kind == "fwd_gate_up":
+            return lambda c: triton_ops.gather_gemm(
+                x,
+                w_gate,
+                routing,
+                k,
+                gather_a=True,
+                b_up=w_up,
+                out=gu_gate,
+                out_up=gu_up,
+                act_out=h,
+                layout=layout,
+                block_m=routing_block_m,
+                config=c,
+            )
+        if kind == "fwd_down":
+            return lambda c: triton_ops.gather_gemm(
+                h, w2, routing, k, gather_a=False, out=y, block_m=routing_block_m, config=c
+            )
+        if kind == "bwd_g":
+            return lambda c: triton_ops.gather_gemm(
+                dout, w2.transpose(1, 2), routing, k, gather_a=True, out=g, block_m=routing_block_m, config=c
+            )
+        return lambda c: triton_ops.gather_gemm(
+            dgu, w1.transpose(1, 2), routing, k, gather_a=False, out=dxs, block_m=routing_block_m, config=c
+        )
+
+    routing_block_m = triton_ops.block_m_for(x.device)
+    checks = {
+        "fwd_gate_up": lambda: rel(gu_gate[rows0], x[tok[rows0]] @ w_gate[e0].T),
+        "fwd_down": lambda: rel(y[rows0], h[rows0] @ w2[e0].T),
+        "bwd_g": lambda: rel(g[rows0], dout[tok[rows0]] @ w2[e0]),
+        "bwd_dx": lambda: rel(dxs[rows0], dgu[rows0] @ w1[e0]),
+        "wgrad_up": lambda: rel(dw1[e0], dgu[rows0].T @ x[tok[rows0]]),
+        "wgrad_down": lambda: rel(dw2[e0], dout[tok[rows0]].T @ h[rows0]),
+    }
+    flops_up, flops_down = 2 * S * H * 2 * I, 2 * S * H * I
+    out = []
+    for kind, flops in (
+        ("fwd_gate_up", flops_up),
+        ("fwd_down", flops_down),
+        ("bwd_g", flops_down),
+        ("bwd_dx", flops_up),
+    ):
+        out.append((kind, flops, gemm(kind), checks[kind]))
+    out.append(
+        (
+            "wgrad_up",
+            flops_up,
+            lambda c: triton_ops.wgrad(dgu, x, routing, k, dw1, gather_a=False, gather_b=True, config=c),
+            checks["wgrad_up"],
+        )
+    )
+    out.append(
+        (
+            "wgrad_down",
+            flops_down,
+            lambda c: triton_ops.wgrad(dout, h, routing, k, dw2, gather_a=True, gather_b=False, config=c),
+            checks["wgrad_down"],
+        )
+    )
+    return out
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    kernels = ["fwd_gate_up", "wgrad_down"]
-    parser.add_argument("--kernels", nargs="+", default=kernels, choices=kernels, help="which kernels to time")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
     args = parser.parse_args(argv)
     import triton
     from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
     from triton.testing import do_bench
 
-    from hf_hetermoe.kernels import ExpertLayout, build_routing, triton_ops
+    from hf_hetermoe.kernels import tuning
 
     gpu = torch.cuda.get_device_name()
+    limit = tuning.shared_memory_per_block(torch.device("cuda"))
     rows = []
-    layout = ExpertLayout()
-    for name, (H, I, E, k, T) in SHAPES.items():
-        S = T * k
-        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-        index = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices
-        w1 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * H**-0.5
-        dout = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-        weights = torch.rand(T, k, device="cuda")
-        h = torch.randn(S, I, device="cuda", dtype=torch.bfloat16)
-        dw2 = torch.empty(E, H, I, device="cuda", dtype=torch.bfloat16)
-        fwd_flops, wgrad_flops = 2 * S * H * 2 * I, 2 * S * H * I
-        for bm, bn, bk, warps, stages in itertools.product((64, 128), (64, 128, 256), (64,), (4, 8), (3, 4)):
-            if bm * bn > 128 * 128 and warps == 4:
+    for name in args.shapes:
+        H, I, E, k, T = SHAPES[name]
+        for kind, flops, run, check in problems(name, H, I, E, k, T):
+            if kind not in args.kernels:
                 continue
-            routing = build_routing(index, E, bm)
-            gu = x.new_empty(S, 2 * I)
-            hb = x.new_empty(S, I)
-            cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-            triton_ops._gemm_blocks = lambda t, block_m, num_b, cfg=cfg: cfg
-
-            def fwd():
-                triton_ops.gather_gemm(
-                    x,
-                    w1[:, :I],
-                    routing,
-                    k,
-                    gather_a=True,
-                    b_up=w1[:, I:],
-                    out=gu[:, :I],
-                    out_up=gu[:, I:],
-                    act_out=hb,
-                    layout=layout,
-                    block_m=bm,
-                )
-
-            wcfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-            triton_ops._wgrad_blocks = lambda t, wcfg=wcfg: wcfg
-
-            def wgrad():
-                triton_ops.wgrad(dout, h, routing, k, dw2, gather_a=True, gather_b=False, scale=weights.reshape(-1))
-
-            result = {}
-            for label, fn, flops in (("fwd_gate_up", fwd, fwd_flops), ("wgrad_down", wgrad, wgrad_flops)):
-                if label not in args.kernels:
-                    result[label] = float("nan")
-                    continue
+            family = "wgrad" if kind.startswith("wgrad") else "gemm"
+            num_b = 2 if kind == "fwd_gate_up" else 1
+            cands = [tuning.fit(family, c, limit, 128, num_b) for c in getattr(tuning, f"{family.upper()}_CANDIDATES")]
+            cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
+            for i, cfg in enumerate(cands):
                 try:
-                    ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
-                    result[label] = flops / ms / 1e9
-                except (triton.runtime.errors.OutOfResources, RuntimeError) as err:
-                    result[label] = float("nan")
-                    print(f"  {name} {wcfg}: {label} failed: {type(err).__name__}")
-            row = dict(
-                date=datetime.date.today().isoformat(),
-                gpu=gpu,
-                triton=triton.__version__,
-                shape=name,
-                T=T,
-                BLOCK_M=bm,
-                BLOCK_N=bn,
-                BLOCK_K=bk,
-                num_warps=warps,
-                num_stages=stages,
-                fwd_gate_up_tflops=round(result["fwd_gate_up"], 1),
-                wgrad_down_tflops=round(result["wgrad_down"], 1),
-            )
-            rows.append(row)
-            print(row, flush=True)
+                    run(cfg)
+                    err = check() if i == 0 else float("nan")
+                    ms = do_bench(lambda cfg=cfg: run(cfg), warmup=10, rep=40, return_mode="median")
+                    tflops = flops / ms / 1e9
+                except Exception as e:  # noqa: BLE001  (resource errors: report and go on)
+                    print(f"  {name} {kind} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    ms, tflops, err = float("nan"), float("nan"), float("nan")
+                row = dict(
+                    date=datetime.date.today().isoformat(),
+                    gpu=gpu,
+                    torch=torch.__version__,
+                    triton=triton.__version__,
+                    shape=name,
+                    T=T,
+                    kernel=kind,
+                    candidate=i,
+                    config=" ".join(f"{a}={b}" for a, b in cfg.items()),
+                    ms=round(ms, 4),
+                    tflops=round(tflops, 1),
+                    rel_err=f"{err:.1e}",
+                )
+                rows.append(row)
+                print(
+                    f"{name:>16} {kind:>11} #{i} {row['config']:<80} {row['tflops']:6.1f} TF/s  err {row['rel_err']}",
+                    flush=True,
+                )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sweep_tiles_{gpu_slug(gpu)}.csv"
+    path = args.out / f"sweep_candidates_{gpu_slug(gpu)}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    for name in SHAPES:
-        for col in ("fwd_gate_up_tflops", "wgrad_down_tflops"):
-            best = max((r for r in rows if r["shape"] == name), key=lambda r: r[col] if r[col] == r[col] else -1)
-            tiles = {key: best[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")}
-            print(f"best {name} {col}: {best[col]} TF/s with {tiles}")
+    print(f"wrote {path}")
+    for name in args.shapes:
+        for kind in args.kernels:
+            mine = [r for r in rows if r["shape"] == name and r["kernel"] == kind and r["tflops"] == r["tflops"]]
+            if mine:
+                best = max(mine, key=lambda r: r["tflops"])
+                first = mine[0]["tflops"] if mine[0]["candidate"] == 0 else float("nan")
+                print(
+                    f"best {name:>16} {kind:>11}: {best['tflops']:6.1f} TF/s (#{best['candidate']} {best['config']}); "
+                    f"default #0 {first} TF/s"
+                )
 
 
 if __name__ == "__main__":

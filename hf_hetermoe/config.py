@@ -28,7 +28,9 @@ class HeterMoEConfig:
     autotune: bool = field(
         default=True,
         metadata={
-            "help": "Reserved for autotuning kernel tiles per shape bucket (not built yet: measured defaults apply)."
+            "help": "Autotune the Triton kernels' tiles per shape bucket on first use, cached on disk "
+            "(hf_hetermoe.kernels.tuning). HETERMOE_AUTOTUNE=0 pins the measured defaults. Not yet wired through "
+            "prepare(): the environment variable and kernels.tuning.set_autotune decide today."
         },
     )
     implementation_name: str = field(

@@ -4,14 +4,15 @@
 |---|---|
 | ``HETERMOE_DISABLE=1`` | ``prepare`` returns the model untouched (with a warning): a kill switch for debugging |
 | ``HETERMOE_BACKEND`` | ``auto``, ``triton`` or ``reference``, read at import: overrides ``HeterMoEConfig.backend`` |
-| ``HETERMOE_AUTOTUNE=0`` | reserved for kernel autotuning (not built yet: the measured defaults always apply) |
-| ``HETERMOE_CACHE_DIR`` | reserved: where tuned kernel configs will be cached (default ``~/.cache/hf_hetermoe``) |
+| ``HETERMOE_AUTOTUNE=0`` | pin the measured kernel tiles instead of tuning them per shape bucket on first use |
+| ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -40,3 +41,12 @@ def triton_interpret() -> bool:
 def backend_override() -> str | None:
     value = os.environ.get("HETERMOE_BACKEND", "").strip().lower()
     return value or None
+
+
+def autotune() -> bool:
+    return _flag("HETERMOE_AUTOTUNE", True)
+
+
+def cache_dir() -> Path:
+    value = os.environ.get("HETERMOE_CACHE_DIR", "").strip()
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "hf_hetermoe"

@@ -6,8 +6,10 @@ Kernels, in Hexa-MoE's terms:
   rows in place (``row(r) = order[r] // k`` or ``r``); optionally two B operands (gate and up) with the gated
   activation fused into the epilogue.
 - ``_combine_kernel``      ESS: ``out[t] = sum_j w[t, j] * Y[inverse[t*k + j]]``, fp32, deterministic (no atomics).
-- ``_wgrad_kernel``        ESTMM: ``dW[e] = A_e^T B_e`` per expert, optional row gathers, row scale and bias grad.
-- ``_glu_backward_kernel`` the gated activation's backward and the routing-weight gradient, one sorted row each.
+- ``_wgrad_kernel``        ESTMM: ``dW[e] = A_e^T B_e`` per expert, optional row gathers.
+- ``_expert_colsum_kernel`` bias gradients: ``db[e] = sum_{r in e} scale(r) * A[row(r)]``.
+- ``_glu_backward_kernel`` the gated activation's backward, the routing-weight gradient and ``w * h`` (the B
+  operand of dW2, so the weight-gradient kernel needs no per-row scaling), one sorted row each.
 
 Row indices are widened to int64 before they multiply a stride: ``T * H`` passes 2**31 at long context.
 """
@@ -74,6 +76,16 @@ def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def _grouped(pid, num_m, num_n, GROUP: tl.constexpr):
+    """Program id -> (m, n) tile with GROUP consecutive m tiles sharing each n tile (L2 reuse)."""
+    per_group = GROUP * num_n
+    first_m = (pid // per_group) * GROUP
+    size = tl.minimum(num_m - first_m, GROUP)
+    local = pid % per_group
+    return first_m + local % size, local // size
+
+
+@triton.jit
 def _gather_gemm_kernel(
     a_ptr, stride_am, stride_ak,  # A [*, K]
     order_ptr, top_k,  # row(r) = order[r] // top_k when GATHER_A
@@ -82,13 +94,14 @@ def _gather_gemm_kernel(
     c_ptr, c2_ptr, stride_cm, stride_cn,  # pre-activation output [S, N] (gate, up halves when GATED)
     h_ptr, stride_hm, stride_hn,  # activation output [S, N] when ACT >= 0
     tile_expert_ptr, tile_start_ptr, offsets_ptr,
-    N, K, num_experts, alpha, limit,
+    num_tiles_m, N, K, num_experts, alpha, limit,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # One program per (row tile, N tile), numbered so that GROUP_M consecutive row tiles sweep all N tiles
+    # together: their A rows and the expert's B columns stay in L2 instead of being re-read from DRAM.
+    pid_m, pid_n = _grouped(tl.program_id(0), num_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= num_experts:
         return
@@ -167,19 +180,19 @@ def _combine_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    a_ptr, stride_am, stride_an,  # A [*, N]: dW[e][n, k] = sum_r A[ra(r), n] * scale(r) * B[rb(r), k]
+    a_ptr, stride_am, stride_an,  # A [*, N]: dW[e][n, k] = sum_r A[ra(r), n] * B[rb(r), k]
     b_ptr, stride_bm, stride_bk,  # B [*, K]
-    order_ptr, w_ptr, top_k,  # gathers use row = order[r] // top_k; scale(r) = w[order[r]]
+    order_ptr, top_k,  # gathers use row = order[r] // top_k
     c_ptr, stride_ce, stride_cn, stride_ck,  # dW logical [E, N, K]
-    db_ptr, stride_dbe, stride_dbn,  # bias grad [E, N] (sum over rows of scale * A)
     offsets_ptr, N, K,
-    GATHER_A: tl.constexpr, SCALE_A: tl.constexpr, GATHER_B: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
 ):
-    expert = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    # Grid (N tiles * K tiles, E): one expert's tiles run together, grouped so that concurrent programs share
+    # A and B row slabs in L2. Both operands go straight from global to shared memory (no register-side
+    # scaling: the routing weight is folded into B by the caller), so the loop pipelines like a plain GEMM.
+    expert = tl.program_id(1)
+    pid_n, pid_k = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     row_start = tl.load(offsets_ptr + expert)
     row_end = tl.load(offsets_ptr + expert + 1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -187,11 +200,10 @@ def _wgrad_kernel(
     mask_n = offs_n < N
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_M):
         offs_r = r0 + tl.arange(0, BLOCK_M)
         mask_r = offs_r < row_end
-        if GATHER_A or GATHER_B or SCALE_A:
+        if GATHER_A or GATHER_B:
             flat = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
         if GATHER_A:
             a_rows = (flat // top_k).to(tl.int64)
@@ -201,22 +213,49 @@ def _wgrad_kernel(
             b_rows = (flat // top_k).to(tl.int64)
         else:
             b_rows = offs_r.to(tl.int64)
-        a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_n[None, :] * stride_an,
-                    mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        if SCALE_A:
-            scale = tl.load(w_ptr + flat, mask=mask_r, other=0.0).to(tl.float32)
-            a = (a.to(tl.float32) * scale[:, None]).to(b_ptr.dtype.element_ty)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + offs_k[None, :] * stride_bk,
                     mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
-        if BIAS_GRAD:
-            bias_acc += tl.sum(a.to(tl.float32), axis=0)
+        if A_T:
+            a_t = tl.load(a_ptr + a_rows[None, :] * stride_am + offs_n[:, None] * stride_an,
+                          mask=mask_r[None, :] & mask_n[:, None], other=0.0)
+        else:
+            a_t = tl.trans(tl.load(a_ptr + a_rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+                                   mask=mask_r[:, None] & mask_n[None, :], other=0.0))
+        acc = tl.dot(a_t, b, acc, input_precision=DOT_PRECISION)
     c_off = expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :] * stride_ck
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
-    if BIAS_GRAD:
-        if pid_k == 0:
-            db_off = expert.to(tl.int64) * stride_dbe + offs_n * stride_dbn
-            tl.store(db_ptr + db_off, bias_acc.to(db_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _expert_colsum_kernel(
+    a_ptr, stride_am, stride_an,  # A [*, N]: out[e][n] = sum_r scale(r) * A[ra(r), n]   (bias gradients)
+    order_ptr, w_ptr, top_k,  # ra(r) = order[r] // top_k when GATHER_A; scale(r) = w[order[r]] when SCALE
+    out_ptr, stride_oe, stride_on,  # [E, N]
+    offsets_ptr, N,
+    GATHER_A: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_start = tl.load(offsets_ptr + expert)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        offs_r = r0 + tl.arange(0, BLOCK_M)
+        mask_r = offs_r < row_end
+        if GATHER_A or SCALE:
+            flat = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
+        if GATHER_A:
+            rows = (flat // top_k).to(tl.int64)
+        else:
+            rows = offs_r.to(tl.int64)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        if SCALE:
+            a = a * tl.load(w_ptr + flat, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+        acc += tl.sum(a, axis=0)
+    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_n)
 
 
 @triton.jit
@@ -224,7 +263,7 @@ def _glu_backward_kernel(
     g_ptr, stride_gm, stride_gn,  # g = dout[tok] @ w2[e]: [S, I] unweighted
     gate_ptr, up_ptr, stride_pm, stride_pn,  # saved pre-activations (gate, up halves) [S, I]
     dgate_ptr, dup_ptr, stride_dm, stride_dn,  # their gradients, same layout
-    h_ptr, stride_hm, stride_hn,  # recomputed activation [S, I], for dW2
+    hw_ptr, stride_hm, stride_hn,  # recomputed activation times the routing weight [S, I]: B of dW2
     order_ptr, w_ptr, dw_ptr,  # w routing weights by flat pair; dw [S] fp32 in sorted order
     dout_ptr, stride_om, stride_on, bias2_ptr, stride_b2e, stride_b2n, expert_ptr, top_k,  # bias term of dw
     I, H, alpha, limit,
@@ -261,9 +300,9 @@ def _glu_backward_kernel(
             h = _act(up, ACT)
             dup = dh * _act_grad(up, ACT)
         tl.store(dup_ptr + row * stride_dm + cols * stride_dn, dup.to(dup_ptr.dtype.element_ty), mask=mask)
-        h_low = h.to(h_ptr.dtype.element_ty)
-        tl.store(h_ptr + row * stride_hm + cols * stride_hn, h_low, mask=mask)
-        dot += g * h_low.to(tl.float32)
+        h_low = h.to(hw_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(hw_ptr + row * stride_hm + cols * stride_hn, (w * h_low).to(hw_ptr.dtype.element_ty), mask=mask)
+        dot += g * h_low
     if HAS_BIAS:
         token = (flat // top_k).to(tl.int64)
         expert = tl.load(expert_ptr + row).to(tl.int64)

@@ -11,6 +11,7 @@ import torch
 import triton
 
 from . import triton_kernels as tk
+from . import tuning
 from .layout import ExpertLayout, split_gate_up, w1_logical, w2_logical
 from .routing import Routing, block_m_for  # noqa: F401  (re-exported for callers)
 
@@ -19,44 +20,9 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
 
 
-def _gemm_blocks(t: torch.Tensor, block_m: int, num_b: int) -> dict:
-    """Tile sizes of the gathered grouped matmul (``block_m`` comes with the routing; ``num_b`` B operands).
-
-    128x128x64 tiles, 8 warps, 4 stages measured best on an H100 (benchmarks/results/sweep_tiles_*.csv);
-    stages, then BLOCK_N, shrink until the pipeline fits the device's shared memory (fp32, smaller GPUs).
-    """
-    if _interpreting(t):
-        return dict(BLOCK_N=32, BLOCK_K=32, num_warps=4)
-    block_n, block_k, stages = 128, 64, 4
-    limit = _shared_memory_per_block(t.device)
-    while stages * (block_m * block_k + num_b * block_k * block_n) * t.element_size() > limit:
-        if stages > 2:
-            stages -= 1
-        elif block_n > 32:
-            block_n //= 2
-        else:
-            break
-    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-                num_stages=stages)
-
-
-_SMEM: dict[int, int] = {}
-
-
-def _shared_memory_per_block(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMEM:
-        props = torch.cuda.get_device_properties(index)
-        # Leave room for Triton's own scratch (layout conversions, reductions) beyond the operand pipeline.
-        _SMEM[index] = int(getattr(props, "shared_memory_per_block_optin", 99 * 1024)) - 16 * 1024
-    return _SMEM[index]
-
-
-def _wgrad_blocks(t: torch.Tensor) -> dict:
-    """Tile sizes of the per-expert weight-gradient kernel (BLOCK_M = rows per step). Untuned."""
-    if _interpreting(t):
-        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4)
+def _layout_key(t: torch.Tensor) -> str:
+    """Which dimension of a 2-D (or last-two-dims) operand view is contiguous: 'r' rows, 'c' columns, 's' neither."""
+    return "c" if t.stride(-1) == 1 else "r" if t.stride(-2) == 1 else "s"
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -85,56 +51,79 @@ def gather_gemm(
     act_out: torch.Tensor | None = None,
     layout: ExpertLayout | None = None,
     block_m: int,
+    config: dict | None = None,
 ) -> None:
     """ESMM: ``out[r] = a[row(r)] @ b[e(r)]^T (+ bias)``, with ``b`` a logical ``[E, N, K]`` view.
 
     With ``b_up`` the gate (``b``) and up (``b_up``) products are computed together and ``act_out`` receives
-    the gated activation; without it and with ``act_out``, ``act_out = act(out)``.
+    the gated activation; without it and with ``act_out``, ``act_out = act(out)``. ``config`` pins the tiles
+    (a ``tuning.GEMM_CANDIDATES`` entry); by default ``tuning.choose`` picks them.
     """
     num_experts, n, k = b.shape
     gated = b_up is not None
     act = layout.act_code if act_out is not None else -1
-    blocks = _gemm_blocks(a, block_m, 2 if gated else 1)
-    grid = (routing.tile_expert.numel(), triton.cdiv(n, blocks["BLOCK_N"]))
+    num_tiles = routing.tile_expert.numel()
     act_t = act_out if act_out is not None else out
-    tk._gather_gemm_kernel[grid](
-        a,
-        a.stride(0),
-        a.stride(1),
-        routing.order,
-        top_k,
-        b,
-        b_up if gated else b,
-        b.stride(0),
-        b.stride(1),
-        b.stride(2),
-        bias if bias is not None else b,
-        bias_up if bias_up is not None else b,
-        bias.stride(0) if bias is not None else 0,
-        bias.stride(1) if bias is not None else 0,
-        out,
-        out_up if gated else out,
-        out.stride(0),
-        out.stride(1),
-        act_t,
-        act_t.stride(0),
-        act_t.stride(1),
-        routing.tile_expert,
-        routing.tile_start,
-        routing.offsets,
-        n,
-        k,
-        num_experts,
-        layout.alpha if layout is not None else 0.0,
-        layout.limit if layout is not None else 0.0,
-        GATHER_A=gather_a,
-        GATED=gated,
-        HAS_BIAS=bias is not None,
-        ACT=act,
-        DOT_PRECISION=_dot_precision(a.dtype),
-        BLOCK_M=block_m,
-        **blocks,
-    )
+
+    def launch(cfg: dict) -> None:
+        tk._gather_gemm_kernel[(num_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)](
+            a,
+            a.stride(0),
+            a.stride(1),
+            routing.order,
+            top_k,
+            b,
+            b_up if gated else b,
+            b.stride(0),
+            b.stride(1),
+            b.stride(2),
+            bias if bias is not None else b,
+            bias_up if bias_up is not None else b,
+            bias.stride(0) if bias is not None else 0,
+            bias.stride(1) if bias is not None else 0,
+            out,
+            out_up if gated else out,
+            out.stride(0),
+            out.stride(1),
+            act_t,
+            act_t.stride(0),
+            act_t.stride(1),
+            routing.tile_expert,
+            routing.tile_start,
+            routing.offsets,
+            num_tiles,
+            n,
+            k,
+            num_experts,
+            layout.alpha if layout is not None else 0.0,
+            layout.limit if layout is not None else 0.0,
+            GATHER_A=gather_a,
+            GATED=gated,
+            HAS_BIAS=bias is not None,
+            ACT=act,
+            DOT_PRECISION=_dot_precision(a.dtype),
+            BLOCK_M=block_m,
+            **cfg,
+        )
+
+    if config is None:
+        key = (
+            str(a.dtype).replace("torch.", ""),
+            f"gather{int(gather_a)}-gated{int(gated)}-act{act}-bias{int(bias is not None)}",
+            f"a{_layout_key(a)}-b{_layout_key(b)}",
+            f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
+        )
+        config = tuning.choose(
+            "gemm",
+            key,
+            tuning.GEMM_CANDIDATES,
+            launch,
+            device=a.device,
+            block_m=block_m,
+            num_b=2 if gated else 1,
+            elem=a.element_size(),
+        )
+    launch(config)
 
 
 def combine(
@@ -173,40 +162,76 @@ def wgrad(
     *,
     gather_a: bool,
     gather_b: bool,
-    scale: torch.Tensor | None = None,
-    bias_grad: torch.Tensor | None = None,
+    config: dict | None = None,
 ) -> None:
-    """ESTMM: ``out[e] = sum_{r in e} (scale(r) * a[ra(r)])^T b[rb(r)]`` into a logical ``[E, N, K]`` view."""
+    """ESTMM: ``out[e] = sum_{r in e} a[ra(r)]^T b[rb(r)]`` into a logical ``[E, N, K]`` view.
+
+    ``config`` pins the tiles (a ``tuning.WGRAD_CANDIDATES`` entry); by default ``tuning.choose`` picks them.
+    """
     num_experts, n, k = out.shape
-    blocks = _wgrad_blocks(a)
-    grid = (num_experts, triton.cdiv(n, blocks["BLOCK_N"]), triton.cdiv(k, blocks["BLOCK_K"]))
-    db = bias_grad if bias_grad is not None else out
-    tk._wgrad_kernel[grid](
+
+    def launch(cfg: dict) -> None:
+        cfg = dict(cfg)
+        a_t = cfg.pop("A_T")
+        grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]), num_experts)
+        tk._wgrad_kernel[grid](
+            a,
+            a.stride(0),
+            a.stride(1),
+            b,
+            b.stride(0),
+            b.stride(1),
+            routing.order,
+            top_k,
+            out,
+            out.stride(0),
+            out.stride(1),
+            out.stride(2),
+            routing.offsets,
+            n,
+            k,
+            GATHER_A=gather_a,
+            GATHER_B=gather_b,
+            A_T=a_t,
+            DOT_PRECISION=_dot_precision(a.dtype),
+            **cfg,
+        )
+
+    if num_experts == 0:
+        return
+    if config is None:
+        key = (
+            str(a.dtype).replace("torch.", ""),
+            f"gather{int(gather_a)}{int(gather_b)}",
+            f"a{_layout_key(a)}-b{_layout_key(b)}-c{_layout_key(out)}",
+            f"N{n}-K{k}-R{tuning.bucket(-(-routing.order.numel() // num_experts))}",
+        )
+        config = tuning.choose("wgrad", key, tuning.WGRAD_CANDIDATES, launch, device=a.device, elem=a.element_size())
+    launch(config)
+
+
+def expert_colsum(
+    a: torch.Tensor, routing: Routing, top_k: int, out: torch.Tensor, *, gather_a: bool, scale: torch.Tensor | None
+) -> None:
+    """Bias gradients: ``out[e] = sum_{r in e} scale(r) * a[ra(r)]`` (fp32 sums), ``out [E, N]``."""
+    num_experts, n = out.shape
+    block_n = 32 if _interpreting(a) else 128
+    tk._expert_colsum_kernel[(num_experts, triton.cdiv(n, block_n))](
         a,
         a.stride(0),
         a.stride(1),
-        b,
-        b.stride(0),
-        b.stride(1),
         routing.order,
         scale if scale is not None else a,
         top_k,
         out,
         out.stride(0),
         out.stride(1),
-        out.stride(2),
-        db,
-        db.stride(0),
-        db.stride(1) if bias_grad is not None else 0,
         routing.offsets,
         n,
-        k,
         GATHER_A=gather_a,
-        SCALE_A=scale is not None,
-        GATHER_B=gather_b,
-        BIAS_GRAD=bias_grad is not None,
-        DOT_PRECISION=_dot_precision(a.dtype),
-        **blocks,
+        SCALE=scale is not None,
+        BLOCK_M=16 if _interpreting(a) else 32,
+        BLOCK_N=block_n,
     )
 
 
@@ -279,7 +304,7 @@ def experts_backward(
     gather_gemm(dout, w2l.transpose(1, 2), routing, top_k, gather_a=True, out=g, block_m=block_m)
 
     dgu = torch.empty_like(gu)
-    h = x.new_empty(num_pairs, inter)
+    hw = x.new_empty(num_pairs, inter)  # routing weight * recomputed activation
     dw_sorted = torch.empty(num_pairs, dtype=torch.float32, device=x.device)
     gu_gate, gu_up = _halves(gu, 1, layout)
     dgu_gate, dgu_up = _halves(dgu, 1, layout)
@@ -296,9 +321,9 @@ def experts_backward(
             dgu_up,
             dgu_up.stride(0),
             dgu_up.stride(1),
-            h,
-            h.stride(0),
-            h.stride(1),
+            hw,
+            hw.stride(0),
+            hw.stride(1),
             routing.order,
             weights_flat,
             dw_sorted,
@@ -326,20 +351,16 @@ def experts_backward(
     dx = combine(dx_sorted, routing, None, num_tokens, top_k)
 
     dw1 = torch.empty_like(w1)
-    db1 = torch.empty_like(b1) if b1 is not None else None
-    wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, bias_grad=db1)
+    wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True)
     dw2 = torch.empty_like(w2)
-    db2 = torch.empty_like(b2) if b2 is not None else None
-    wgrad(
-        dout,
-        h,
-        routing,
-        top_k,
-        w2_logical(dw2, layout),
-        gather_a=True,
-        gather_b=False,
-        scale=weights_flat,
-        bias_grad=db2,
-    )
+    # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
+    wgrad(dout, hw, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False)
+    db1 = db2 = None
+    if b1 is not None:
+        db1 = torch.empty_like(b1)
+        expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
+    if b2 is not None:
+        db2 = torch.empty_like(b2)
+        expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     dweights = dw_sorted[routing.inverse.long()].view_as(top_k_weights).to(top_k_weights.dtype)
     return dx, dweights, dw1, dw2, db1, db2

@@ -117,3 +117,33 @@ def test_torch_compile_fullgraph_inductor():
     (g_c,) = torch.autograd.grad(compiled(x, index, weights, w1, w2), [w1])
     (g_e,) = torch.autograd.grad(loss_fn(x, index, weights, w1, w2), [w1])
     assert rel_err(g_c.float(), g_e.float()) < 1e-2
+
+
+def test_autotuned_kernels_match_reference_and_cache(tmp_path, monkeypatch):
+    """With autotuning on, the first call times the candidates, caches the choices on disk, and stays correct."""
+    import json
+
+    from hf_hetermoe.kernels import tuning
+
+    monkeypatch.setenv("HETERMOE_CACHE_DIR", str(tmp_path))
+    tuning.clear()
+    tuning.set_autotune(True)
+    try:
+        layout = LAYOUTS["gpt_oss"]
+        x, index, weights, w1, w2, b1, b2 = make_inputs(600, 256, 192, 8, 2, layout, torch.bfloat16, "cuda")
+        leaves = [t.requires_grad_() for t in (x, weights, w1, w2, b1, b2)]
+        out = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="triton")
+        got = torch.autograd.grad(out.float().square().sum(), leaves)
+    finally:
+        tuning.set_autotune(None)
+        tuning.clear()
+    exact = [t.detach().float().requires_grad_() for t in leaves]
+    xe, we, w1e, w2e, b1e, b2e = exact
+    expected = ref.experts_eager(xe, index, we, w1e, w2e, b1e, b2e, layout)
+    assert rel_err(out.float(), expected) < TOLERANCE[torch.bfloat16]
+    want = torch.autograd.grad(expected.square().sum(), exact)
+    for g, w in zip(got, want):
+        assert rel_err(g.float(), w.float()) < TOLERANCE[torch.bfloat16]
+    cached = json.loads((tmp_path / "tuning.json").read_text())
+    kinds = {name.split("|")[1] for name in cached}
+    assert kinds == {"gemm", "wgrad"}, cached

@@ -140,3 +140,53 @@ def test_compile_fullgraph_traces_the_op():
     (g_compiled,) = torch.autograd.grad(loss, [w1])
     (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [w1])
     assert rel_err(g_compiled, g_eager) < 1e-6
+
+
+def test_tuning_cache_round_trip(tmp_path, monkeypatch):
+    """The fastest candidate is kept, written to the cache file, and read back by a fresh process without timing."""
+    import json
+
+    from hf_hetermoe.kernels import tuning
+
+    monkeypatch.setenv("HETERMOE_CACHE_DIR", str(tmp_path))
+    tuning.clear()
+    candidates = [dict(BLOCK_N=128), dict(BLOCK_N=64), dict(BLOCK_N=256)]
+    timed = []
+
+    def measure(cfg):
+        timed.append(cfg["BLOCK_N"])
+        if cfg["BLOCK_N"] == 256:
+            raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+        return {128: 2.0, 64: 1.0}[cfg["BLOCK_N"]]
+
+    assert tuning.select("k1", candidates, measure) == dict(BLOCK_N=64)
+    assert timed == [128, 64, 256]
+    assert json.loads((tmp_path / "tuning.json").read_text()) == {"k1": dict(BLOCK_N=64)}
+    tuning.clear()  # as a new process would start
+    assert tuning.select("k1", candidates, lambda cfg: pytest.fail("tuned again")) == dict(BLOCK_N=64)
+    with pytest.raises(ValueError):  # errors other than resource limits are not swallowed
+        tuning.select("k2", candidates, lambda cfg: (_ for _ in ()).throw(ValueError("bug")))
+    tuning.clear()
+
+
+def test_tuning_switches_and_buckets(monkeypatch):
+    from hf_hetermoe.kernels import tuning
+
+    monkeypatch.setenv("HETERMOE_AUTOTUNE", "0")
+    assert not tuning.autotune_enabled()
+    tuning.set_autotune(True)
+    assert tuning.autotune_enabled()
+    tuning.set_autotune(None)
+    monkeypatch.setenv("HETERMOE_AUTOTUNE", "1")
+    assert tuning.autotune_enabled()
+    assert [tuning.bucket(n) for n in (0, 1, 3, 4, 5, 16384, 16385)] == [0, 1, 4, 4, 8, 16384, 32768]
+    # CPU tensors never tune: the interpreter runs one small configuration.
+    cfg = tuning.choose("wgrad", ("x",), tuning.WGRAD_CANDIDATES, lambda c: pytest.fail("tuned"), device=DEVICE)
+    if DEVICE.type == "cpu":
+        assert cfg == tuning.INTERPRETER["wgrad"]
+    # Stages, then the widest tile, shrink to fit shared memory.
+    big = dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8)
+    fitted = tuning.fit("gemm", big, 160 * 1024, block_m=128, num_b=2, elem=2)
+    assert tuning.operand_bytes("gemm", fitted, 128, 2, 2) <= 160 * 1024
+    assert fitted["num_stages"] == 2 and fitted["BLOCK_N"] == 256
+    assert tuning.fit("gemm", big, 10**9, block_m=128, num_b=2) == big

@@ -1,0 +1,216 @@
+"""Tile configurations of the Triton expert kernels: measured defaults, small candidate lists, autotuning.
+
+Each launcher asks ``choose(kernel, key, candidates, launch)`` for a configuration. Without autotuning (the
+default on CPU, under ``HETERMOE_AUTOTUNE=0``, or ``set_autotune(False)``) that is the first candidate that
+fits the device's shared memory: the measured default. With autotuning, the first call of each key times every
+candidate on the call's own inputs and outputs (no extra memory, so tuning cannot run out of memory), keeps the
+fastest, and stores it in a JSON file (``$HETERMOE_CACHE_DIR`` or ``~/.cache/hf_hetermoe``,
+``tuning.json``) that later processes read instead of tuning again.
+
+Keys name the kernel, the device, the dtype, the operand layout and *buckets* of the token count (powers of
+two), never the exact token count, so a new batch size does not retune. Tuning synchronises the device, so it
+is skipped while a CUDA graph is being captured (the default applies there, and nothing is cached).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .. import env
+
+# Candidate lists, measured default first (benchmarks/sweep_tiles.py, results/sweep_tiles_*.csv).
+# Gathered grouped matmul; BLOCK_M is fixed by the routing tiles. GROUP_M row tiles share each N tile (L2 reuse).
+GEMM_CANDIDATES: list[dict] = [
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8),
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
+    dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=16),
+    dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, GROUP_M=8),
+]
+# Per-expert weight gradient; BLOCK_M rows per step; A_T loads A pre-transposed instead of tl.trans.
+WGRAD_CANDIDATES: list[dict] = [
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=True),
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=5, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, GROUP_N=8, A_T=False),
+]
+# The interpreter runs one configuration, small, so CPU tests stay fast.
+INTERPRETER = {
+    "gemm": dict(BLOCK_N=32, BLOCK_K=32, num_warps=4, GROUP_M=2),
+    "wgrad": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, GROUP_N=2, A_T=False),
+}
+
+_SMEM: dict[int, int] = {}
+_lock = threading.Lock()
+_memory: dict[str, dict] = {}  # key -> chosen config, this process
+_disk: dict[str, dict] | None = None  # the cache file's contents, read once
+_override: bool | None = None
+VERSION = 1  # bump when the kernels change meaning of a configuration: old cache entries are ignored
+TUNE_LOG: list[tuple[str, float]] = []  # (key, seconds) of each tuning done in this process
+
+
+def set_autotune(enabled: bool | None) -> None:
+    """Turn autotuning on or off for this process (``None``: back to ``HETERMOE_AUTOTUNE``, default on)."""
+    global _override
+    _override = enabled
+
+
+def autotune_enabled() -> bool:
+    return _override if _override is not None else env.autotune()
+
+
+def cache_path() -> Path:
+    return env.cache_dir() / "tuning.json"
+
+
+def shared_memory_per_block(device: torch.device) -> int:
+    """Shared memory a program may use on ``device``, less room for Triton's own scratch (layout conversions)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMEM:
+        props = torch.cuda.get_device_properties(index)
+        _SMEM[index] = int(getattr(props, "shared_memory_per_block_optin", 99 * 1024)) - 16 * 1024
+    return _SMEM[index]
+
+
+def operand_bytes(kernel: str, cfg: dict, block_m: int, num_b: int, elem: int) -> int:
+    """Shared memory of the operand pipeline of one configuration."""
+    if kernel == "gemm":
+        per_stage = block_m * cfg["BLOCK_K"] + num_b * cfg["BLOCK_K"] * cfg["BLOCK_N"]
+    else:
+        per_stage = cfg["BLOCK_M"] * (cfg["BLOCK_N"] + cfg["BLOCK_K"])
+    return cfg["num_stages"] * per_stage * elem
+
+
+def fit(kernel: str, cfg: dict, limit: int, block_m: int = 0, num_b: int = 1, elem: int = 2) -> dict:
+    """``cfg`` with stages, then the widest tile dimension, shrunk until its pipeline fits ``limit`` bytes."""
+    cfg = dict(cfg)
+    wide = "BLOCK_N" if kernel == "gemm" else "BLOCK_K"
+    while operand_bytes(kernel, cfg, block_m, num_b, elem) > limit:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg[wide] > 32:
+            cfg[wide] //= 2
+        elif kernel == "wgrad" and cfg["BLOCK_N"] > 32:
+            cfg["BLOCK_N"] //= 2
+        else:
+            break
+    return cfg
+
+
+def bucket(n: int) -> int:
+    """Next power of two (0 stays 0): token counts of one bucket share a tuned configuration."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def _load_disk() -> dict[str, dict]:
+    global _disk
+    if _disk is None:
+        try:
+            _disk = json.loads(cache_path().read_text())
+        except (OSError, ValueError):
+            _disk = {}
+    return _disk
+
+
+def _store_disk(key: str, cfg: dict) -> None:
+    """Merge one entry into the cache file, atomically (processes tuning side by side lose nothing but races)."""
+    path = cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            current = json.loads(path.read_text())
+        except (OSError, ValueError):
+            current = {}
+        current[key] = cfg
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tuning.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(current, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home must not break training: the choice still holds for this process
+
+
+def _time(launch: Callable[[dict], None], cfg: dict, reps: int = 5) -> float:
+    launch(cfg)  # compiles; a second call warms caches
+    launch(cfg)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        launch(cfg)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def choose(
+    kernel: str,
+    key: tuple,
+    candidates: list[dict],
+    launch: Callable[[dict], None],
+    *,
+    device: torch.device,
+    block_m: int = 0,
+    num_b: int = 1,
+    elem: int = 2,
+) -> dict:
+    """The configuration to launch ``kernel`` with for ``key`` (see the module docstring).
+
+    ``launch(cfg)`` runs the kernel once with ``cfg``; it must be a pure function of its inputs (outputs fully
+    overwritten), since tuning runs it several times on the real tensors.
+    """
+    if device.type != "cuda":
+        return INTERPRETER[kernel]
+    name = "|".join(map(str, (f"v{VERSION}", kernel, torch.cuda.get_device_name(device), *key)))
+    cfg = _memory.get(name)
+    if cfg is not None:
+        return cfg
+    limit = shared_memory_per_block(device)
+    fitted = [fit(kernel, c, limit, block_m, num_b, elem) for c in candidates]
+    fitted = [c for i, c in enumerate(fitted) if c not in fitted[:i]]
+    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        return fitted[0]
+    return select(name, fitted, lambda cfg: _time(launch, cfg))
+
+
+def select(name: str, candidates: list[dict], measure: Callable[[dict], float]) -> dict:
+    """The cached choice for ``name`` (this process, then the disk cache), else the candidate with the smallest
+    ``measure(cfg)`` (milliseconds), remembered in both. Candidates that do not compile (out of shared memory or
+    registers) are skipped; the first candidate is the fallback."""
+    with _lock:
+        cfg = _memory.get(name) or _load_disk().get(name)
+        if cfg is None:
+            began = time.perf_counter()
+            cfg, best_ms = candidates[0], float("inf")
+            for cand in candidates:
+                try:
+                    ms = measure(cand)
+                except Exception as err:  # noqa: BLE001  (Triton's resource errors differ across versions)
+                    if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
+                        raise
+                    continue
+                if ms < best_ms:
+                    cfg, best_ms = cand, ms
+            TUNE_LOG.append((name, time.perf_counter() - began))
+            _store_disk(name, cfg)
+        _memory[name] = cfg
+    return cfg
+
+
+def clear() -> None:
+    """Forget this process's choices and the cache file's contents read so far (tests; a new cache dir)."""
+    global _disk
+    with _lock:
+        _memory.clear()
+        _disk = None
