@@ -35,7 +35,9 @@ of the ZP group calls every all-to-all (``send_to``/``recv_from`` empty = zero-s
 (``engine``): issue actions in list order without host blocking; an action starts after the previous action
 of its stream and after its dependencies (``schedule.dependencies``: e.g. ``attn_fwd(l, m)`` waits for
 ``combine_fwd(l-1, m)``). :func:`validate_schedule` checks dependencies, identical collective order on every
-rank, and freedom from deadlock.
+rank, and freedom from deadlock. An attention rank that holds experts (Asym-EA) lists its ``expert_fwd(l, m)``
+after ``attn_fwd(l, m+1)`` (and ``expert_bwd`` likewise), always between its own ``dispatch_*(l, m)`` and
+``combine_*(l, m)``, whose all-to-alls include its self-send; all-to-all buffers are per (layer, micro-batch).
 """
 
 from .asym_ea import AsymEAReport, asym_ea, base_placement

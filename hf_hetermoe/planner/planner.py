@@ -140,33 +140,46 @@ def _one_round(cost: CostModel, lay: ZPLayout, layer: int, room: dict[int, int])
     return new, moved
 
 
-def refine_asym(cost: CostModel, cand: Candidate, max_rounds: int = 64) -> Candidate:
-    """Past Algorithm 1: greedily add one more expert per attention rank in the MoE layer where the simulated
-    step improves most, while it improves and memory (``n_max``) allows. Algorithm 1's bubble is per-layer
-    work; the simulated schedule also leaves attention ranks idle during all-to-alls and pipeline fill, which
-    only the simulation sees."""
+def refine_asym(cost: CostModel, cand: Candidate, max_sims: int = 48) -> Candidate:
+    """Past Algorithm 1: add rounds of moves (one more expert per attention rank with room) to the MoE layers
+    that hold the fewest moved experts -- all of them at once, or the one that helps most -- while the simulated
+    step improves, memory (``n_max``) allows, and at most ``max_sims`` simulations. Algorithm 1's bubble is
+    per-layer work; the simulated schedule also leaves attention ranks idle during all-to-alls and pipeline
+    fill, which only the simulation sees."""
     if cand.report is None:
         return cand
     rep = AsymEAReport([dict(m) for m in cand.report.moved], dict(cand.report.n_max), cand.report.n_min,
                        dict(cand.report.credit_left))
-    best, method = cand, cand.result.method
+    best, method, sims = cand, cand.result.method, 0
     held = {a: sum(len(p.get(a, ())) for p in cand.layout.placement) for a in cand.layout.attention}
     moe = [li for li, p in enumerate(cand.layout.placement) if p]
-    for _ in range(max_rounds):
-        room = {a: rep.n_max.get(a, 0) - held[a] for a in held}
+    while moe and sims < max_sims:
+        counts = {li: sum(rep.moved[li].values()) for li in moe}
+        low = [li for li in moe if counts[li] == min(counts.values())]
         trials = []
-        for li in moe:
-            lay, moved = _one_round(cost, best.layout, li, room)
-            if moved:
-                trials.append((simulate_layout(cost, lay, method), li, lay, moved))
+        for layers in ([low] if len(low) > 1 else []) + [[li] for li in low]:
+            if sims >= max_sims:
+                break
+            lay, moves = best.layout, {}
+            room = {a: rep.n_max.get(a, 0) - held[a] for a in held}
+            for li in layers:
+                lay, moved = _one_round(cost, lay, li, room)
+                for a in moved:
+                    room[a] -= 1
+                if moved:
+                    moves[li] = moved
+            if moves:
+                sims += 1
+                trials.append((simulate_layout(cost, lay, method), len(trials), lay, moves))
         if not trials:
             break
-        res, li, lay, moved = min(trials, key=lambda t: (t[0].step_ms, t[1]))
+        res, _, lay, moves = min(trials, key=lambda t: (t[0].step_ms, t[1]))
         if not res.fits or res.step_ms >= best.result.step_ms * (1 - 1e-6):
             break
-        for a, n in moved.items():
-            held[a] += n
-            rep.moved[li][a] = rep.moved[li].get(a, 0) + n
+        for li, moved in moves.items():
+            for a, n in moved.items():
+                held[a] += n
+                rep.moved[li][a] = rep.moved[li].get(a, 0) + n
         best = Candidate(lay, res, rep)
     return best
 
