@@ -80,6 +80,8 @@ def run(plan, name, seq_len, experts, steps, warmup, timeline=False):
     results = []
     for i in range(warmup + steps):
         res = engine.train_step(batch)
+        if rank == 0 and os.environ.get("BENCH_VERBOSE"):
+            print(f"  step {i}: {res.seconds * 1e3:.1f} ms", flush=True)
         if i >= warmup:
             results.append(res)
     engine.close()
@@ -155,6 +157,10 @@ def main() -> None:
     ap.add_argument("--links", default="nvlink", help="label for the CSV (nvlink, or capped with NCCL_P2P_DISABLE=1)")
     ap.add_argument("--methods", default="zebra,zebra+asym,EP,DP,EP (4 full)")
     args = ap.parse_args()
+    if os.environ.get("BENCH_DUMP_AFTER"):  # print every thread's stack and exit if the run hangs
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["BENCH_DUMP_AFTER"]), exit=True)
     smoke = not torch.cuda.is_available()  # CPU: a gloo smoke run of the script itself (tiny model, no emulation)
     dist.init_process_group("gloo" if smoke else "nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
