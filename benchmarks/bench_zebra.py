@@ -204,7 +204,9 @@ def main() -> None:
                     plan = dp_plan(cfg, share, seq_len, devices(args.emulate))
                 else:
                     plan = plans[method]
-                timeline = method == "zebra" and mi == 0 and seq_len == int(seq_lens.split(",")[-1 if smoke else 1])
+                lens = seq_lens.split(",")
+                pick = lens[-1 if smoke else min(1, len(lens) - 1)]
+                timeline = method == "zebra" and mi == 0 and seq_len == int(pick)
                 res = run(plan, name, seq_len, args.experts, args.steps, args.warmup, timeline)
                 s = summarise(res)
                 row = {"model": name, "seq_len": seq_len, "method": method, "tokens_per_step": s["tokens"],
@@ -238,8 +240,15 @@ def main() -> None:
                     print(f"{name} S={seq_len} {method:12s} {row['tokens_per_s']:>9} tok/s  step {row['step_ms']} ms  "
                           f"util {row['util']}  ({time.time() - t0:.0f}s)", flush=True)
                 rows.append(row)
-    if rank == 0:
-        path = out / f"zebra_{slug}{'' if args.links == 'nvlink' else '_' + args.links}.csv"
+                if rank == 0:
+                    write_csv(rows, out, slug, args.links)
+    dist.destroy_process_group()
+
+
+def write_csv(rows: list[dict], out: Path, slug: str, links: str) -> None:
+    """Rewrite the whole CSV atomically after every row, so a cut-off run keeps what it measured."""
+    if True:
+        path = out / f"zebra_{slug}{'' if links == 'nvlink' else '_' + links}.csv"
         keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
         tmp = path.with_suffix(".tmp")
         with open(tmp, "w", newline="") as f:
@@ -247,8 +256,6 @@ def main() -> None:
             w.writeheader()
             w.writerows(rows)
         os.replace(tmp, path)
-        print(f"wrote {path}")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

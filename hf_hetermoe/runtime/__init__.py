@@ -126,12 +126,14 @@ def distribute(
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    stack = contextlib.ExitStack()
-    stack.enter_context(_emulation(plan, rank, device))
     engine = ZebraEngine(model, plan, optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
                          gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
                          activation_checkpointing=activation_checkpointing, device=device, timeout_s=timeout_s,
                          watchdog=watchdog, record_timeline=record_timeline)
+    # Emulation last: NCCL communicators are created (engine.__init__ warms every group) in the primary CUDA
+    # context; creating one later would make the primary context current again and silently end the green context.
+    stack = contextlib.ExitStack()
+    stack.enter_context(_emulation(plan, rank, device))
     engine._exit_stack = stack
     atexit.register(stack.close)
     return engine

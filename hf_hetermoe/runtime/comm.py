@@ -74,6 +74,13 @@ def build_groups(plan: Plan, timeout_s: float) -> Groups:
         make("attn_dp", ranks)
     for ranks in plan.process_groups["expert_dp"]:
         make("expert_dp", ranks)
+    # Create the NCCL communicators now, in creation order (each group's members all reach its collective).
+    probe = torch.zeros(1, device=torch.device("cuda", torch.cuda.current_device())) if dist.get_backend() == "nccl" \
+        else torch.zeros(1)
+    dist.all_reduce(probe)  # the default group too (metrics, clipping, checkpoints use it)
+    for g in made:
+        if g is not None and g != dist.GroupMember.NON_GROUP_MEMBER and dist.get_world_size(g) > 1:
+            dist.all_reduce(probe, group=g)
     zp = plan.zp_groups[me["zp_group"]]
     attn_dp, attn_ranks = mine.get("attn_dp", (None, []))
     exp_dp, exp_ranks = mine.get("expert_dp", (None, []))

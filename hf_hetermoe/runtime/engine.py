@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -801,8 +802,12 @@ class ZebraEngine:
             self.watchdog = None
         stack = getattr(self, "_exit_stack", None)
         if stack is not None:
-            stack.close()
             self._exit_stack = None
+            try:
+                stack.close()
+            except RuntimeError as err:  # e.g. a CUDA context change under the green context
+                warnings.warn(f"rank {self.groups.rank}: leaving the emulation failed ({err}); emulation may have "
+                              "ended early in this process", stacklevel=2)
 
 
 class _ShareSampler:
