@@ -168,11 +168,29 @@ def run_attention(parts: ModelParts, layer: int, hidden: torch.Tensor, args, kwa
     return split, (logits[0] if logits else None)
 
 
+class _HeadInput(nn.Module):
+    """Stands in for the base model inside ``*ForCausalLM.forward``: returns the final-normed hidden states."""
+
+    def __init__(self, hidden: torch.Tensor, norm: nn.Module) -> None:
+        super().__init__()
+        self.hidden, self.norm = hidden, norm
+
+    def forward(self, *args, **kwargs):
+        from transformers.modeling_outputs import MoeModelOutputWithPast
+
+        return MoeModelOutputWithPast(last_hidden_state=self.norm(self.hidden))
+
+
 def head_loss(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Final norm, LM head and the model's own causal-LM loss (mean over the micro-batch's label tokens)."""
+    """Final norm, then the family's own ``*ForCausalLM.forward`` head (LM head, logit scaling or soft-capping,
+    loss over the micro-batch's label tokens) with the base model replaced by the given hidden states."""
     model = parts.model
-    logits = model.lm_head(parts.base.norm(hidden))
-    return model.loss_function(logits, labels, model.config.vocab_size)
+    model.model = _HeadInput(hidden, parts.base.norm)
+    try:
+        out = model(input_ids=labels, labels=labels, output_router_logits=False, use_cache=False)
+    finally:
+        model.model = parts.base
+    return out.loss
 
 
 def aux_loss(parts: ModelParts, router_logits: list[torch.Tensor]) -> torch.Tensor:

@@ -21,8 +21,16 @@ from hf_hetermoe.planner.plan import Plan
 from hf_hetermoe.planner.schedule import build_zebra_schedule
 
 
-def _moe_layers(dims: ModelDims) -> list[bool]:
-    return [li >= dims.first_dense_layers for li in range(dims.num_layers)]
+def _moe_layers(dims: ModelDims, model: Any = None) -> list[bool]:
+    """Which layers route to experts: the planner's leading dense layers, and (for a config object) Qwen-style
+    ``mlp_only_layers`` / ``decoder_sparse_step``."""
+    moe = [li >= dims.first_dense_layers for li in range(dims.num_layers)]
+    cfg = model if model is not None and hasattr(model, "to_dict") else None
+    if cfg is not None:
+        only = set(getattr(cfg, "mlp_only_layers", None) or ())
+        step = getattr(cfg, "decoder_sparse_step", 1) or 1
+        moe = [m and li not in only and (li + 1) % step == 0 for li, m in enumerate(moe)]
+    return moe
 
 
 def spread(experts: list[int], ranks: list[int]) -> dict[int, tuple[int, ...]]:
@@ -113,7 +121,7 @@ def zebra_plan(
     attn = list(range(attention_ranks))
     exp_ranks = list(range(attention_ranks, size)) or attn
     placement: list[dict[int, tuple[int, ...]]] = []
-    for li, moe in enumerate(_moe_layers(dims)):
+    for li, moe in enumerate(_moe_layers(dims, model)):
         if not moe:
             placement.append({})
             continue
@@ -135,7 +143,7 @@ def ep_plan(model: Any, world: int, sequences_per_rank: int = 1, seq_len: int = 
     """EP baseline: every rank runs attention on an equal batch and holds E/world experts of every MoE layer."""
     dims = model_dims(model)
     placement = [spread(list(range(dims.num_experts)), list(range(world))) if moe else {}
-                 for moe in _moe_layers(dims)]
+                 for moe in _moe_layers(dims, model)]
     return plan_from_layout(model, [list(range(world))], list(range(world)), placement, 1, sequences_per_rank,
                             seq_len, devices, notes=[f"EP over {world} ranks"])
 
@@ -145,7 +153,7 @@ def dp_plan(model: Any, sequences: list[int], seq_len: int = 128, devices: list[
     dims = model_dims(model)
     if any(s < 1 for s in sequences):
         raise ConfigError(f"every rank needs >= 1 sequence, got {sequences}")
-    placement = [{0: tuple(range(dims.num_experts))} if moe else {} for moe in _moe_layers(dims)]
+    placement = [{0: tuple(range(dims.num_experts))} if moe else {} for moe in _moe_layers(dims, model)]
     groups = [[r] for r in range(len(sequences))]
     return plan_from_layout(model, groups, [0], placement, 1, max(sequences), seq_len, devices, sequences=sequences,
                             notes=[f"speed-balanced DP, sequences per rank {sequences}"])
