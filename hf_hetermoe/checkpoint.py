@@ -29,19 +29,24 @@ def atomic_save_pretrained(model, save_directory: str | os.PathLike, *extra, **s
         model.save_pretrained(staging, **save_kwargs)
         for obj in extra:
             obj.save_pretrained(staging)
-        _fsync_tree(staging)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            retired.rmdir()
-            os.replace(target, retired)  # both renames are atomic on one filesystem
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def swap_in(staging: Path, target: Path) -> None:
+    """Make the complete directory ``staging`` become ``target`` (fsync, then renames; see the module docstring)."""
+    _fsync_tree(staging)
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        retired.rmdir()
+        os.replace(target, retired)  # both renames are atomic on one filesystem
+        os.replace(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, target)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -24,7 +24,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 import warnings
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from hf_hetermoe.checkpoint import _fsync_tree, atomic_save_pretrained
+from hf_hetermoe.checkpoint import atomic_save_pretrained, swap_in
 from hf_hetermoe.errors import ConfigError, HeterMoEError
 from hf_hetermoe.model_patches.anatomy import LayerSplit, expert_half, finish
 from hf_hetermoe.planner.plan import Plan
@@ -752,15 +751,7 @@ class ZebraEngine:
             (staging / "hetermoe_state.json").write_text(json.dumps(
                 {"format": STATE_FORMAT, "world": self.groups.world, "step": self.step,
                  "fingerprint": self._fingerprint()}) + "\n")
-            _fsync_tree(staging)
-            if target.exists():
-                retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-                retired.rmdir()
-                os.replace(target, retired)
-                os.replace(staging, target)
-                shutil.rmtree(retired, ignore_errors=True)
-            else:
-                os.replace(staging, target)
+            swap_in(staging, target)
         dist.barrier()
 
     def load_state(self, directory: str | os.PathLike) -> None:
