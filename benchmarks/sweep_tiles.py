@@ -67,6 +67,20 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
         return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
     def gemm(kind):
+        if kind == "fwd_gate_up" and gpt_oss:  # interleaved: one operand, the activation pairs adjacent columns
+            return lambda c: triton_ops.gather_gemm(
+                x,
+                w1,
+                routing,
+                k,
+                gather_a=True,
+                out=gu,
+                act_out=h,
+                layout=layout,
+                block_m=routing_block_m,
+                paired=True,
+                config=c,
+            )
         if kind == "fwd_gate_up":
             return lambda c: triton_ops.gather_gemm(
                 x,
@@ -152,8 +166,11 @@ def main(argv=None):
             if kind not in args.kernels:
                 continue
             family = "wgrad" if kind.startswith("wgrad") else "gemm"
-            num_b = 2 if kind == "fwd_gate_up" else 1
-            cands = [tuning.fit(family, c, limit, 128, num_b) for c in getattr(tuning, f"{family.upper()}_CANDIDATES")]
+            num_b = 1
+            listed = tuning.WGRAD_CANDIDATES if family == "wgrad" else tuning.GEMM_CANDIDATES
+            if kind == "fwd_gate_up" and not name.startswith("gpt_oss"):
+                listed, num_b = tuning.GATED_CANDIDATES, 2
+            cands = [tuning.fit(family, c, limit, 128, num_b) for c in listed]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
             for i, cfg in enumerate(cands):
                 try:

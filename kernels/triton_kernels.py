@@ -95,10 +95,12 @@ def _gather_gemm_kernel(
     h_ptr, stride_hm, stride_hn,  # activation output [S, N] when ACT >= 0
     tile_expert_ptr, tile_start_ptr, offsets_ptr,
     num_tiles_m, N, K, num_experts, alpha, limit,
-    GATHER_A: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # PAIRED: B is an interleaved [g0, u0, g1, u1, ...] gate/up matrix read as one operand (contiguous loads);
+    # the activation pairs adjacent output columns in the epilogue and h has N // 2 columns.
     # One program per (row tile, N tile), numbered so that GROUP_M consecutive row tiles sweep all N tiles
     # together: their A rows and the expert's B columns stay in L2 instead of being re-read from DRAM.
     pid_m, pid_n = _grouped(tl.program_id(0), num_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -149,12 +151,19 @@ def _gather_gemm_kernel(
         tl.store(c2_ptr + c_off, pre2, mask=mask)
     if ACT >= 0:
         # The activation reads the rounded pre-activations, exactly what the backward pass re-reads.
-        if GATED:
-            h = _glu(pre.to(tl.float32), pre2.to(tl.float32), ACT, alpha, limit)
+        if PAIRED:
+            gate, up = tl.split(tl.reshape(pre.to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))
+            h = _glu(gate, up, ACT, alpha, limit)
+            offs_h = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            h_off = offs_m.to(tl.int64)[:, None] * stride_hm + offs_h[None, :] * stride_hn
+            tl.store(h_ptr + h_off, h.to(h_ptr.dtype.element_ty), mask=mask_m[:, None] & (offs_h < N // 2)[None, :])
         else:
-            h = _act(pre.to(tl.float32), ACT)
-        h_off = offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
-        tl.store(h_ptr + h_off, h.to(h_ptr.dtype.element_ty), mask=mask)
+            if GATED:
+                h = _glu(pre.to(tl.float32), pre2.to(tl.float32), ACT, alpha, limit)
+            else:
+                h = _act(pre.to(tl.float32), ACT)
+            h_off = offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
+            tl.store(h_ptr + h_off, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -51,13 +51,15 @@ def gather_gemm(
     act_out: torch.Tensor | None = None,
     layout: ExpertLayout | None = None,
     block_m: int,
+    paired: bool = False,
     config: dict | None = None,
 ) -> None:
     """ESMM: ``out[r] = a[row(r)] @ b[e(r)]^T (+ bias)``, with ``b`` a logical ``[E, N, K]`` view.
 
     With ``b_up`` the gate (``b``) and up (``b_up``) products are computed together and ``act_out`` receives
-    the gated activation; without it and with ``act_out``, ``act_out = act(out)``. ``config`` pins the tiles
-    (a ``tuning.GEMM_CANDIDATES`` entry); by default ``tuning.choose`` picks them.
+    the gated activation; without it and with ``act_out``, ``act_out = act(out)``, or with ``paired`` (``b`` the
+    interleaved gate/up matrix, ``[E, 2I, K]``) the gated activation of adjacent column pairs. ``config`` pins
+    the tiles (a ``tuning.GEMM_CANDIDATES`` entry); by default ``tuning.choose`` picks them.
     """
     num_experts, n, k = b.shape
     gated = b_up is not None
@@ -99,6 +101,7 @@ def gather_gemm(
             layout.limit if layout is not None else 0.0,
             GATHER_A=gather_a,
             GATED=gated,
+            PAIRED=paired,
             HAS_BIAS=bias is not None,
             ACT=act,
             DOT_PRECISION=_dot_precision(a.dtype),
@@ -109,14 +112,14 @@ def gather_gemm(
     if config is None:
         key = (
             str(a.dtype).replace("torch.", ""),
-            f"gather{int(gather_a)}-gated{int(gated)}-act{act}-bias{int(bias is not None)}",
+            f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else ''}-act{act}-bias{int(bias is not None)}",
             f"a{_layout_key(a)}-b{_layout_key(b)}",
             f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
         )
         config = tuning.choose(
             "gemm",
             key,
-            tuning.GEMM_CANDIDATES,
+            tuning.GATED_CANDIDATES if gated else tuning.GEMM_CANDIDATES,
             launch,
             device=a.device,
             block_m=block_m,
@@ -254,6 +257,22 @@ def experts_forward(
     inter = w1l.shape[1] // 2 if layout.has_gate else w1l.shape[1]
     gu = x.new_empty(num_pairs, w1l.shape[1])
     h = x.new_empty(num_pairs, inter)
+    if layout.has_gate and not layout.is_concatenated:
+        # Interleaved gate/up: one contiguous operand, the activation pairs adjacent columns in the epilogue
+        # (two stride-2 operands waste half of every loaded sector: GPT-OSS ran its forward at ~50 TF/s).
+        gather_gemm(
+            x, w1l, routing, top_k, gather_a=True, bias=b1, out=gu, act_out=h, layout=layout, block_m=block_m,
+            paired=True,
+        )
+    else:
+        _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m)
+    y = x.new_empty(num_pairs, hidden)
+    gather_gemm(h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m)
+    del h  # free before combine allocates `out`
+    return combine(y, routing, top_k_weights, num_tokens, top_k), gu
+
+
+def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m) -> None:
     w_gate, w_up = _halves(w1l, 1, layout)
     gu_gate, gu_up = _halves(gu, 1, layout)
     b_gate, b_up = _halves(b1, 1, layout) if b1 is not None else (None, None)
@@ -272,9 +291,6 @@ def experts_forward(
         layout=layout,
         block_m=block_m,
     )
-    y = x.new_empty(num_pairs, hidden)
-    gather_gemm(h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m)
-    return combine(y, routing, top_k_weights, num_tokens, top_k), gu
 
 
 def experts_backward(
@@ -345,22 +361,28 @@ def experts_backward(
             BLOCK_N=64 if _interpreting(x) else 256,
         )
 
+    # Transients are dropped as soon as their last reader is queued (the caching allocator reuses them at once),
+    # and dW2 runs before dx so that `hw` is gone before `dx_sorted [S, H]` exists: a lower backward peak.
+    del g
+    dw2 = torch.empty_like(w2)
+    # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
+    wgrad(dout, hw, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False)
+    del hw
+    db1 = db2 = None
+    if b2 is not None:
+        db2 = torch.empty_like(b2)
+        expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
+
     # dx = sum over slots of dgu @ w1[e]   (w1 logical [E, N1, H] read as [E, H, N1]^T)
     dx_sorted = x.new_empty(num_pairs, hidden)
     gather_gemm(dgu, w1l.transpose(1, 2), routing, top_k, gather_a=False, out=dx_sorted, block_m=block_m)
     dx = combine(dx_sorted, routing, None, num_tokens, top_k)
+    del dx_sorted
 
     dw1 = torch.empty_like(w1)
     wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True)
-    dw2 = torch.empty_like(w2)
-    # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
-    wgrad(dout, hw, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False)
-    db1 = db2 = None
     if b1 is not None:
         db1 = torch.empty_like(b1)
         expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
-    if b2 is not None:
-        db2 = torch.empty_like(b2)
-        expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     dweights = dw_sorted[routing.inverse.long()].view_as(top_k_weights).to(top_k_weights.dtype)
     return dx, dweights, dw1, dw2, db1, db2

@@ -28,10 +28,17 @@ from .. import env
 
 # Candidate lists, measured default first (benchmarks/sweep_tiles.py, results/sweep_tiles_*.csv).
 # Gathered grouped matmul; BLOCK_M is fixed by the routing tiles. GROUP_M row tiles share each N tile (L2 reuse).
+# One B operand (down projection, both backward matmuls, interleaved gate/up): 128x256 tiles won on every shape.
 GEMM_CANDIDATES: list[dict] = [
+    dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8),
+    dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=16),
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
+]
+# Two B operands (concatenated gate and up, two accumulators): 128x128 tiles.
+GATED_CANDIDATES: list[dict] = [
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8),
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
-    dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=16),
     dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, GROUP_M=8),
 ]
@@ -42,7 +49,9 @@ WGRAD_CANDIDATES: list[dict] = [
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=True),
     dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=5, GROUP_N=8, A_T=False),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
-    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
 ]
 # The interpreter runs one configuration, small, so CPU tests stay fast.
 INTERPRETER = {
@@ -55,7 +64,7 @@ _lock = threading.Lock()
 _memory: dict[str, dict] = {}  # key -> chosen config, this process
 _disk: dict[str, dict] | None = None  # the cache file's contents, read once
 _override: bool | None = None
-VERSION = 1  # bump when the kernels change meaning of a configuration: old cache entries are ignored
+VERSION = 2  # bump when the kernels change meaning of a configuration: old cache entries are ignored
 TUNE_LOG: list[tuple[str, float]] = []  # (key, seconds) of each tuning done in this process
 
 

@@ -1,0 +1,160 @@
+"""Whole training step: tokens/s and peak memory of forward+backward+AdamW on a 4-layer, full-width
+Qwen3-30B-A3B-shaped model, prepared with hetermoe vs transformers' default experts (``grouped_mm``).
+
+Both variants start from the same weights and batch; their first-step losses are compared before timing.
+Each timed step is ``loss = model(ids, labels=ids).loss; loss.backward(); opt.step(); opt.zero_grad()``.
+
+    python benchmarks/bench_train_step.py                         # 4 layers, batch 4 x 4096 tokens
+    python benchmarks/bench_train_step.py --layers 2 --batch 2   # smaller
+    python benchmarks/bench_train_step.py --tiny --device cpu    # smoke test of the script itself
+
+Appends rows to ``benchmarks/results/train_step_<gpu>.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def model_config(layers: int, tiny: bool):
+    from transformers import Qwen3MoeConfig
+
+    if tiny:
+        return Qwen3MoeConfig(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+        )
+    # Qwen3-30B-A3B widths (hidden 2048, 128 experts of 768, top-8, 32 query / 4 KV heads of 128), fewer layers.
+    return Qwen3MoeConfig(
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=6144,
+        moe_intermediate_size=768,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_experts=128,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        max_position_embeddings=32768,
+    )
+
+
+def step_fn(model, opt, ids):
+    def step():
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after two warm-up steps")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    import hf_hetermoe as hetermoe
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    torch.manual_seed(0)
+    config = model_config(args.layers, args.tiny)
+    base = AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm").to(device, dtype)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
+    tokens = args.batch * args.seq
+    gpu = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    results = {}
+    for variant in ("grouped_mm", "hetermoe"):
+        model = copy.deepcopy(base)
+        if variant == "hetermoe":
+            model = hetermoe.prepare(model, hetermoe.HeterMoEConfig(backend="auto"))
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        step = step_fn(model, opt, ids)
+        began = time.perf_counter()
+        first_loss = step().item()  # the first call compiles (and autotunes) the kernels
+        first_s = time.perf_counter() - began
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - began) / args.steps
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        results[variant] = dict(
+            date=datetime.date.today().isoformat(),
+            gpu=gpu,
+            torch=torch.__version__,
+            transformers=transformers.__version__,
+            layers=args.layers,
+            batch=args.batch,
+            seq=args.seq,
+            variant=variant,
+            first_loss=round(first_loss, 4),
+            first_step_s=round(first_s, 2),
+            step_ms=round(seconds * 1e3, 2),
+            tokens_per_s=round(tokens / seconds),
+            peak_gib=round(peak, 2),
+        )
+        print(results[variant], flush=True)
+        del model, opt, step
+        if cuda:
+            torch.cuda.empty_cache()
+    a, b = results["grouped_mm"], results["hetermoe"]
+    # Same weights and batch: the first losses must agree to bf16 rounding.
+    if abs(a["first_loss"] - b["first_loss"]) > 2e-2 * abs(a["first_loss"]):
+        raise SystemExit(f"first-step losses differ: grouped_mm {a['first_loss']} vs hetermoe {b['first_loss']}")
+    print(
+        f"hetermoe / grouped_mm tokens/s: {b['tokens_per_s'] / a['tokens_per_s']:.2f}x, "
+        f"peak memory {b['peak_gib']} vs {a['peak_gib']} GiB"
+    )
+    if args.tiny:
+        return
+    from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train_step_{gpu_slug(gpu)}.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(a))
+        if new:
+            writer.writeheader()
+        writer.writerows([a, b])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
