@@ -29,8 +29,8 @@ class HeterMoEConfig:
         default=True,
         metadata={
             "help": "Autotune the Triton kernels' tiles per shape bucket on first use, cached on disk "
-            "(hf_hetermoe.kernels.tuning). HETERMOE_AUTOTUNE=0 pins the measured defaults. Not yet wired through "
-            "prepare(): the environment variable and kernels.tuning.set_autotune decide today."
+            "(hf_hetermoe.kernels.tuning). False pins the measured defaults for the whole process (as "
+            "HETERMOE_AUTOTUNE=0 does); True leaves the decision to HETERMOE_AUTOTUNE."
         },
     )
     implementation_name: str = field(

@@ -90,6 +90,10 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
         return model
 
     patch = _find_patch(model)
+    if not config.autotune:
+        from .kernels.tuning import set_autotune
+
+        set_autotune(False)  # process-wide, like HETERMOE_AUTOTUNE=0
     experts_type = patch.experts_type()
     experts = [m for m in model.modules() if isinstance(m, experts_type)]
     if not experts:

@@ -318,9 +318,9 @@ class ZebraEngine:
                 grad_norm = self._optimizer_step()
             metrics = self._metrics(st, sync, t0)
         except (RuntimeError, dist.DistBackendError) as err:
-            if isinstance(err, HeterMoEError):
-                raise
-            lost = self.watchdog.diagnose(self.timeout_s) if self.watchdog else []
+            if isinstance(err, (HeterMoEError, torch.OutOfMemoryError)) or not _is_comm_error(err):
+                raise  # not a lost peer: fail now (the peers' watchdogs see this rank's exit within timeout_s)
+            lost = self.watchdog.diagnose(10.0) if self.watchdog else []
             where = current.label() if current is not None else "the end of the step"
             if lost:
                 raise RankLostError(f"rank {self.groups.rank}: lost rank(s) {lost} during {where}: {err}") from err
@@ -335,6 +335,7 @@ class ZebraEngine:
 
     def _timed(self, act: Action, st: _Step) -> None:
         fn = getattr(self, "_" + act.kind)
+        self._wait_inputs(act, st)  # waiting for a collective is not busy time
         if self.device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -347,6 +348,16 @@ class ZebraEngine:
             dt = time.perf_counter() - t
             st.busy += dt
             st.events.append((act, t, t + dt))
+
+    def _wait_inputs(self, act: Action, st: _Step) -> None:
+        """Make the compute stream (gloo: the host) wait for the collectives ``act`` consumes."""
+        li, m = act.layer, act.mb
+        keys = {"expert_fwd": [("dispatch_fwd", li, m)], "expert_bwd": [("dispatch_bwd", li, m)],
+                "attn_bwd": [("combine_bwd", li, m)], "attn_fwd": [("combine_fwd", li - 1, m)],
+                "head": [("combine_fwd", self.parts.num_layers - 1, m)]}.get(act.kind, [])
+        for key in keys:
+            for w in st.pending.get(key, ((), ()))[1]:
+                w.wait()
 
     def _metrics(self, st: _Step, sync: bool, t0: float):
         if sync:
@@ -799,6 +810,14 @@ class ZebraEngine:
             except RuntimeError as err:  # e.g. a CUDA context change under the green context
                 warnings.warn(f"rank {self.groups.rank}: leaving the emulation failed ({err}); emulation may have "
                               "ended early in this process", stacklevel=2)
+
+
+def _is_comm_error(err: BaseException) -> bool:
+    """A failure of a collective (a peer died or hung), as opposed to this rank's own error."""
+    if isinstance(err, dist.DistBackendError):
+        return True
+    text = str(err).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "socket", "peer"))
 
 
 class _ShareSampler:
