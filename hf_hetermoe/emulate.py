@@ -138,9 +138,23 @@ def emulate(preset: str | EmulationPreset, device: int | None = None,
     info = {"preset": p.name, "num_sms": sms, "host_sms": props.multi_processor_count, "memory_gib": p.memory_gib,
             "sdpa_backends": list(p.sdpa_backends), "link_gbps_cap": p.link_gbps,
             "label": emulation_label(p, props.name), "preset_fields": asdict(p)}
+    # The green context is current on this thread only; autograd runs backward kernels on its own device thread.
+    # A stream that belongs to the green context carries the SM limit to every kernel queued on it, whichever
+    # thread queues it (backward ops run on their forward op's stream), so make it the current stream as well.
+    green_stream = ctx.Stream() if hasattr(ctx, "Stream") else None
+    info["green_stream"] = green_stream is not None
     ctx.set_context()
     try:
-        with sdpa_kernel(_sdpa_backends(p.sdpa_backends), set_priority=True):
+        with contextlib.ExitStack() as stack:
+            if green_stream is not None:
+                stack.enter_context(torch.cuda.stream(green_stream))
+            stack.enter_context(sdpa_kernel(_sdpa_backends(p.sdpa_backends), set_priority=True))
             yield info
     finally:
-        ctx.pop_context()
+        try:
+            ctx.pop_context()
+        except RuntimeError as err:  # another context was made current meanwhile (e.g. by a library)
+            import warnings
+
+            warnings.warn(f"hetermoe.emulate: could not pop the green context ({err}); kernels outside the "
+                          "green stream may have run with every SM", stacklevel=3)
