@@ -107,9 +107,12 @@ def rank_case(job: dict, case: dict) -> None:
                                    max_grad_norm=case.get("max_grad_norm"), timeout_s=job.get("timeout_s", 60)), model
 
     engine, model = engine_for()
+    out = os.path.join(job["out"], case["name"])
+    os.makedirs(out, exist_ok=True)
+    held = [n for n, p in model.named_parameters() if not p.is_meta]
+    json.dump({"role": plan.ranks[rank]["role"], "held": held}, open(os.path.join(out, f"held{rank}.json"), "w"))
     tokens = data(job, case, plan, model.config.vocab_size)
     losses = run_steps(engine, job, case, plan, tokens, 0, case["steps"], rank)
-    out = os.path.join(job["out"], case["name"])
     engine.save_pretrained(os.path.join(out, "model"))
     result = {"losses": losses}
     if case.get("resume_at"):

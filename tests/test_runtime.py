@@ -140,6 +140,12 @@ def test_one_attention_two_expert_ranks(tmp_path, model_dir):
     cases.append(_case(tmp_path, "z1+2_permuted", permuted))
     run_reference(tmp_path, model_dir, cases)
     _check_job(*run_job(tmp_path, model_dir, cases, world=3))
+    for rank in (1, 2):  # expert ranks keep only their routed experts; the rest of the model is meta
+        held = json.loads((tmp_path / "z1+2_R1_asym0" / f"held{rank}.json").read_text())
+        assert held["role"] == "expert" and held["held"]
+        assert all(".experts." in n for n in held["held"]), held["held"]
+    attn = json.loads((tmp_path / "z1+2_R1_asym0" / "held0.json").read_text())["held"]
+    assert "model.embed_tokens.weight" in attn and not any(".experts." in n for n in attn)
     for c in cases:
         got = assert_matches(tmp_path, c["name"])
         if "resumed_losses" in got:
@@ -205,6 +211,21 @@ def test_launch_cpu(tmp_path, model_dir):
     assert plan.world_size == 3
     assert "reloaded in plain transformers" in proc.stdout
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+
+
+def test_launch_matches_single_process(tmp_path, model_dir):
+    """The correctness check through `hetermoe launch --plan` (accelerate's MULTI_CPU processes)."""
+    plan = zebra_plan(tiny_config(), 1, 2, micro_batches=3, sequences_per_attention_rank=3, seq_len=SEQ_LEN,
+                      asym_ea={1: 1})
+    case = _case(tmp_path, "launched", plan)
+    run_reference(tmp_path, model_dir, [case])
+    job = {"model": str(model_dir), "seq_len": SEQ_LEN, "seed": 1, "out": str(tmp_path), "cases": [case]}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    cmd = [sys.executable, "-m", "hf_hetermoe.cli", "launch", "--plan", case["plan"], "--main_process_port",
+           str(_free_port()), str(WORKER), str(tmp_path / "job.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_matches(tmp_path, "launched")
 
 
 def test_launch_rejects_mismatched_process_count(tmp_path):
