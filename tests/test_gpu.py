@@ -147,3 +147,41 @@ def test_autotuned_kernels_match_reference_and_cache(tmp_path, monkeypatch):
     cached = json.loads((tmp_path / "tuning.json").read_text())
     kinds = {name.split("|")[1] for name in cached}
     assert kinds == {"gemm", "wgrad"}, cached
+
+
+def test_zebra_engine_world_of_one_on_gpu():
+    """The runtime on CUDA (NCCL world of one, CUDA events, the Triton experts): one R=2 step equals plain
+    training of the prepared model in fp32."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from hf_hetermoe.runtime import zebra_plan
+
+    cfg = MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                        output_router_logits=True, router_aux_loss_coef=0.02)
+    torch.manual_seed(0)
+    model = hetermoe.prepare(AutoModelForCausalLM.from_config(cfg))
+    ref_model = copy.deepcopy(model).cuda()
+    plan = zebra_plan(cfg, 1, 0, micro_batches=2, sequences_per_attention_rank=2, seq_len=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = hetermoe.distribute(model, plan, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False,
+                                     record_timeline=True)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+    res = engine.train_step({"input_ids": ids})
+    assert res.timeline and all(e["end_ms"] >= e["start_ms"] for e in res.timeline)
+    opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3)
+    want = 0.0
+    for i in range(2):
+        chunk = ids[i:i + 1].cuda()
+        out = ref_model(input_ids=chunk, labels=chunk)
+        (out.loss / 2).backward()
+        want += float(out.loss) / 2
+    opt.step()
+    assert abs(res.loss - want) <= 1e-4 * abs(want)
+    got, ref_sd = engine.state_dict(), ref_model.state_dict()
+    for k in ref_sd:
+        assert rel_err(got[k].float(), ref_sd[k].float().cpu()) < 1e-3, k
+    engine.close()
