@@ -339,3 +339,47 @@ def test_accumulation_checkpointing_scheduler_bf16(model_dir):
     _, loss32 = zebra()
     _, loss16 = zebra(mixed_precision="bf16")
     assert abs(loss16 - loss32) < 0.05 * loss32
+
+
+def test_bad_input_errors(tmp_path, model_dir):
+    """A plan for another model, a batch of the wrong size, padded batches, a state from another plan, no plan."""
+    import warnings
+
+    import hf_hetermoe as hetermoe
+
+    cfg = tiny_config()
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    other = MixtralConfig(**{**cfg.to_dict(), "num_hidden_layers": 3})
+    with pytest.raises(ConfigError, match="3 layers .* this model has 2"):
+        hetermoe.distribute(model, zebra_plan(other, 1, 0, seq_len=SEQ_LEN), watchdog=False)
+    monkey = os.environ.pop("HETERMOE_PLAN", None)
+    try:
+        with pytest.raises(ConfigError, match="hetermoe launch"):
+            hetermoe.distribute(model, None)
+    finally:
+        if monkey is not None:
+            os.environ["HETERMOE_PLAN"] = monkey
+    plan = zebra_plan(cfg, 1, 0, micro_batches=2, sequences_per_attention_rank=2, seq_len=SEQ_LEN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine = hetermoe.distribute(model, plan, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False)
+    ids = torch.randint(0, 64, (3, SEQ_LEN))
+    with pytest.raises(ConfigError, match="3 sequences but the plan gives this attention rank 2"):
+        engine.train_step({"input_ids": ids})
+    mask = torch.ones(2, SEQ_LEN, dtype=torch.long)
+    mask[1, -3:] = 0
+    with pytest.raises(ConfigError, match="attention_mask must be all ones"):
+        engine.train_step({"input_ids": ids[:2], "attention_mask": mask})
+    with pytest.raises(ConfigError, match="input_ids"):
+        engine.train_step(None)
+    assert engine._micro == 0 and engine.step == 0  # failed calls count for nothing
+    engine.save_state(tmp_path / "state")
+    model2 = AutoModelForCausalLM.from_pretrained(model_dir)
+    plan2 = zebra_plan(cfg, 1, 0, micro_batches=1, sequences_per_attention_rank=2, seq_len=SEQ_LEN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        engine2 = hetermoe.distribute(model2, plan2, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False)
+    with pytest.raises(ConfigError, match="different plan"):
+        engine2.load_state(tmp_path / "state")
+    with pytest.raises(ConfigError, match="not a hetermoe state"):
+        engine2.load_state(tmp_path)

@@ -281,9 +281,9 @@ class ZebraEngine:
     def train_step(self, batch: dict[str, torch.Tensor] | None) -> StepResult:
         """One step of R micro-batches in the plan's zebra order; the optimizer steps every
         ``gradient_accumulation_steps`` calls. Expert ranks may pass ``None``."""
+        batches = self._split_batch(batch, True)  # a bad batch raises before anything counts
         self._micro += 1
-        boundary = self._micro == self.accum
-        return self._run(self._split_batch(batch, True), train=True, boundary=boundary)
+        return self._run(batches, train=True, boundary=self._micro == self.accum)
 
     @torch.no_grad()
     def eval_step(self, batch: dict[str, torch.Tensor] | None) -> StepResult:
