@@ -247,15 +247,14 @@ def main() -> None:
 
 def write_csv(rows: list[dict], out: Path, slug: str, links: str) -> None:
     """Rewrite the whole CSV atomically after every row, so a cut-off run keeps what it measured."""
-    if True:
-        path = out / f"zebra_{slug}{'' if links == 'nvlink' else '_' + links}.csv"
-        keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, path)
+    path = out / f"zebra_{slug}{'' if links == 'nvlink' else '_' + links}.csv"
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -42,7 +42,6 @@ class Groups:
     attn_dp_ranks: list[int]
     expert_dp: object | None
     expert_dp_ranks: list[int]
-    all_groups: list = field(default_factory=list)
 
     @property
     def zp_world(self) -> int:
@@ -85,7 +84,7 @@ def build_groups(plan: Plan, timeout_s: float) -> Groups:
     attn_dp, attn_ranks = mine.get("attn_dp", (None, []))
     exp_dp, exp_ranks = mine.get("expert_dp", (None, []))
     return Groups(rank, world, me["zp_group"], me["local_rank"], list(zp), mine["dispatch"][0], mine["combine"][0],
-                  attn_dp, attn_ranks, exp_dp, exp_ranks, made)
+                  attn_dp, attn_ranks, exp_dp, exp_ranks)
 
 
 def all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group):

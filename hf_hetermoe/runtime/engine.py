@@ -83,7 +83,6 @@ class _Fwd:
     tok: torch.Tensor
     counts: torch.Tensor
     logits: torch.Tensor | None
-    shape: torch.Size
 
 
 @dataclass
@@ -140,7 +139,6 @@ class ZebraEngine:
         self.local = g.local_rank
         self.is_attention = self.local in self.schedule.attention_ranks
         self.actions = self.schedule.actions[self.local]
-        rank_info = plan.ranks[g.rank]
         seqs = {r["rank"]: r.get("sequences", plan.sequences_per_attention_rank) for r in plan.ranks
                 if r["role"] == "attention"}
         self.sequences = seqs.get(g.rank, 0)
@@ -153,6 +151,9 @@ class ZebraEngine:
         self._full_keys = list(model.state_dict().keys())
         self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
         self._place_parameters(model)
+        # What this rank trains, by name (fixed from here on: load_state copies into these tensors).
+        self._attn_params = self._find_attention_params()
+        self._exp_params = self._find_expert_params()
         self.act_dtype = next(iter(self._local_params().values())).dtype
         params = list({id(p): p for p in self._local_params().values()}.values())
         make_opt = _factory(optimizer, "optimizer")
@@ -161,7 +162,6 @@ class ZebraEngine:
         self.lr_scheduler = make_sched(self.optimizer) if make_sched is not None and self.optimizer else None
         self.step = 0  # optimizer steps taken
         self._micro = 0  # train_step calls since the last optimizer step
-        self.rank_info = rank_info
 
     # ------------------------------------------------------------------ setup
     def _check_model(self, plan: Plan) -> None:
@@ -170,8 +170,8 @@ class ZebraEngine:
         if want.get("num_layers") != p.num_layers or want.get("num_experts") != p.num_experts:
             raise ConfigError(
                 f"plan.json is for a model with {want.get('num_layers')} layers and {want.get('num_experts')} "
-                f"experts, "
-                f"this model has {p.num_layers} and {p.num_experts}; re-run `hetermoe plan` with this model's config"
+                f"experts, this model has {p.num_layers} and {p.num_experts}; re-run `hetermoe plan` with this "
+                "model's config"
             )
         sched_moe = [bool(d) for d in plan.placement]
         model_moe = [p.is_moe(li) for li in range(p.num_layers)]
@@ -228,19 +228,16 @@ class ZebraEngine:
 
     def _local_params(self) -> dict[str, nn.Parameter]:
         """name -> parameter this rank trains (expert parameters are this rank's slice)."""
-        out: dict[str, nn.Parameter] = {}
-        out.update(self._attention_params())
-        out.update(self._expert_params())
-        return out
+        return {**self._attn_params, **self._exp_params}
 
-    def _attention_params(self) -> dict[str, nn.Parameter]:
+    def _find_attention_params(self) -> dict[str, nn.Parameter]:
         if not self.is_attention:
             return {}
         skip = {n for n in self.parts.expert_names if n}
         return {n: q for n, q in self.parts.model.named_parameters()
                 if not any(n.startswith(s + ".") for s in skip)}
 
-    def _expert_params(self) -> dict[str, nn.Parameter]:
+    def _find_expert_params(self) -> dict[str, nn.Parameter]:
         out = {}
         for li, ids in enumerate(self.my_experts):
             if ids:
@@ -305,7 +302,7 @@ class ZebraEngine:
                 current = act
                 if act.kind == "grad_sync":
                     if boundary:
-                        params = self._attention_params() if act.group == "attn_dp" else self._expert_params()
+                        params = self._attn_params if act.group == "attn_dp" else self._exp_params
                         group = self.groups.attn_dp if act.group == "attn_dp" else self.groups.expert_dp
                         all_reduce_grads(list(params.values()), group)
                     continue
@@ -390,10 +387,9 @@ class ZebraEngine:
         if self.max_grad_norm is not None:
             sq = torch.zeros((), dtype=torch.float64, device=self.device)
             if self.is_attention and self.groups.rank == self.attention_ranks_global[0]:
-                sq += sum(q.grad.double().pow(2).sum() for q in self._attention_params().values()
-                          if q.grad is not None)
+                sq += sum(q.grad.double().pow(2).sum() for q in self._attn_params.values() if q.grad is not None)
             if self.groups.zp_group == 0:
-                sq += sum(q.grad.double().pow(2).sum() for q in self._expert_params().values() if q.grad is not None)
+                sq += sum(q.grad.double().pow(2).sum() for q in self._exp_params.values() if q.grad is not None)
             dist.all_reduce(sq)
             norm = float(sq.sqrt())
             coef = min(self.max_grad_norm / (norm + 1e-6), 1.0)
@@ -433,7 +429,7 @@ class ZebraEngine:
             partial, x_send, w_send, logits, meta, tok, counts = self._maybe_checkpoint(
                 lambda h: self._attention_and_route(li, h, args, kwargs), hidden)
         st.fwd[(li, m)] = _Fwd(partial, partial.detach().requires_grad_(st.train), x_send, w_send, meta, tok, counts,
-                               logits, partial.shape)
+                               logits)
 
     def _maybe_checkpoint(self, fn, hidden):
         if self.checkpointing and torch.is_grad_enabled():
@@ -465,15 +461,12 @@ class ZebraEngine:
         prev = li - 1
         if (li, m) not in st.inp:  # previous layer is MoE: add its routed output now
             f = st.fwd[(prev, m)]
-            (outbuf,), works = st.pending.pop(("combine_fwd", prev, m))
-            for w in works:
-                w.wait()
+            (outbuf,), _ = st.pending.pop(("combine_fwd", prev, m))  # waited for by _wait_inputs
             recv = outbuf.requires_grad_(st.train)
             H = recv.shape[-1]
             rows = f.partial.numel() // H
             routed = torch.zeros(rows, H, dtype=torch.float32, device=recv.device).index_add(0, f.tok, recv.float())
-            split = LayerSplit(None, None, None, partial=f.partial_leaf)
-            split.hidden = recv  # marks the split as MoE for finish()
+            split = LayerSplit(recv, None, None, partial=f.partial_leaf)  # a MoE split, as finish() expects
             out = finish(self.parts.patch, self.parts.layers[prev], split, routed.to(f.partial.dtype))
             st.fin[(prev, m)] = (out, recv)
             st.inp[(li, m)] = out.detach().requires_grad_(st.train)
@@ -505,9 +498,7 @@ class ZebraEngine:
 
     def _expert_fwd(self, act: Action, st: _Step) -> None:
         li, m = act.layer, act.mb
-        (rx, rm), works = st.pending.pop(("dispatch_fwd", li, m))
-        for w in works:
-            w.wait()
+        (rx, rm), _ = st.pending.pop(("dispatch_fwd", li, m))  # waited for by _wait_inputs
         x = rx.requires_grad_(st.train)
         w = rm[:, 1:2].clone().requires_grad_(st.train)
         idx = rm[:, 0:1].long()
@@ -571,9 +562,7 @@ class ZebraEngine:
 
     def _expert_bwd(self, act: Action, st: _Step) -> None:
         li, m = act.layer, act.mb
-        (grad,), works = st.pending.pop(("dispatch_bwd", li, m))
-        for w in works:
-            w.wait()
+        (grad,), _ = st.pending.pop(("dispatch_bwd", li, m))  # waited for by _wait_inputs
         x, w, out = st.experts.pop((li, m))
         if out is not None:
             torch.autograd.backward(out, grad)
@@ -603,9 +592,7 @@ class ZebraEngine:
             out = st.dense_out.pop((li, m))
             torch.autograd.backward(out, st.inp.pop((li + 1, m)).grad)
         else:
-            (gx, gw), works = st.pending.pop(("combine_bwd", li, m))
-            for w in works:
-                w.wait()
+            (gx, gw), _ = st.pending.pop(("combine_bwd", li, m))  # waited for by _wait_inputs
             f = st.fwd.pop((li, m))
             outs = [f.partial, f.x_send, f.w_send]
             grads = [f.partial_leaf.grad, gx.to(f.x_send.dtype), gw.view(-1).to(f.w_send.dtype)]
