@@ -1,21 +1,25 @@
 """Zebra vs EP vs speed-balanced DP on one node, tokens/s of whole training steps (issue 6 benchmark).
 
-    torchrun --nproc_per_node 4 benchmarks/bench_zebra.py --out benchmarks/results        # 4 GPUs
+    torchrun --nproc_per_node 4 benchmarks/bench_zebra.py --out benchmarks/results        # 2 new + 2 old
+    torchrun --nproc_per_node 2 benchmarks/bench_zebra.py --models d1 --seq-lens 4096      # 1 new + 1 old
     NCCL_P2P_DISABLE=1 torchrun ... --links capped                                         # links through host
 
-Ranks 0-1 are full GPUs ("new"); ranks 2-3 are EMULATED older GPUs (hetermoe.emulate preset, default
-``v100-like``: fewer SMs in a green context, memory-efficient SDPA, memory cap). Methods, all on the same engine,
-kernels and model:
+Any even number W of GPUs: the first W/2 ranks are full GPUs ("new"), the last W/2 are EMULATED older GPUs
+(hetermoe.emulate preset, default ``v100-like``: fewer SMs on a green-context stream, memory-efficient SDPA,
+memory cap). Methods, all on the same engine, kernels and model:
 
-* ``zebra``: attention on ranks 0-1, routed experts on ranks 2-3, R micro-batches (zebra schedule);
+* ``zebra``: attention on the new ranks, routed experts on the old ones, R micro-batches (zebra schedule);
 * ``zebra+asym``: the same with ``--asym`` experts of every layer moved to the attention ranks (Asym-EA);
-* ``EP``: every rank runs attention on an equal batch and holds E/4 experts;
+* ``planned``: whatever ``hetermoe.planner.make_plan`` picks for this cluster from its built-in preset profiles
+  (roles, R, Asym-EA per layer): what ``hetermoe launch --cluster`` would run;
+* ``EP``: every rank runs attention on an equal batch and holds E/W experts;
 * ``DP``: speed-balanced data parallelism (each rank the whole model, batch proportional to its measured speed);
-* ``EP (4 full)``: EP with no emulation, the homogeneous reference.
+* ``EP-full``: EP with no emulation on all W GPUs, the homogeneous reference (CSV method ``EP (W full)``).
 
-Writes ``zebra_<device>.csv`` (one row per method, model and sequence length), a measured timeline PNG of one
-zebra step (CUDA events per action and rank) beside the simulator's prediction for the same plan, and the
-simulator's error.
+Writes ``zebra_<device>[_w<W>][_<links>].csv`` (one row per method, model and sequence length; rows of earlier
+runs with other keys are kept, so one configuration per torchrun call builds up one table), a measured timeline
+PNG of one zebra step (CUDA events per action and rank) beside the simulator's prediction for the same plan,
+and the simulator's error.
 """
 
 from __future__ import annotations
@@ -63,9 +67,10 @@ def build(name: str, seq_len: int, experts: str):
     return model
 
 
-def devices(emulate: str | None) -> list[str]:
+def devices(emulate: str | None, world: int) -> list[str]:
     host = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return [host, host] + ([f"{host} [emulated {emulate}]"] * 2 if emulate else [host, host])
+    half = world // 2
+    return [host] * half + ([f"{host} [emulated {emulate}]"] * half if emulate else [host] * half)
 
 
 def run(plan, name, seq_len, experts, steps, warmup, timeline=False):
@@ -91,6 +96,38 @@ def run(plan, name, seq_len, experts, steps, warmup, timeline=False):
     return results
 
 
+def planned(cfg, world: int, seq_len: int, seqs: int, emulate: str | None):
+    """The plan ``hetermoe launch --cluster`` would make for W/2 host GPUs + W/2 emulated ones."""
+    from hf_hetermoe.planner import ClusterConfig, make_plan
+
+    host, half = devices(None, world)[0], world // 2
+    host = "NVIDIA H100 80GB HBM3" if host == "cpu" else host  # CPU smoke run: plan as if on H100s
+    old = {"device": host, "count": half, **({"emulate": emulate} if emulate else {})}
+    gpus = [{"device": host, "count": half}, old]
+    cluster = ClusterConfig.from_dict({"nodes": [{"name": "n0", "gpus": gpus}],
+                                       "training": {"seq_len": seq_len, "global_batch_sequences": seqs,
+                                                    "max_micro_batches": 4}})
+    return make_plan(cfg, cluster).plan
+
+
+def link_gbps(world: int, mib: int = 64) -> float:
+    """Measured all_to_all_single bandwidth (GB/s each rank sends) with this job's NCCL settings, for the CSV."""
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    x = torch.empty(mib * 2**20 // 2, dtype=torch.bfloat16, device=dev)
+    y = torch.empty_like(x)
+    for _ in range(2):
+        dist.all_to_all_single(y, x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        dist.all_to_all_single(y, x)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    sent = x.numel() * 2 * (world - 1) / world * 5
+    return sent / (time.perf_counter() - t) / 1e9
+
+
 def summarise(results) -> dict:
     secs = sorted(r.seconds for r in results)[len(results) // 2]
     tokens = results[0].tokens
@@ -99,15 +136,16 @@ def summarise(results) -> dict:
             "util": [b / secs for b in busy]}
 
 
-def simulate(plan, name, seq_len, emulate, host):
+def simulate(plan, name, seq_len, emulate, host, world):
     """The simulator's prediction for ``plan`` with preset profiles of the host and the emulated kind."""
     from hf_hetermoe.planner import ClusterConfig, CostModel, ZPLayout, model_dims, preset_profiles
     from hf_hetermoe.planner.simulator import simulate_layout
 
+    half = world // 2
     cluster = ClusterConfig.from_dict({
-        "nodes": [{"name": "n0", "gpus": [{"device": host, "count": 2},
-                                          {"device": host, "count": 2, "emulate": emulate}]}],
-        "training": {"seq_len": seq_len, "global_batch_sequences": plan.sequences_per_attention_rank * 2,
+        "nodes": [{"name": "n0", "gpus": [{"device": host, "count": half},
+                                          {"device": host, "count": half, "emulate": emulate}]}],
+        "training": {"seq_len": seq_len, "global_batch_sequences": plan.sequences_per_attention_rank * half,
                      "max_micro_batches": 8}})
     dims = model_dims(config(name, seq_len))
     cost = CostModel(dims, cluster, preset_profiles(cluster.kinds(), dims, seq_len))
@@ -131,7 +169,8 @@ def plot_measured(events_by_rank: list[list[dict]], path: Path, title: str) -> N
             ax.barh(r, e["end_ms"] - e["start_ms"], left=e["start_ms"], color=colors.get(e["kind"], "#999"),
                     edgecolor="none", height=0.7)
     ax.set_yticks(range(len(events_by_rank)))
-    ax.set_yticklabels([f"rank {r}" + (" (emulated)" if r >= 2 else "") for r in range(len(events_by_rank))])
+    half = len(events_by_rank) // 2
+    ax.set_yticklabels([f"rank {r}" + (" (emulated)" if r >= half else "") for r in range(len(events_by_rank))])
     ax.invert_yaxis()
     ax.set_xlabel("ms (CUDA events on each rank's compute stream; ranks' clocks aligned at step start)")
     ax.set_title(title, fontsize=9)
@@ -148,14 +187,17 @@ def main() -> None:
     ap.add_argument("--models", default="d1,d1-large")
     ap.add_argument("--seq-lens", default="4096,16384,32768")
     ap.add_argument("--large-seq-lens", default="4096,16384", help="sequence lengths for the models after the first")
-    ap.add_argument("--tokens", type=int, default=131072, help="tokens per step (global batch)")
+    ap.add_argument("--tokens", type=int, default=0, help="tokens per step (global batch); 0: 16384 per GPU")
     ap.add_argument("--emulate", default="v100-like")
     ap.add_argument("--asym", type=int, default=2, help="experts per layer moved to attention ranks (zebra+asym)")
     ap.add_argument("--experts", default="hetermoe", help="experts implementation: hetermoe, grouped_mm, ...")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--links", default="nvlink", help="label for the CSV (nvlink, or capped with NCCL_P2P_DISABLE=1)")
-    ap.add_argument("--methods", default="zebra,zebra+asym,EP,DP,EP (4 full)")
+    ap.add_argument("--timeline-seq", type=int, default=16384, help="seq_len of the first model whose zebra step "
+                    "is drawn (measured and simulated timeline PNGs)")
+    ap.add_argument("--timeline-model", default="d1", help="model whose zebra step is drawn")
+    ap.add_argument("--methods", default="zebra,zebra+asym,planned,EP,EP-full,DP")
     args = ap.parse_args()
     if os.environ.get("BENCH_DUMP_AFTER"):  # print every thread's stack and exit if the run hangs
         import faulthandler
@@ -166,56 +208,70 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if not smoke:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    assert world == 4, "bench_zebra runs on 4 GPUs (2 new + 2 emulated)"
+    if world < 2 or world % 2:
+        raise SystemExit(f"bench_zebra needs an even number of ranks (half new, half emulated); got {world}")
+    half = world // 2
+    args.tokens = args.tokens or 16384 * world
     host = torch.cuda.get_device_name() if not smoke else "cpu"
     if smoke:
         args.emulate = None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = host.lower().replace("nvidia ", "").replace(" ", "_")
+    tag = (slug if world == 4 else f"{slug}_w{world}") + ("" if args.links == "nvlink" else f"_{args.links}")
     rows = []
     methods = args.methods.split(",")
+    gbps = link_gbps(world)
+    if rank == 0:
+        print(f"{world} ranks, all_to_all {gbps:.1f} GB/s per rank ({args.links})", flush=True)
     date = dt.date.today().isoformat()
     for mi, name in enumerate(args.models.split(",")):
         seq_lens = args.seq_lens if mi == 0 else args.large_seq_lens
         for seq_len in [int(s) for s in seq_lens.split(",")]:
-            seqs = max(args.tokens // seq_len, 4)
-            per_attn = seqs // 2
+            seqs = max(args.tokens // seq_len, world)
+            per_attn = seqs // half
             R = min(per_attn, 4)
             cfg = config(name, seq_len)
+            emu, full = devices(args.emulate, world), devices(None, world)
             plans = {
-                "zebra": zebra_plan(cfg, 2, 2, micro_batches=R, sequences_per_attention_rank=per_attn,
-                                    seq_len=seq_len, devices=devices(args.emulate)),
-                "zebra+asym": zebra_plan(cfg, 2, 2, micro_batches=R, sequences_per_attention_rank=per_attn,
-                                         seq_len=seq_len, devices=devices(args.emulate),
+                "zebra": zebra_plan(cfg, half, half, micro_batches=R, sequences_per_attention_rank=per_attn,
+                                    seq_len=seq_len, devices=emu),
+                "zebra+asym": zebra_plan(cfg, half, half, micro_batches=R, sequences_per_attention_rank=per_attn,
+                                         seq_len=seq_len, devices=emu,
                                          asym_ea={li: args.asym for li in range(cfg.num_hidden_layers)}),
-                "EP": ep_plan(cfg, 4, sequences_per_rank=seqs // 4, seq_len=seq_len, devices=devices(args.emulate)),
-                "EP (4 full)": ep_plan(cfg, 4, sequences_per_rank=seqs // 4, seq_len=seq_len, devices=devices(None)),
+                "EP": ep_plan(cfg, world, sequences_per_rank=seqs // world, seq_len=seq_len, devices=emu),
+                "EP-full": ep_plan(cfg, world, sequences_per_rank=seqs // world, seq_len=seq_len, devices=full),
             }
             for method in methods:
                 t0 = time.time()
-                if method == "DP":
+                if method == "planned":
+                    plan = planned(cfg, world, seq_len, seqs, args.emulate)
+                    if rank == 0:
+                        layer0 = {k: len(v) for k, v in (plan.placement[0] if plan.placement else {}).items()}
+                        print(f"  planned: R={plan.micro_batches}, roles {[r['role'] for r in plan.ranks]}, "
+                              f"experts per local rank in layer 0 {layer0}", flush=True)
+                elif method == "DP":
                     # speed-balanced: measure one sequence per rank, then split the batch by speed
-                    probe = run(dp_plan(cfg, [1, 1, 1, 1], seq_len, devices(args.emulate)), name, seq_len,
-                                args.experts, 1, 1)
+                    probe = run(dp_plan(cfg, [1] * world, seq_len, emu), name, seq_len, args.experts, 1, 1)
                     speed = [1.0 / max(b, 1e-9) for b in probe[-1].busy_s]
                     share = [max(1, round(seqs * s / sum(speed))) for s in speed]
                     share[0] += seqs - sum(share)
-                    plan = dp_plan(cfg, share, seq_len, devices(args.emulate))
+                    plan = dp_plan(cfg, share, seq_len, emu)
                 else:
                     plan = plans[method]
-                lens = seq_lens.split(",")
-                pick = lens[-1 if smoke else min(1, len(lens) - 1)]
-                timeline = method == "zebra" and mi == 0 and seq_len == int(pick)
+                pick = int(seq_lens.split(",")[-1]) if smoke else args.timeline_seq
+                timeline = method == "zebra" and name == args.timeline_model and seq_len == pick
                 res = run(plan, name, seq_len, args.experts, args.steps, args.warmup, timeline)
                 s = summarise(res)
-                row = {"model": name, "seq_len": seq_len, "method": method, "tokens_per_step": s["tokens"],
+                label = f"EP ({world} full)" if method == "EP-full" else method
+                row = {"model": name, "seq_len": seq_len, "method": label, "tokens_per_step": s["tokens"],
                        "step_ms": round(s["step_ms"], 2), "tokens_per_s": round(s["tokens_per_s"]),
                        "util": " ".join(f"{u:.2f}" for u in s["util"]), "R": plan.micro_batches,
                        "batch_split": " ".join(str(r.get("sequences", plan.sequences_per_attention_rank)
                                                    if r["role"] == "attention" else 0) for r in plan.ranks),
-                       "links": args.links, "experts": args.experts, "device": host,
-                       "emulated": f"ranks 2-3 {args.emulate}" if method != "EP (4 full)" and args.emulate else "none",
+                       "links": args.links, "link_GBps": round(gbps, 1), "experts": args.experts, "device": host,
+                       "gpus": world, "emulated": (f"ranks {half}-{world - 1} EMULATED {args.emulate}"
+                                                   if method != "EP-full" and args.emulate else "none"),
                        "torch": torch.__version__, "date": date}
                 if timeline:
                     gathered = [None] * world
@@ -223,32 +279,42 @@ def main() -> None:
                     if rank == 0 and smoke:
                         plot_measured(gathered, out / "zebra_timeline_measured_smoke.png", "smoke")
                     if rank == 0 and not smoke:
-                        sim = simulate(plan, name, seq_len, args.emulate, host)
+                        sim = simulate(plan, name, seq_len, args.emulate, host, world)
                         err = (sim.step_ms - s["step_ms"]) / s["step_ms"]
                         row["simulated_step_ms"] = round(sim.step_ms, 2)
                         row["simulator_error"] = f"{err:+.1%}"
                         title = (f"measured zebra step, {name} seq {seq_len}, R={plan.micro_batches}, {host}; "
-                                 f"ranks 2-3 EMULATED {args.emulate}; step {s['step_ms']:.1f} ms (simulator "
-                                 f"{sim.step_ms:.1f} ms, error {err:+.1%})")
-                        plot_measured(gathered, out / f"zebra_timeline_measured_{slug}.png", title)
+                                 f"ranks {half}-{world - 1} EMULATED {args.emulate}; step {s['step_ms']:.1f} ms "
+                                 f"(simulator {sim.step_ms:.1f} ms, error {err:+.1%})")
+                        plot_measured(gathered, out / f"zebra_timeline_measured_{tag}.png", title)
                         from hf_hetermoe.planner.trace import write_timeline_png
 
-                        write_timeline_png(sim, out / f"zebra_timeline_simulated_{slug}.png",
+                        write_timeline_png(sim, out / f"zebra_timeline_simulated_{tag}.png",
                                            title=f"simulated (preset profiles), same plan: {sim.step_ms:.1f} ms")
-                        (out / f"zebra_timeline_{slug}.json").write_text(json.dumps(gathered))
+                        (out / f"zebra_timeline_{tag}.json").write_text(json.dumps(gathered))
                 if rank == 0:
-                    print(f"{name} S={seq_len} {method:12s} {row['tokens_per_s']:>9} tok/s  step {row['step_ms']} ms  "
+                    print(f"{name} S={seq_len} {label:12s} {row['tokens_per_s']:>9} tok/s  step {row['step_ms']} ms  "
                           f"util {row['util']}  ({time.time() - t0:.0f}s)", flush=True)
                 rows.append(row)
                 if rank == 0:
-                    write_csv(rows, out, slug, args.links)
+                    write_csv(rows, out / f"zebra_{tag}.csv")
     dist.destroy_process_group()
 
 
-def write_csv(rows: list[dict], out: Path, slug: str, links: str) -> None:
-    """Rewrite the whole CSV atomically after every row, so a cut-off run keeps what it measured."""
-    path = out / f"zebra_{slug}{'' if links == 'nvlink' else '_' + links}.csv"
-    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
+def write_csv(rows: list[dict], path: Path) -> None:
+    """Rewrite the CSV atomically after every row, so a cut-off run keeps what it measured. Rows already in the
+    file for other (model, seq_len, method) keys are kept; this run's rows replace those with the same key."""
+    def key(r):
+        return (r["model"], str(r["seq_len"]), r["method"])
+
+    mine = {key(r) for r in rows}
+    old = []
+    if path.exists():
+        with open(path, newline="") as f:
+            old = [r for r in csv.DictReader(f) if key(r) not in mine]
+    rows = old + rows
+    first = max(rows, key=len)
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(first).index(k) if k in first else 99)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

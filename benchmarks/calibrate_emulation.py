@@ -1,10 +1,12 @@
 """Calibrate hetermoe.emulate presets on this GPU (CUDA only; run on an H100/H200).
 
 For each SM share in a grid and each preset's SDPA backend, measure an expert FFN (plain bf16 matmuls) and
-causal attention at 64K tokens; then pick each preset's SM share so the ratios between presets match the
-published ones (A40/V100: 1.25x FFN; L40S/T4: 7x FFN; attention ratios are reported next to their targets:
-A40/V100 ~3.7x at 64K tokens, L40S/T4 10-14x). Writes benchmarks/results/emulation_calibration_<gpu>.json,
-which `hetermoe.emulate.load_calibration` applies. All figures are of EMULATED GPUs.
+causal attention at 64K tokens; then pick the faster preset of each published pair its SM share so the FFN
+ratio matches (A40/V100: 1.25x; L40S/T4: 7x) and its attention share (``attn_sm_fraction``, a second green
+context for SDPA) so the attention ratio matches (A40/V100 ~3.7x at 64K tokens, L40S/T4 10-14x). The chosen
+presets are then measured as they run (attention on its own stream) with forward and autograd backward, to
+check that the backward keeps the SM limit. Writes benchmarks/results/emulation_calibration_<gpu>.json, which
+`hetermoe.emulate.load_calibration` applies. All figures are of EMULATED GPUs.
 
 Every SDPA backend is run once at the measured shape OUTSIDE any green context before the grid: cuDNN attention
 first run inside a green context keeps that context's SMs for later calls of the same shape (the 2026-11-22
@@ -20,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -109,6 +112,28 @@ def sdpa_check(gpu: str) -> int:
     return 0
 
 
+def train_gemm_ms() -> dict[str, float]:
+    """Forward and backward of a bf16 linear layer through autograd (backward runs on autograd's own thread)."""
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    y = x @ w.t()
+    dy = torch.randn_like(y)
+    fwd = time_ms(lambda: x @ w.t())
+    bwd = time_ms(lambda: torch.autograd.grad(y, (x, w), dy, retain_graph=True))
+    return {"fwd_ms": fwd, "bwd_ms": bwd}
+
+
+def train_attn_ms(tokens: int = 16384) -> dict[str, float]:
+    """Causal SDPA forward and backward through autograd (the backward of the attention-stream path)."""
+    q, k, v = (torch.randn(1, 8, tokens, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    do = torch.randn_like(o)
+    fwd = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), warmup=2, reps=5)
+    bwd = time_ms(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), warmup=2, reps=5)
+    return {"fwd_ms": fwd, "bwd_ms": bwd}
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("calibrate_emulation.py needs a CUDA GPU (green contexts); none is visible", file=sys.stderr)
@@ -117,32 +142,64 @@ def main() -> int:
     if "--sdpa-check" in sys.argv[1:]:
         return sdpa_check(gpu)
     warm_sdpa()
-    rows = []
+    # 1. The grid: FFN and 64K-token attention at every SM share, for each distinct SDPA backend list.
+    rows, by_backends = [], {}
     for name, preset in PRESETS.items():
+        key = preset.sdpa_backends
+        if key in by_backends:  # same kernels as an earlier preset: reuse its rows
+            rows += [{**r, "preset": name, "label": r["label"].replace(by_backends[key], name)}
+                     for r in rows if r["preset"] == by_backends[key]]
+            continue
+        by_backends[key] = name
         for share in GRID:
-            p = preset.__class__(**{**preset.__dict__, "sm_fraction": share})
-            with emulate(p) as info:
+            with emulate(replace(preset, sm_fraction=share, attn_sm_fraction=0.0)) as info:
                 row = {"preset": name, "sm_fraction": share, "num_sms": info["num_sms"],
-                       "sdpa_backends": list(p.sdpa_backends), "ffn_ms": ffn_ms(), "attn64k_ms": attn_ms(),
+                       "sdpa_backends": list(preset.sdpa_backends), "ffn_ms": ffn_ms(), "attn64k_ms": attn_ms(),
                        "label": info["label"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    # 2. Choose: the faster preset's SM share matches the FFN ratio, then its attention share the attention ratio
+    #    (one share cannot do both: FlashAttention-2 per SM on a Hopper host is not FA2 per SM on an A40).
     by = {(r["preset"], r["sm_fraction"]): r for r in rows}
-    chosen = {n: {"sm_fraction": p.sm_fraction, "sdpa_backends": list(p.sdpa_backends)} for n, p in PRESETS.items()}
-    report = {}
+    chosen = {n: {"sm_fraction": p.sm_fraction, "attn_sm_fraction": p.attn_sm_fraction,
+                  "sdpa_backends": list(p.sdpa_backends)} for n, p in PRESETS.items()}
     for name, (ref, ffn_target, attn_target) in TARGETS.items():
         base = by[(ref, PRESETS[ref].sm_fraction)]
-        best = min((r for r in rows if r["preset"] == name),
-                   key=lambda r: abs(base["ffn_ms"] / r["ffn_ms"] - ffn_target))
+        mine = [r for r in rows if r["preset"] == name]
+        best = min(mine, key=lambda r: abs(base["ffn_ms"] / r["ffn_ms"] - ffn_target))
+        attn = min(mine, key=lambda r: abs(base["attn64k_ms"] / r["attn64k_ms"] - attn_target))
         chosen[name]["sm_fraction"] = best["sm_fraction"]
-        report[name] = {"vs": ref, "ffn_ratio": base["ffn_ms"] / best["ffn_ms"], "ffn_target": ffn_target,
-                        "attn_ratio": base["attn64k_ms"] / best["attn64k_ms"], "attn_target": attn_target}
+        chosen[name]["attn_sm_fraction"] = 0.0 if attn["sm_fraction"] == best["sm_fraction"] else attn["sm_fraction"]
+    # 3. Check the chosen presets as they will run (attention on its own green stream where the share differs),
+    #    and that autograd's backward keeps the SM limit (it runs on another thread).
+    final = {n: replace(PRESETS[n], sm_fraction=c["sm_fraction"], attn_sm_fraction=c["attn_sm_fraction"])
+             for n, c in chosen.items()}
+    checked, report = {"full GPU": {"gemm": train_gemm_ms(), "attn16k": train_attn_ms()}}, {}
+    print(json.dumps(checked), flush=True)
+    for name in sorted({n for pair in TARGETS.items() for n in (pair[0], pair[1][0])}):
+        with emulate(final[name]) as info:
+            checked[name] = {"num_sms": info["num_sms"], "attn_num_sms": info["attn_num_sms"], "ffn_ms": ffn_ms(),
+                             "attn64k_ms": attn_ms(), "gemm": train_gemm_ms(), "attn16k": train_attn_ms(),
+                             "label": info["label"]}
+        print(json.dumps({name: checked[name]}), flush=True)
+    for name, (ref, ffn_target, attn_target) in TARGETS.items():
+        a, b = checked[name], checked[ref]
+        report[name] = {"vs": ref, "ffn_ratio": b["ffn_ms"] / a["ffn_ms"], "ffn_target": ffn_target,
+                        "attn_ratio": b["attn64k_ms"] / a["attn64k_ms"], "attn_target": attn_target,
+                        "num_sms": [a["num_sms"], b["num_sms"]],
+                        "attn_num_sms": [a["attn_num_sms"], b["attn_num_sms"]]}
+    full, host_sms = checked["full GPU"]["gemm"], torch.cuda.get_device_properties(0).multi_processor_count
+    backward = {n: {"gemm_fwd_slowdown": c["gemm"]["fwd_ms"] / full["fwd_ms"],
+                    "gemm_bwd_slowdown": c["gemm"]["bwd_ms"] / full["bwd_ms"], "sm_ratio": host_sms / c["num_sms"]}
+                for n, c in checked.items() if n != "full GPU"}
     out = Path("benchmarks/results") / f"emulation_calibration_{gpu.replace(' ', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "date": str(datetime.date.today()),
-                               "emulated": True, "measurements": rows, "chosen": chosen, "ratios": report},
-                              indent=1))
-    print(json.dumps(report, indent=1))
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "date": str(datetime.date.today()),
+                               "emulated": True, "measurements": rows, "chosen": chosen, "ratios": report,
+                               "checked": checked, "backward_keeps_limit": backward}, indent=1))
+    tmp.replace(out)
+    print(json.dumps({"ratios": report, "backward_keeps_limit": backward}, indent=1))
     print(f"wrote {out}")
     return 0
 

@@ -130,8 +130,8 @@ def distribute(
                          gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
                          activation_checkpointing=activation_checkpointing, device=device, timeout_s=timeout_s,
                          watchdog=watchdog, record_timeline=record_timeline)
-    # Emulation last: NCCL communicators are created (engine.__init__ warms every group) in the primary CUDA
-    # context; creating one later would make the primary context current again and silently end the green context.
+    # Emulation last: every NCCL communicator exists by now (engine.__init__ warms each group), so none is set up
+    # from inside the emulation; from here this rank's kernels go to its green-context stream.
     stack = contextlib.ExitStack()
     stack.enter_context(_emulation(plan, rank, device))
     engine._exit_stack = stack
