@@ -196,7 +196,8 @@ def main() -> None:
     ap.add_argument("--links", default="nvlink", help="label for the CSV (nvlink, or capped with NCCL_P2P_DISABLE=1)")
     ap.add_argument("--timeline-seq", type=int, default=16384, help="seq_len of the first model whose zebra step "
                     "is drawn (measured and simulated timeline PNGs)")
-    ap.add_argument("--timeline-model", default="d1", help="model whose zebra step is drawn")
+    ap.add_argument("--timeline-model", default="d1", help="model whose step is drawn")
+    ap.add_argument("--timeline-method", default="planned", help="method whose step is drawn")
     ap.add_argument("--methods", default="zebra,zebra+asym,planned,EP,EP-full,DP")
     args = ap.parse_args()
     if os.environ.get("BENCH_DUMP_AFTER"):  # print every thread's stack and exit if the run hangs
@@ -260,7 +261,7 @@ def main() -> None:
                 else:
                     plan = plans[method]
                 pick = int(seq_lens.split(",")[-1]) if smoke else args.timeline_seq
-                timeline = method == "zebra" and name == args.timeline_model and seq_len == pick
+                timeline = method == args.timeline_method and name == args.timeline_model and seq_len == pick
                 res = run(plan, name, seq_len, args.experts, args.steps, args.warmup, timeline)
                 s = summarise(res)
                 label = f"EP ({world} full)" if method == "EP-full" else method
@@ -283,7 +284,7 @@ def main() -> None:
                         err = (sim.step_ms - s["step_ms"]) / s["step_ms"]
                         row["simulated_step_ms"] = round(sim.step_ms, 2)
                         row["simulator_error"] = f"{err:+.1%}"
-                        title = (f"measured zebra step, {name} seq {seq_len}, R={plan.micro_batches}, {host}; "
+                        title = (f"measured {method} step, {name} seq {seq_len}, R={plan.micro_batches}, {host}; "
                                  f"ranks {half}-{world - 1} EMULATED {args.emulate}; step {s['step_ms']:.1f} ms "
                                  f"(simulator {sim.step_ms:.1f} ms, error {err:+.1%})")
                         plot_measured(gathered, out / f"zebra_timeline_measured_{tag}.png", title)

@@ -79,14 +79,17 @@ class EmulationPreset:
 
 
 # Targets (published): A40/V100 ~1.25x expert FFN and ~3.7x attention at 64K tokens; L40S/T4 ~7x MLP and
-# 10-14x attention. Starting points from FACTS.md GEMM-vs-SM figures; calibration refines sm_fraction.
+# 10-14x attention. SM shares from benchmarks/results/emulation_calibration_NVIDIA_H200.json (2026-11-22, H200,
+# torch 2.11): A40/V100 1.24x FFN, 3.52x attention; L40S/T4 6.83x FFN, 12.2x attention.
 PRESETS: dict[str, EmulationPreset] = {
     p.name: p
     for p in (
         EmulationPreset("v100-like", 0.25, ("efficient", "math"), 32, 20.0, "Tesla V100 32GB: no FlashAttention"),
-        EmulationPreset("a40-like", 0.31, ("flash", "efficient"), 48, 25.0, "A40: 1.25x V100 on GEMM"),
+        EmulationPreset("a40-like", 0.31, ("flash", "efficient"), 48, 25.0, "A40: 1.25x V100 GEMM, 3.7x attention",
+                        attn_sm_fraction=0.4375),
         EmulationPreset("t4-like", 0.0625, ("efficient", "math"), 16, 12.0, "T4: no FlashAttention"),
-        EmulationPreset("l40s-like", 0.44, ("flash", "efficient"), 48, 25.0, "L40S: ~7x T4 on MLP"),
+        EmulationPreset("l40s-like", 0.44, ("flash", "efficient"), 48, 25.0, "L40S: ~7x T4 MLP, 10-14x attention",
+                        attn_sm_fraction=0.375),
         EmulationPreset("a100-like", 0.5, ("flash", "efficient"), 80, 250.0, "A100 80GB"),
     )
 }
@@ -210,8 +213,8 @@ def emulate(preset: str | EmulationPreset, device: int | None = None,
     The body's kernels go to a green context's stream (:func:`green_stream`), made the current stream; SDPA
     attention goes to a second one when the preset gives attention its own share. Kernels a library queues on
     a stream of its own (NCCL) keep every SM. Yields a dict describing the emulation (preset, SMs, memory cap,
-    label) to store with any measurement. The memory fraction stays set after exit (CUDA cannot give it back);
-    the streams and the SDPA restriction are undone.
+    label) to store with any measurement. On exit the memory cap, the current stream and the SDPA restriction
+    are restored (memory the body still holds stays allocated).
     """
     import torch
 
@@ -227,6 +230,7 @@ def emulate(preset: str | EmulationPreset, device: int | None = None,
         raise HeterMoEError(f"this torch ({torch.__version__}) has no torch.cuda.green_contexts") from err
     sms = p.num_sms(props.multi_processor_count)
     attn_sms = p.attn_num_sms(props.multi_processor_count)
+    before = torch.cuda.get_per_process_memory_fraction(device)
     torch.cuda.set_per_process_memory_fraction(min(p.memory_gib / total_gib, 1.0), device)
     stream = green_stream(device, sms)
     attn_stream = green_stream(device, attn_sms) if attn_sms != sms else None
@@ -246,3 +250,4 @@ def emulate(preset: str | EmulationPreset, device: int | None = None,
             yield info
     finally:
         caller.wait_stream(stream)
+        torch.cuda.set_per_process_memory_fraction(before, device)
