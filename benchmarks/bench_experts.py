@@ -159,6 +159,10 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             torch.cuda.synchronize()
             first_call_s = time.perf_counter() - began
             peak_extra = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+            # What every provider must hold at the end anyway (dx, d weights, every parameter's gradient): the
+            # part of the peak no implementation can save (the weight gradients alone are 0.8x grouped_mm's peak
+            # on Mixtral at T=4096).
+            grads_gib = sum(g.numel() * g.element_size() for g in grads) / 2**30
             max_err = float("nan")
             if provider != "dense_roof":
                 check = [fwd().detach(), *[g.detach() for g in grads]]
@@ -192,6 +196,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
             fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
             peak_extra_gib=round(peak_extra, 3),
+            grads_gib=round(grads_gib, 3),
             max_rel_err_vs_fp32=f"{max_err:.1e}",
             first_call_s=round(first_call_s, 2),
         )
@@ -199,13 +204,38 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
         results[provider] = row
         print(
             f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
-            f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB  "
-            f"first call {first_call_s:.1f} s",
+            f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB "
+            f"(gradients {grads_gib:.2f})  first call {first_call_s:.1f} s",
             flush=True,
         )
+        if args.profile and provider == "hetermoe":
+            print_kernel_times(fwd_bwd)
     del module
     torch.cuda.empty_cache()
     return results
+
+
+def print_kernel_times(fn) -> None:
+    """Every GPU kernel of one call of ``fn`` in launch order, with its time (torch.profiler; a warm call first)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        kernels = sorted(
+            (e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start
+        )
+    except Exception as err:  # noqa: BLE001  (a diagnostic: never lose the benchmark to it)
+        print(f"  profile failed: {type(err).__name__}: {err}")
+        return
+    total = sum(e.time_range.elapsed_us() for e in kernels)
+    print(f"  kernels of one fwd+bwd call ({len(kernels)}, {total / 1e3:.3f} ms busy):")
+    for e in kernels:
+        print(f"    {e.time_range.elapsed_us():9.1f} us  {e.name[:100]}")
 
 
 def _migrate_header(csv_path: Path, current: list[str]) -> None:
@@ -270,6 +300,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--profile", action="store_true", help="print hetermoe's kernels of one fwd+bwd, timed")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_experts.py needs a CUDA GPU")
@@ -298,7 +329,7 @@ def main(argv=None):
     fields = [
         *meta,
         *("shape", "H", "I", "E", "k", "T", "dtype", "provider", "fwd_ms", "fwd_bwd_ms", "fwd_tflops"),
-        *("fwd_bwd_tflops", "peak_extra_gib", "max_rel_err_vs_fp32", "first_call_s"),
+        *("fwd_bwd_tflops", "peak_extra_gib", "grads_gib", "max_rel_err_vs_fp32", "first_call_s"),
     ]
     _migrate_header(csv_path, fields)
     new = not csv_path.exists()

@@ -131,7 +131,9 @@ def _(
     return x.new_empty(x.shape), x.new_empty(order.shape[0], n1)
 
 
-@torch.library.custom_op("hetermoe::experts_backward", mutates_args=())
+# The Triton backward overwrites the saved pre-activations ``gu`` with their gradient (declared, so that
+# torch.compile's functionalisation and autograd's version counter know): one [S, N1] buffer fewer at the peak.
+@torch.library.custom_op("hetermoe::experts_backward", mutates_args=("gu",))
 def experts_backward_op(
     dout: torch.Tensor,
     x: torch.Tensor,
@@ -187,7 +189,10 @@ def _(dout, x, w1, w2, b1, b2, top_k_weights, *args):
 
 class MoEExpertsFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Saves ``x``, the weights, the routing and the pre-activations
-    ``gu [S, N1]``; ``h`` and every ``[S, H]`` intermediate are recomputed or transient."""
+    ``gu [S, N1]``; ``h`` and every ``[S, H]`` intermediate are recomputed or transient.
+
+    The backward reuses ``gu``'s storage for its gradient, so one graph can be backpropagated once: a second
+    backward (``retain_graph=True``) raises instead of returning wrong gradients."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m, backend):
@@ -205,11 +210,24 @@ class MoEExpertsFunction(torch.autograd.Function):
         ctx.save_for_backward(x, w1, w2, b1, b2, top_k_weights, gu, *routing)
         ctx.flags = flags
         ctx.mark_non_differentiable(gu)
+        # gu never receives a gradient: without this autograd would allocate (and zero) an [S, N1] tensor for it.
+        ctx.set_materialize_grads(False)
         return out, gu
 
     @staticmethod
     def backward(ctx, dout, _dgu):
-        x, w1, w2, b1, b2, top_k_weights, gu, *routing = ctx.saved_tensors
+        if dout is None:  # no gradient reached the output (gu never has one)
+            return (None,) * 10
+        try:
+            x, w1, w2, b1, b2, top_k_weights, gu, *routing = ctx.saved_tensors
+        except RuntimeError as err:
+            if "inplace" not in str(err):
+                raise
+            raise RuntimeError(
+                "hetermoe experts: a saved tensor was modified; most likely this graph was already backpropagated "
+                "once (the first backward reuses the saved pre-activations' memory for their gradient): run the "
+                "forward again instead of using retain_graph=True"
+            ) from err
         dx, dweights, dw1, dw2, db1, db2 = experts_backward_op(
             dout, x, w1, w2, b1, b2, top_k_weights, gu, *routing, *ctx.flags
         )

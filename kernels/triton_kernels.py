@@ -169,20 +169,22 @@ def _gather_gemm_kernel(
 @triton.jit
 def _combine_kernel(
     y_ptr, stride_ym, stride_yn,  # Y [S, N] in sorted order
-    inverse_ptr, w_ptr, top_k,  # inverse [T*k], w [T*k] routing weights
+    inverse_ptr, w_ptr,  # inverse [T*k], w [T*k] routing weights
     out_ptr, stride_om, stride_on,  # out [T, N]
     N,
-    HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # The slot loop is unrolled (TOP_K is a compile-time constant): the k index loads, then the k row loads, are
+    # all in flight at once instead of k dependent round trips per program.
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for j in range(0, top_k):
-        row = tl.load(inverse_ptr + token * top_k + j).to(tl.int64)
+    for j in tl.static_range(TOP_K):
+        row = tl.load(inverse_ptr + token * TOP_K + j).to(tl.int64)
         y = tl.load(y_ptr + row * stride_ym + offs_n * stride_yn, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
-            y = y * tl.load(w_ptr + token * top_k + j).to(tl.float32)
+            y = y * tl.load(w_ptr + token * TOP_K + j).to(tl.float32)
         acc += y
     tl.store(out_ptr + token * stride_om + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 

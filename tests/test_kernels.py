@@ -31,8 +31,9 @@ def _fwd_bwd(impl, inputs, layout, routing, dout, block_m=None):
     x, index, weights, w1, w2, b1, b2 = inputs
     extra = (block_m,) if block_m is not None else ()
     out, gu = impl.experts_forward(x, w1, w2, b1, b2, weights, routing, layout, *extra)
+    saved = gu.clone()  # the Triton backward overwrites gu with its gradient
     grads = impl.experts_backward(dout, x, w1, w2, b1, b2, weights, routing, gu, layout, *extra)
-    return out, gu, grads
+    return out, saved, grads
 
 
 @requires_triton
@@ -190,3 +191,18 @@ def test_tuning_switches_and_buckets(monkeypatch):
     assert tuning.operand_bytes("gemm", fitted, 128, 2, 2) <= 160 * 1024
     assert fitted["num_stages"] == 2 and fitted["BLOCK_N"] == 256
     assert tuning.fit("gemm", big, 10**9, block_m=128, num_b=2) == big
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+def test_second_backward_through_one_graph_raises():
+    """The backward reuses the saved pre-activations' memory: a second backward must fail loudly, not silently."""
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(9, 16, 16, 3, 2, layout, torch.float32, DEVICE)
+    w1.requires_grad_()
+    loss = moe_experts(x, index, weights, w1, w2, layout=layout, backend="triton").square().sum()
+    (first,) = torch.autograd.grad(loss, [w1], retain_graph=True)
+    assert torch.isfinite(first).all()
+    with pytest.raises(RuntimeError, match="already backpropagated"):
+        torch.autograd.grad(loss, [w1])
+
