@@ -50,6 +50,10 @@ MODELS = {
 }
 
 
+# bf16 weights, bf16 gradients and AdamW's two bf16 moments (the model is built in bf16; no fp32 master copy)
+BYTES_PER_PARAM = 8
+
+
 def config(name: str, seq_len: int) -> MixtralConfig:
     return MixtralConfig(vocab_size=32000, max_position_embeddings=max(seq_len, 4096), output_router_logits=False,
                          **MODELS[name])
@@ -106,7 +110,7 @@ def planned(cfg, world: int, seq_len: int, seqs: int, emulate: str | None):
     gpus = [{"device": host, "count": half}, old]
     cluster = ClusterConfig.from_dict({"nodes": [{"name": "n0", "gpus": gpus}],
                                        "training": {"seq_len": seq_len, "global_batch_sequences": seqs,
-                                                    "max_micro_batches": 4}})
+                                                    "max_micro_batches": 4, "bytes_per_param": BYTES_PER_PARAM}})
     return make_plan(cfg, cluster).plan
 
 
@@ -136,23 +140,35 @@ def summarise(results) -> dict:
             "util": [b / secs for b in busy]}
 
 
-def simulate(plan, name, seq_len, emulate, host, world):
-    """The simulator's prediction for ``plan`` with preset profiles of the host and the emulated kind."""
-    from hf_hetermoe.planner import ClusterConfig, CostModel, ZPLayout, model_dims, preset_profiles
-    from hf_hetermoe.planner.simulator import simulate_layout
+def _cost(name, seq_len, emulate, host, world, seqs):
+    """The planner's cost model of this node: W/2 host GPUs + W/2 emulated ones (preset profiles)."""
+    from hf_hetermoe.planner import ClusterConfig, CostModel, model_dims, preset_profiles
 
     half = world // 2
+    host = "NVIDIA H100 80GB HBM3" if host == "cpu" else host  # CPU smoke run: plan as if on H100s
+    old = {"device": host, "count": half, **({"emulate": emulate} if emulate else {})}
     cluster = ClusterConfig.from_dict({
-        "nodes": [{"name": "n0", "gpus": [{"device": host, "count": half},
-                                          {"device": host, "count": half, "emulate": emulate}]}],
-        "training": {"seq_len": seq_len, "global_batch_sequences": plan.sequences_per_attention_rank * half,
-                     "max_micro_batches": 8}})
+        "nodes": [{"name": "n0", "gpus": [{"device": host, "count": half}, old]}],
+        "training": {"seq_len": seq_len, "global_batch_sequences": seqs, "max_micro_batches": 8,
+                     "bytes_per_param": BYTES_PER_PARAM}})
     dims = model_dims(config(name, seq_len))
-    cost = CostModel(dims, cluster, preset_profiles(cluster.kinds(), dims, seq_len))
+    return CostModel(dims, cluster, preset_profiles(cluster.kinds(), dims, seq_len))
+
+
+def _layout(plan):
+    from hf_hetermoe.planner import ZPLayout
+
     sched = plan.get_schedule(validate=False)
-    lay = ZPLayout(plan.zp_groups, list(sched.attention_ranks), sched.placement, plan.micro_batches,
-                   plan.sequences_per_attention_rank)
-    return simulate_layout(cost, lay, "zebra (simulated)")
+    return ZPLayout(plan.zp_groups, list(sched.attention_ranks), sched.placement, plan.micro_batches,
+                    plan.sequences_per_attention_rank)
+
+
+def simulate(plan, name, seq_len, emulate, host, world):
+    """The simulator's prediction for ``plan`` with preset profiles of the host and the emulated kind."""
+    from hf_hetermoe.planner.simulator import simulate_layout
+
+    seqs = plan.sequences_per_attention_rank * sum(r["role"] == "attention" for r in plan.ranks)
+    return simulate_layout(_cost(name, seq_len, emulate, host, world, seqs), _layout(plan), f"simulated {name}")
 
 
 def plot_measured(events_by_rank: list[list[dict]], path: Path, title: str) -> None:
@@ -198,7 +214,7 @@ def main() -> None:
                     "is drawn (measured and simulated timeline PNGs)")
     ap.add_argument("--timeline-model", default="d1", help="model whose step is drawn")
     ap.add_argument("--timeline-method", default="planned", help="method whose step is drawn")
-    ap.add_argument("--methods", default="zebra,zebra+asym,planned,EP,EP-full,DP")
+    ap.add_argument("--methods", default="planned,EP,EP-full,DP,zebra,zebra+asym")
     args = ap.parse_args()
     if os.environ.get("BENCH_DUMP_AFTER"):  # print every thread's stack and exit if the run hangs
         import faulthandler
@@ -262,7 +278,16 @@ def main() -> None:
                     plan = plans[method]
                 pick = int(seq_lens.split(",")[-1]) if smoke else args.timeline_seq
                 timeline = method == args.timeline_method and name == args.timeline_model and seq_len == pick
-                res = run(plan, name, seq_len, args.experts, args.steps, args.warmup, timeline)
+                try:
+                    res = run(plan, name, seq_len, args.experts, args.steps, args.warmup, timeline)
+                except torch.OutOfMemoryError as err:  # the peers block in a collective: record it, end the job
+                    with open(out / f"zebra_{tag}_oom.jsonl", "a") as f:
+                        f.write(json.dumps({"model": name, "seq_len": seq_len, "method": method, "rank": rank,
+                                            "device": plan.ranks[rank]["device"], "date": date,
+                                            "error": str(err).split(". ")[0]}) + "\n")
+                    print(f"{name} S={seq_len} {method}: rank {rank} out of memory; recorded, ending the job",
+                          flush=True)
+                    os._exit(3)
                 s = summarise(res)
                 label = f"EP ({world} full)" if method == "EP-full" else method
                 row = {"model": name, "seq_len": seq_len, "method": label, "tokens_per_step": s["tokens"],

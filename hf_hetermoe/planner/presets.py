@@ -49,11 +49,47 @@ SPECS: dict[str, DeviceSpec] = {
 }
 
 
+# Attention per SM of each SDPA backend relative to cuDNN's on a Hopper host (H100, causal, 64K tokens, torch 2.11:
+# cuDNN 14.4 ms, flash 26.5, memory-efficient 48.6; results/emulation_sdpa_check_NVIDIA_H100_80GB_HBM3.json).
+_SDPA_PER_SM = {"cudnn": 1.0, "flash": 0.54, "efficient": 0.30, "math": 0.02}
+# A green context of a fraction f of the SMs runs GEMMs at ~1.15 f of the whole GPU for f <= 0.5 (H200: v100-like's
+# 32 of 132 SMs ran a bf16 GEMM 3.56x slower, not 4.1x; results/emulation_calibration_NVIDIA_H200.json).
+_SMALL_CONTEXT_GAIN = 1.15
+
+
+def emulated_spec(host: DeviceSpec, preset_name: str, host_sms: int = 132) -> DeviceSpec:
+    """What a ``hetermoe.emulate`` preset on ``host`` really is: the host's throughputs scaled by the preset's SM
+    shares and attention backend, its memory cap. Not the published GPU the preset imitates: its SM shares were
+    calibrated on the ratios *between* presets, so an emulated V100 on an H200 is ~2x a real V100 in absolute terms.
+    """
+    from hf_hetermoe.emulate import get_preset
+
+    p = get_preset(preset_name)
+    gemm_share = p.num_sms(host_sms) / host_sms
+    attn_share = p.attn_num_sms(host_sms) / host_sms
+    return DeviceSpec(
+        name=f"{host.name} [emulated {preset_name}]",
+        gemm_tflops=host.gemm_tflops * min(1.0, _SMALL_CONTEXT_GAIN * gemm_share),
+        attn_tflops=host.attn_tflops * min(1.0, _SMALL_CONTEXT_GAIN * attn_share) * _SDPA_PER_SM[p.sdpa_backends[0]],
+        hbm_gbps=host.hbm_gbps * min(1.0, 2 * gemm_share),  # a few SMs cannot saturate HBM
+        memory_gib=p.memory_gib,
+        link_gbps=p.link_gbps or host.link_gbps,
+        launch_ms=host.launch_ms,
+    )
+
+
 def spec_for(kind: str) -> DeviceSpec:
-    """The spec of a device kind: ``"... [emulated v100-like]"`` -> v100; otherwise by model number in the name."""
+    """The spec of a device kind, found by model number in the name. ``"<H100/H200> [emulated v100-like]"`` is the
+    host scaled as the emulation preset scales it (:func:`emulated_spec`); other hosts with an emulation tag get
+    the imitated GPU's published spec."""
     m = re.search(r"\[emulated ([a-z0-9]+)-like\]", kind)
-    if m and m.group(1) in SPECS:
-        return SPECS[m.group(1)]
+    if m:
+        host = kind[:m.start()].strip().lower()
+        hopper = next((n for n in ("h100", "h200") if re.search(rf"(?<![a-z0-9]){n}(?![0-9])", host)), None)
+        if hopper is not None:
+            return emulated_spec(SPECS[hopper], f"{m.group(1)}-like")
+        if m.group(1) in SPECS:
+            return SPECS[m.group(1)]
     lowered = kind.lower()
     for name in ("l40s", "a100", "a40", "v100", "h100", "h200", "t4"):
         if re.search(rf"(?<![a-z0-9]){name}(?![0-9])", lowered):
