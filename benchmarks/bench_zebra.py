@@ -111,7 +111,7 @@ def planned(cfg, world: int, seq_len: int, seqs: int, emulate: str | None):
     cluster = ClusterConfig.from_dict({"nodes": [{"name": "n0", "gpus": gpus}],
                                        "training": {"seq_len": seq_len, "global_batch_sequences": seqs,
                                                     "max_micro_batches": 4, "bytes_per_param": BYTES_PER_PARAM}})
-    return make_plan(cfg, cluster).plan
+    return make_plan(cfg, cluster, _profiles(None, None, seq_len) if PROFILES else None).plan
 
 
 def link_gbps(world: int, mib: int = 64) -> float:
@@ -140,9 +140,20 @@ def summarise(results) -> dict:
             "util": [b / secs for b in busy]}
 
 
+PROFILES = ""  # --profiles: a path pattern with {seq_len}, measured by `hetermoe profile`; "" = built-in presets
+
+
+def _profiles(kinds, dims, seq_len):
+    from hf_hetermoe.planner import ProfileSet, preset_profiles
+
+    if PROFILES:
+        return ProfileSet.load(PROFILES.format(seq_len=seq_len))
+    return preset_profiles(kinds, dims, seq_len)
+
+
 def _cost(name, seq_len, emulate, host, world, seqs):
-    """The planner's cost model of this node: W/2 host GPUs + W/2 emulated ones (preset profiles)."""
-    from hf_hetermoe.planner import ClusterConfig, CostModel, model_dims, preset_profiles
+    """The planner's cost model of this node: W/2 host GPUs + W/2 emulated ones (--profiles, or presets)."""
+    from hf_hetermoe.planner import ClusterConfig, CostModel, model_dims
 
     half = world // 2
     host = "NVIDIA H100 80GB HBM3" if host == "cpu" else host  # CPU smoke run: plan as if on H100s
@@ -152,7 +163,7 @@ def _cost(name, seq_len, emulate, host, world, seqs):
         "training": {"seq_len": seq_len, "global_batch_sequences": seqs, "max_micro_batches": 8,
                      "bytes_per_param": BYTES_PER_PARAM}})
     dims = model_dims(config(name, seq_len))
-    return CostModel(dims, cluster, preset_profiles(cluster.kinds(), dims, seq_len))
+    return CostModel(dims, cluster, _profiles(cluster.kinds(), dims, seq_len))
 
 
 def _layout(plan):
@@ -215,7 +226,11 @@ def main() -> None:
     ap.add_argument("--timeline-model", default="d1", help="model whose step is drawn")
     ap.add_argument("--timeline-method", default="planned", help="method whose step is drawn")
     ap.add_argument("--methods", default="planned,EP,EP-full,DP,zebra,zebra+asym")
+    ap.add_argument("--profiles", default="", help="profiles JSON for the planner and simulator, measured by "
+                    "`hetermoe profile` on these GPUs; may contain {seq_len} (default: built-in preset profiles)")
     args = ap.parse_args()
+    global PROFILES
+    PROFILES = args.profiles
     if os.environ.get("BENCH_DUMP_AFTER"):  # print every thread's stack and exit if the run hangs
         import faulthandler
 
@@ -290,12 +305,14 @@ def main() -> None:
                     os._exit(3)
                 s = summarise(res)
                 label = f"EP ({world} full)" if method == "EP-full" else method
+                label = "planned (profiled)" if method == "planned" and PROFILES else label
                 row = {"model": name, "seq_len": seq_len, "method": label, "tokens_per_step": s["tokens"],
                        "step_ms": round(s["step_ms"], 2), "tokens_per_s": round(s["tokens_per_s"]),
                        "util": " ".join(f"{u:.2f}" for u in s["util"]), "R": plan.micro_batches,
                        "batch_split": " ".join(str(r.get("sequences", plan.sequences_per_attention_rank)
                                                    if r["role"] == "attention" else 0) for r in plan.ranks),
-                       "links": args.links, "link_GBps": round(gbps, 1), "experts": args.experts, "device": host,
+                       "links": args.links, "link_GBps": round(gbps, 1),
+                       "profiles": "measured" if PROFILES else "presets", "experts": args.experts, "device": host,
                        "gpus": world, "emulated": (f"ranks {half}-{world - 1} EMULATED {args.emulate}"
                                                    if method != "EP-full" and args.emulate else "none"),
                        "torch": torch.__version__, "date": date}
@@ -309,7 +326,7 @@ def main() -> None:
                         err = (sim.step_ms - s["step_ms"]) / s["step_ms"]
                         row["simulated_step_ms"] = round(sim.step_ms, 2)
                         row["simulator_error"] = f"{err:+.1%}"
-                        title = (f"measured {method} step, {name} seq {seq_len}, R={plan.micro_batches}, {host}; "
+                        title = (f"measured {label} step, {name} seq {seq_len}, R={plan.micro_batches}, {host}; "
                                  f"ranks {half}-{world - 1} EMULATED {args.emulate}; step {s['step_ms']:.1f} ms "
                                  f"(simulator {sim.step_ms:.1f} ms, error {err:+.1%})")
                         plot_measured(gathered, out / f"zebra_timeline_measured_{tag}.png", title)
