@@ -132,6 +132,18 @@ def link_gbps(world: int, mib: int = 64) -> float:
     return sent / (time.perf_counter() - t) / 1e9
 
 
+def record_oom(path: Path, name: str, seq_len: int, method: str, plan, date: str, err: Exception) -> None:
+    """Append this rank's out-of-memory error to ``path`` and end the job: the peers wait in a collective that
+    will never complete, so the process exits (torchrun then stops them) instead of raising."""
+    rank = dist.get_rank()
+    with open(path, "a") as f:
+        f.write(json.dumps({"model": name, "seq_len": seq_len, "method": method, "rank": rank,
+                            "device": plan.ranks[rank]["device"], "date": date,
+                            "error": str(err).split(". ")[0]}) + "\n")
+    print(f"{name} S={seq_len} {method}: rank {rank} out of memory; recorded in {path}, ending the job", flush=True)
+    os._exit(3)
+
+
 def summarise(results) -> dict:
     secs = sorted(r.seconds for r in results)[len(results) // 2]
     tokens = results[0].tokens
@@ -284,7 +296,12 @@ def main() -> None:
                               f"experts per local rank in layer 0 {layer0}", flush=True)
                 elif method == "DP":
                     # speed-balanced: measure one sequence per rank, then split the batch by speed
-                    probe = run(dp_plan(cfg, [1] * world, seq_len, emu), name, seq_len, args.experts, 1, 1)
+                    probe_plan = dp_plan(cfg, [1] * world, seq_len, emu)
+                    try:
+                        probe = run(probe_plan, name, seq_len, args.experts, 1, 1)
+                    except torch.OutOfMemoryError as err:
+                        record_oom(out / f"zebra_{tag}_oom.jsonl", name, seq_len, "DP (speed probe)", probe_plan,
+                                   date, err)
                     speed = [1.0 / max(b, 1e-9) for b in probe[-1].busy_s]
                     share = [max(1, round(seqs * s / sum(speed))) for s in speed]
                     share[0] += seqs - sum(share)
@@ -295,14 +312,8 @@ def main() -> None:
                 timeline = method == args.timeline_method and name == args.timeline_model and seq_len == pick
                 try:
                     res = run(plan, name, seq_len, args.experts, args.steps, args.warmup, timeline)
-                except torch.OutOfMemoryError as err:  # the peers block in a collective: record it, end the job
-                    with open(out / f"zebra_{tag}_oom.jsonl", "a") as f:
-                        f.write(json.dumps({"model": name, "seq_len": seq_len, "method": method, "rank": rank,
-                                            "device": plan.ranks[rank]["device"], "date": date,
-                                            "error": str(err).split(". ")[0]}) + "\n")
-                    print(f"{name} S={seq_len} {method}: rank {rank} out of memory; recorded, ending the job",
-                          flush=True)
-                    os._exit(3)
+                except torch.OutOfMemoryError as err:
+                    record_oom(out / f"zebra_{tag}_oom.jsonl", name, seq_len, method, plan, date, err)
                 s = summarise(res)
                 label = f"EP ({world} full)" if method == "EP-full" else method
                 label = "planned (profiled)" if method == "planned" and PROFILES else label

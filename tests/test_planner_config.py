@@ -140,3 +140,48 @@ def test_plan_and_simulate_cli_write_outputs(tmp_path):
     assert _cli(["simulate", "--model", str(tmp_path), "--cluster", str(tmp_path / "cluster.yaml"), "-R", "2",
                  "--out", str(tmp_path / "sim")]) == 0
     assert (tmp_path / "sim" / "ep_timeline.png").is_file()
+
+
+def test_emulated_kind_is_its_host_scaled():
+    """An emulated preset on an H100/H200 is planned as the host scaled by the preset's SM shares (what the
+    emulation really runs), not as the published GPU it imitates; other hosts keep the imitated GPU's spec."""
+    from hf_hetermoe.emulate import PRESETS
+    from hf_hetermoe.planner.presets import SPECS, spec_for
+
+    host = SPECS["h200"]
+    v100 = spec_for("NVIDIA H200 [emulated v100-like]")
+    a40 = spec_for("NVIDIA H200 [emulated a40-like]")
+    assert v100.memory_gib == PRESETS["v100-like"].memory_gib
+    assert host.gemm_tflops / 4.5 < v100.gemm_tflops < host.gemm_tflops / 3  # 32 of 132 SMs
+    assert 1.1 < a40.gemm_tflops / v100.gemm_tflops < 1.4  # calibrated: A40/V100 ~1.25x on GEMMs
+    assert 3.0 < a40.attn_tflops / v100.attn_tflops < 7.0  # attention: own SM share, flash vs memory-efficient
+    assert spec_for("NVIDIA A40 [emulated v100-like]") == SPECS["v100"]
+    assert spec_for("Tesla V100-PCIE-32GB") == SPECS["v100"]
+
+
+def test_emulation_preset_bad_input():
+    from hf_hetermoe.emulate import EmulationPreset
+
+    with pytest.raises(ConfigError, match="attn_sm_fraction"):
+        EmulationPreset("x", 0.25, ("efficient",), 16, attn_sm_fraction=1.5)
+    with pytest.raises(ConfigError, match="sdpa_backends"):
+        EmulationPreset("x", 0.25, ("fast",), 16)
+    p = EmulationPreset("x", 0.25, ("flash",), 16, attn_sm_fraction=0.5)
+    assert (p.num_sms(132), p.attn_num_sms(132)) == (32, 64)
+    assert EmulationPreset("y", 0.25, ("flash",), 16).attn_num_sms(132) == 32
+
+
+def test_calibration_file_applies():
+    """The committed H200 calibration loads into presets (SM shares, attention share, backends)."""
+    from pathlib import Path
+
+    from hf_hetermoe.emulate import load_calibration
+
+    path = Path(__file__).parent.parent / "benchmarks/results/emulation_calibration_NVIDIA_H200.json"
+    presets = load_calibration(path)
+    assert presets["a40-like"].attn_sm_fraction > presets["a40-like"].sm_fraction  # attention on more SMs
+    assert presets["v100-like"].sdpa_backends[0] == "efficient"
+    data = json.loads(path.read_text())
+    assert abs(data["ratios"]["a40-like"]["ffn_ratio"] - 1.25) < 0.1
+    assert 3.3 < data["ratios"]["a40-like"]["attn_ratio"] < 4.1
+    assert 10 <= data["ratios"]["l40s-like"]["attn_ratio"] <= 14
