@@ -65,10 +65,18 @@ def test_cluster_bad_input(data, match):
     ({"model_type": "deepseek_v3", "hidden_size": 128, "num_hidden_layers": 3, "n_routed_experts": 32,
       "num_experts_per_tok": 8, "moe_intermediate_size": 32, "intermediate_size": 256, "n_shared_experts": 1,
       "first_k_dense_replace": 1, "num_attention_heads": 4, "vocab_size": 100}, (32, 8, 32)),
+    ({"model_type": "ernie4_5_moe", "hidden_size": 128, "num_hidden_layers": 4, "moe_num_experts": 16, "moe_k": 4,
+      "moe_intermediate_size": 32, "intermediate_size": 256, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+      "num_attention_heads": 4, "vocab_size": 100}, (16, 4, 32)),
+    ({"model_type": "hunyuan_v1_moe", "hidden_size": 128, "num_hidden_layers": 2, "num_experts": [8, 16],
+      "moe_topk": [2, 4], "intermediate_size": 64, "num_attention_heads": 4, "vocab_size": 100}, (16, 4, 64)),
 ])
 def test_model_dims_families(cfg, expect):
     d = model_dims(cfg)
     assert (d.num_experts, d.top_k, d.expert_intermediate_size) == expect
+    if cfg["model_type"] in ("ernie4_5_moe", "hunyuan_v1_moe"):  # shared experts and leading dense layers
+        assert d.num_shared_experts == (2 if cfg["model_type"] == "ernie4_5_moe" else 1)
+        assert d.first_dense_layers == cfg.get("moe_layer_start_index", 0)
     assert ModelDims.from_dict(d.to_dict()) == d
 
 

@@ -19,7 +19,7 @@ _NAMES: dict[str, tuple[str, ...]] = {
     "hidden_size": ("hidden_size", "d_model", "n_embd"),
     "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
     "num_experts": ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
-    "top_k": ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k"),
+    "top_k": ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k", "moe_k", "moe_topk"),
     "expert_intermediate_size": ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size", "ffn_dim"),
     "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
     "vocab_size": ("vocab_size",),
@@ -130,6 +130,9 @@ def model_dims(config: Any) -> ModelDims:
     if _first(cfg, "num_experts") is None and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]
     values = {q: _first(cfg, q) for q in _NAMES}
+    for q in ("num_experts", "top_k"):  # HunYuan-MoE may give one value per layer: plan for the largest
+        if isinstance(values[q], (list, tuple)):
+            values[q] = max(values[q]) if values[q] else None
     missing = [f"{q} (tried {', '.join(_NAMES[q])})" for q, v in values.items() if v is None]
     if missing:
         raise ConfigError(
@@ -137,18 +140,22 @@ def model_dims(config: Any) -> ModelDims:
             "it is not an MoE config the planner understands; pass a dict with these keys"
         )
     act = str(cfg.get("hidden_act", "silu"))
+    # Shared experts: DeepSeek n_shared_experts, Ernie-4.5 moe_num_shared_experts, Qwen2-MoE one of
+    # shared_expert_intermediate_size, HunYuan-MoE always one shared MLP of intermediate_size.
+    n_shared = int(cfg.get("n_shared_experts") or cfg.get("moe_num_shared_experts")
+                   or (1 if cfg.get("shared_expert_intermediate_size") else 0)
+                   or (1 if cfg.get("model_type") == "hunyuan_v1_moe" else 0))
+    shared_size = int(cfg.get("shared_expert_intermediate_size")
+                      or (cfg.get("intermediate_size") if cfg.get("model_type") == "hunyuan_v1_moe" else 0)
+                      or (values["expert_intermediate_size"] if n_shared else 0))
     gated = cfg.get("model_type") not in {"switch_transformers", "nllb_moe", "gpt_bigcode"} and act != "gelu_new"
     return ModelDims(
         **{q: int(v) for q, v in values.items()},
         num_key_value_heads=int(cfg.get("num_key_value_heads") or 0),
         head_dim=int(cfg.get("head_dim") or 0),
-        num_shared_experts=int(cfg.get("n_shared_experts")
-                               or (1 if cfg.get("shared_expert_intermediate_size") else 0)),
-        shared_intermediate_size=int(
-            cfg.get("shared_expert_intermediate_size") or (values["expert_intermediate_size"]
-                                                           if cfg.get("n_shared_experts") else 0)
-        ),
-        first_dense_layers=int(cfg.get("first_k_dense_replace") or 0),
+        num_shared_experts=n_shared,
+        shared_intermediate_size=shared_size,
+        first_dense_layers=int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index") or 0),
         dense_intermediate_size=int(cfg.get("intermediate_size") or 0),
         gated=gated,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
