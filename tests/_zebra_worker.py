@@ -5,7 +5,8 @@
 
 job.json: {"model": dir, "seq_len": S, "seed": s, "out": dir, "timeout_s": t,
            "cases": [{"name": str, "plan": plan.json, "steps": n, "lr": f, "max_grad_norm": f | null,
-                      "resume_at": k | null, "save_pretrained_at": k | null, "kill": [rank, step] | null}]}
+                      "resume_at": k | null, "save_pretrained_at": k | null, "kill": [rank, step] | null,
+                      "pad": bool}]}
 Data: the same deterministic token batches in both modes. Each step takes the next G = (sum of the plan's
 attention-rank sequences) sequences; attention rank i takes its slice in rank order and splits it into R
 micro-batches. The reference weights each micro-batch loss as the engine does (its share of the global batch).
@@ -37,6 +38,19 @@ def data(job: dict, case: dict, plan: Plan, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (total, job["seq_len"]), generator=g)
 
 
+def batch_of(tokens: torch.Tensor, start: int, stop: int, pad: bool) -> dict[str, torch.Tensor]:
+    """Rows start..stop of the data; with ``pad``, global row j ends in j % 4 padding tokens (mask 0, label -100),
+    so every micro-batch mixes padded and full sequences."""
+    ids = tokens[start:stop]
+    if not pad:
+        return {"input_ids": ids, "labels": ids}
+    mask = torch.ones_like(ids)
+    for i, j in enumerate(range(start, stop)):
+        if j % 4:
+            mask[i, -(j % 4):] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
 def load(job: dict):
     model = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
     return hetermoe.prepare(model)
@@ -52,15 +66,15 @@ def reference(job: dict, case: dict) -> None:
     G, R = sum(s for _, s in parts), plan.micro_batches
     losses = []
     for step in range(case["steps"]):
-        chunk, off, step_loss = tokens[step * G:(step + 1) * G], 0, 0.0
+        off, step_loss = 0, 0.0
         for _, s in parts:
-            part, n = chunk[off:off + s], s // R
-            off += s
+            n = s // R
             for m in range(R):
-                ids = part[m * n:(m + 1) * n]
-                loss = model(input_ids=ids, labels=ids).loss
+                row = step * G + off + m * n
+                loss = model(**batch_of(tokens, row, row + n, case.get("pad", False))).loss
                 (loss * (s / (G * R))).backward()
                 step_loss += float(loss.detach()) * s / (G * R)
+            off += s
         if case.get("max_grad_norm"):
             torch.nn.utils.clip_grad_norm_(model.parameters(), case["max_grad_norm"])
         opt.step()
@@ -87,8 +101,7 @@ def run_steps(engine, job, case, plan, tokens, start, stop, rank):
         batch = None
         if rank in offsets:
             o, s = offsets[rank]
-            ids = tokens[step * G + o: step * G + o + s]
-            batch = {"input_ids": ids, "labels": ids}
+            batch = batch_of(tokens, step * G + o, step * G + o + s, case.get("pad", False))
         losses.append(engine.train_step(batch).loss)
         if case.get("resume_at") == step + 1:
             engine.save_state(os.path.join(out, "state"))

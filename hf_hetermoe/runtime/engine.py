@@ -266,14 +266,23 @@ class ZebraEngine:
         if ids.shape[0] % self.R:
             raise ConfigError(f"batch of {ids.shape[0]} sequences does not split into R={self.R} micro-batches")
         mask = batch.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
-            raise ConfigError("the zebra runtime trains on packed sequences: attention_mask must be all ones "
-                              "(pack or drop padded examples; mask padded labels with -100 instead)")
-        labels = batch.get("labels", ids)
+        if mask is not None and tuple(mask.shape) != tuple(ids.shape):
+            raise ConfigError(f"attention_mask has shape {tuple(mask.shape)} but input_ids {tuple(ids.shape)}; "
+                              "give one 0/1 entry per token")
+        if mask is not None and bool(mask.all()):
+            mask = None  # packed: the family's causal mask alone, as without a mask
+        labels = batch.get("labels")
+        if labels is None:  # language modelling on the inputs; padding is not a target
+            labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
         n = ids.shape[0] // self.R
         dev = self.device
-        return [{"input_ids": ids[i * n:(i + 1) * n].to(dev), "labels": labels[i * n:(i + 1) * n].to(dev)}
-                for i in range(self.R)]
+        out = []
+        for i in range(self.R):
+            mb = {"input_ids": ids[i * n:(i + 1) * n].to(dev), "labels": labels[i * n:(i + 1) * n].to(dev)}
+            if mask is not None:
+                mb["attention_mask"] = mask[i * n:(i + 1) * n].to(dev)
+            out.append(mb)
+        return out
 
     def train_step(self, batch: dict[str, torch.Tensor] | None) -> StepResult:
         """One step of R micro-batches in the plan's zebra order; the optimizer steps every
@@ -415,7 +424,8 @@ class ZebraEngine:
         li, m = act.layer, act.mb
         with self._autocast():
             if li == 0:
-                hidden, args = layer_inputs(self.parts, st.batches[m]["input_ids"])
+                extra = {k: v for k, v in st.batches[m].items() if k == "attention_mask"}
+                hidden, args = layer_inputs(self.parts, st.batches[m]["input_ids"], **extra)
                 st.layer_args[m] = args
             else:
                 hidden = self._layer_input(li, m, st)
@@ -531,7 +541,7 @@ class ZebraEngine:
             if self.parts.aux_fn is not None:
                 leaves = {li: st.fwd[(li, m)].logits.detach().requires_grad_(st.train)
                           for li in range(L) if self.parts.is_moe(li)}
-                aux = aux_loss(self.parts, list(leaves.values()))
+                aux = aux_loss(self.parts, list(leaves.values()), st.batches[m].get("attention_mask"))
                 total = loss + self.parts.aux_coef * aux.to(loss.device)
         st.losses.append(float(total.detach()))
         if aux is not None:

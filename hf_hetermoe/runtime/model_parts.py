@@ -193,6 +193,7 @@ def head_loss(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor) -> 
     return out.loss
 
 
-def aux_loss(parts: ModelParts, router_logits: list[torch.Tensor]) -> torch.Tensor:
-    """The family's load-balancing loss over the MoE layers' router logits of one micro-batch."""
-    return parts.aux_fn(tuple(router_logits), parts.num_experts, parts.top_k, None)
+def aux_loss(parts: ModelParts, router_logits: list[torch.Tensor], attention_mask: torch.Tensor | None = None):
+    """The family's load-balancing loss over the MoE layers' router logits of one micro-batch; padding (mask 0)
+    is left out of the expert statistics, as the family's own forward does."""
+    return parts.aux_fn(tuple(router_logits), parts.num_experts, parts.top_k, attention_mask)
