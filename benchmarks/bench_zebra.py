@@ -12,6 +12,8 @@ memory cap). Methods, all on the same engine, kernels and model:
 * ``zebra+asym``: the same with ``--asym`` experts of every layer moved to the attention ranks (Asym-EA);
 * ``planned``: whatever ``hetermoe.planner.make_plan`` picks for this cluster from its built-in preset profiles
   (roles, R, Asym-EA per layer): what ``hetermoe launch --cluster`` would run;
+* ``replanned``: the planner again, its profiles fitted to the measured ``planned`` step (``hetermoe plan
+  --feedback``): the loop a user closes after one measured step;
 * ``EP``: every rank runs attention on an equal batch and holds E/W experts;
 * ``DP``: speed-balanced data parallelism (each rank the whole model, batch proportional to its measured speed);
 * ``EP-full``: EP with no emulation on all W GPUs, the homogeneous reference (CSV method ``EP (W full)``).
@@ -100,8 +102,9 @@ def run(plan, name, seq_len, experts, steps, warmup, timeline=False):
     return results
 
 
-def planned(cfg, world: int, seq_len: int, seqs: int, emulate: str | None):
-    """The plan ``hetermoe launch --cluster`` would make for W/2 host GPUs + W/2 emulated ones."""
+def planned(cfg, world: int, seq_len: int, seqs: int, emulate: str | None, feedback: Path | None = None):
+    """The plan ``hetermoe launch --cluster`` would make for W/2 host GPUs + W/2 emulated ones; with ``feedback``
+    (a measured step of an earlier plan), from profiles fitted to it (``hetermoe plan --feedback``)."""
     from hf_hetermoe.planner import ClusterConfig, make_plan
 
     host, half = devices(None, world)[0], world // 2
@@ -111,7 +114,14 @@ def planned(cfg, world: int, seq_len: int, seqs: int, emulate: str | None):
     cluster = ClusterConfig.from_dict({"nodes": [{"name": "n0", "gpus": gpus}],
                                        "training": {"seq_len": seq_len, "global_batch_sequences": seqs,
                                                     "max_micro_batches": 4, "bytes_per_param": BYTES_PER_PARAM}})
-    return make_plan(cfg, cluster, _profiles(None, None, seq_len) if PROFILES else None).plan
+    profiles = _profiles(None, None, seq_len) if PROFILES else None
+    if feedback is not None:
+        from hf_hetermoe.planner.feedback import describe, fitted_profiles
+
+        profiles, factors = fitted_profiles(cfg, cluster, profiles, feedback)
+        if dist.is_initialized() and dist.get_rank() == 0:
+            print(f"  profiles fitted to {feedback.name}: {describe(factors)}", flush=True)
+    return make_plan(cfg, cluster, profiles).plan
 
 
 def link_gbps(world: int, mib: int = 64) -> float:
@@ -237,7 +247,7 @@ def main() -> None:
                     "is drawn (measured and simulated timeline PNGs)")
     ap.add_argument("--timeline-model", default="d1", help="model whose step is drawn")
     ap.add_argument("--timeline-method", default="planned", help="method whose step is drawn")
-    ap.add_argument("--methods", default="planned,EP,EP-full,DP,zebra,zebra+asym")
+    ap.add_argument("--methods", default="planned,replanned,EP,EP-full,DP,zebra,zebra+asym")
     ap.add_argument("--profiles", default="", help="profiles JSON for the planner and simulator, measured by "
                     "`hetermoe profile` on these GPUs; may contain {seq_len} (default: built-in preset profiles)")
     args = ap.parse_args()
@@ -288,8 +298,16 @@ def main() -> None:
             }
             for method in methods:
                 t0 = time.time()
-                if method == "planned":
-                    plan = planned(cfg, world, seq_len, seqs, args.emulate)
+                measured = out / f"zebra_step_{tag}_{name}_{seq_len}.json"  # the planned step, for `replanned`
+                if method == "replanned" and smoke:  # CPU timings against H100 profiles: no sensible fit
+                    continue
+                if method == "replanned" and not measured.exists():
+                    if rank == 0:
+                        print(f"{name} S={seq_len} replanned: no {measured.name} (run 'planned' first); skipped")
+                    continue
+                if method in ("planned", "replanned"):
+                    plan = planned(cfg, world, seq_len, seqs, args.emulate,
+                                   measured if method == "replanned" else None)
                     if rank == 0:
                         layer0 = {k: len(v) for k, v in (plan.placement[0] if plan.placement else {}).items()}
                         print(f"  planned: R={plan.micro_batches}, roles {[r['role'] for r in plan.ranks]}, "
@@ -315,6 +333,11 @@ def main() -> None:
                 except torch.OutOfMemoryError as err:
                     record_oom(out / f"zebra_{tag}_oom.jsonl", name, seq_len, method, plan, date, err)
                 s = summarise(res)
+                if method == "planned" and rank == 0:
+                    from hf_hetermoe.planner.feedback import save_measurement
+
+                    mid = sorted(res, key=lambda r: r.seconds)[len(res) // 2]
+                    save_measurement(measured, plan, mid.busy_s, mid.seconds)
                 label = f"EP ({world} full)" if method == "EP-full" else method
                 label = "planned (profiled)" if method == "planned" and PROFILES else label
                 row = {"model": name, "seq_len": seq_len, "method": label, "tokens_per_step": s["tokens"],

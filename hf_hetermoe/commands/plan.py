@@ -22,6 +22,9 @@ def plan_command_parser(subparsers) -> argparse.ArgumentParser:
     add_model_cluster_args(parser)
     parser.add_argument("--out", default="hetermoe_plan", help="output directory (plan.json, trace.json, png)")
     parser.add_argument("--print-schedule", action="store_true", help="also print the per-rank action lists")
+    parser.add_argument("--feedback", default=None, metavar="STEP_JSON",
+                        help="a measured step of an earlier plan (hf_hetermoe.planner.feedback.save_measurement): "
+                             "scale each GPU kind's profile to match it, then plan")
     parser.set_defaults(func=plan_command)
     return parser
 
@@ -54,7 +57,13 @@ def plan_command(args: argparse.Namespace) -> int:
     from hf_hetermoe.planner import format_plan, format_schedule, make_plan
 
     try:
-        result = make_plan(*load_inputs(args))
+        model, cluster, profiles = load_inputs(args)
+        if args.feedback:
+            from hf_hetermoe.planner.feedback import describe, fitted_profiles
+
+            profiles, factors = fitted_profiles(model, cluster, profiles, args.feedback)
+            print(f"profiles fitted to the measured step in {args.feedback}: {describe(factors)}")
+        result = make_plan(model, cluster, profiles)
     except HeterMoEError as err:
         print(f"hetermoe plan: error: {err}")
         return 2
