@@ -130,6 +130,8 @@ def model_dims(config: Any) -> ModelDims:
     if _first(cfg, "num_experts") is None and isinstance(cfg.get("text_config"), dict):
         cfg = cfg["text_config"]
     values = {q: _first(cfg, q) for q in _NAMES}
+    if values["num_layers"] is None and isinstance(cfg.get("layers_block_type"), list):  # Nemotron-H (hybrid)
+        values["num_layers"] = len(cfg["layers_block_type"])
     for q in ("num_experts", "top_k"):  # HunYuan-MoE may give one value per layer: plan for the largest
         if isinstance(values[q], (list, tuple)):
             values[q] = max(values[q]) if values[q] else None
@@ -145,7 +147,7 @@ def model_dims(config: Any) -> ModelDims:
     n_shared = int(cfg.get("n_shared_experts") or cfg.get("moe_num_shared_experts")
                    or (1 if cfg.get("shared_expert_intermediate_size") else 0)
                    or (1 if cfg.get("model_type") == "hunyuan_v1_moe" else 0))
-    shared_size = int(cfg.get("shared_expert_intermediate_size")
+    shared_size = int(cfg.get("shared_expert_intermediate_size") or cfg.get("moe_shared_expert_intermediate_size")
                       or (cfg.get("intermediate_size") if cfg.get("model_type") == "hunyuan_v1_moe" else 0)
                       or (values["expert_intermediate_size"] if n_shared else 0))
     gated = cfg.get("model_type") not in {"switch_transformers", "nllb_moe", "gpt_bigcode"} and act != "gelu_new"

@@ -28,6 +28,9 @@ from hf_hetermoe.model_patches.anatomy import moe_module
 EXPERT_PARAM_PREFIXES = ("gate_up_proj", "down_proj", "up_proj")
 
 
+FINAL_NORMS = ("norm", "norm_f", "final_layernorm")  # the base model's last norm, by family
+
+
 @dataclass
 class ModelParts:
     """Handles on the modules of a causal LM that the runtime calls."""
@@ -45,6 +48,7 @@ class ModelParts:
     num_experts: int
     top_k: int
     layer_container: nn.ModuleList = field(repr=False, default=None)
+    norm_name: str = "norm"  # the base model's final norm (Nemotron-H: ``norm_f``)
 
     @property
     def num_layers(self) -> int:
@@ -76,8 +80,9 @@ def model_parts(model: nn.Module) -> ModelParts:
         )
     base = getattr(model, "model", None)
     container = getattr(base, "layers", None)
+    norm_name = next((n for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
     checks = (("model.model", base is not None), ("model.model.layers", isinstance(container, nn.ModuleList)),
-              ("model.model.norm", hasattr(base, "norm")), ("model.lm_head", hasattr(model, "lm_head")))
+              ("model.model.norm", norm_name is not None), ("model.lm_head", hasattr(model, "lm_head")))
     missing = [name for name, ok in checks if not ok]
     if missing:
         raise UnsupportedModelError(
@@ -107,16 +112,24 @@ def model_parts(model: nn.Module) -> ModelParts:
         expert_names=[names[id(m)] if m is not None else None for m in experts],
         router_class=router_class, router_index=router_index, aux_fn=aux_fn if aux_on else None,
         aux_coef=float(getattr(model, "router_aux_loss_coef", getattr(config, "router_aux_loss_coef", 0.0)) or 0.0),
-        num_experts=int(num_experts), top_k=int(top_k), layer_container=container,
+        num_experts=int(num_experts), top_k=int(top_k), layer_container=container, norm_name=norm_name,
     )
 
 
 class _Recorder(nn.Module):
-    """Stands in for one decoder layer: records the call and returns its input."""
+    """Stands in for one decoder layer: records the call and returns its input. Other attributes are the layer's
+    (Nemotron-H's base model reads ``layer.block_type`` to pick each layer's mask)."""
 
-    def __init__(self, sink: list, index: int) -> None:
+    def __init__(self, sink: list, index: int, layer: nn.Module) -> None:
         super().__init__()
         self.sink, self.index = sink, index
+        object.__setattr__(self, "_layer", layer)  # not a submodule: its parameters stay where they are
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_layer"), name)
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -129,16 +142,16 @@ def layer_inputs(parts: ModelParts, input_ids: torch.Tensor, **model_kwargs) -> 
     passes to it besides the hidden states. Runs the base model with layers and final norm stubbed out."""
     sink: list = [None] * parts.num_layers
     saved = list(parts.layer_container)
-    norm = parts.base.norm
+    norm = getattr(parts.base, parts.norm_name)
     try:
         for i in range(len(saved)):
-            parts.layer_container[i] = _Recorder(sink, i)
-        parts.base.norm = nn.Identity()
+            parts.layer_container[i] = _Recorder(sink, i, saved[i])
+        setattr(parts.base, parts.norm_name, nn.Identity())
         parts.base(input_ids=input_ids, use_cache=False, **model_kwargs)
     finally:
         for i, layer in enumerate(saved):
             parts.layer_container[i] = layer
-        parts.base.norm = norm
+        setattr(parts.base, parts.norm_name, norm)
     if any(s is None for s in sink):
         raise UnsupportedModelError(f"{type(parts.base).__name__} did not call every decoder layer once")
     embeds = sink[0][0]
@@ -185,7 +198,7 @@ def head_loss(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor) -> 
     """Final norm, then the family's own ``*ForCausalLM.forward`` head (LM head, logit scaling or soft-capping,
     loss over the micro-batch's label tokens) with the base model replaced by the given hidden states."""
     model = parts.model
-    model.model = _HeadInput(hidden, parts.base.norm)
+    model.model = _HeadInput(hidden, getattr(parts.base, parts.norm_name))
     try:
         out = model(input_ids=labels, labels=labels, output_router_logits=False, use_cache=False)
     finally:

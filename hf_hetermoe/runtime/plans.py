@@ -32,6 +32,9 @@ def _moe_layers(dims: ModelDims, model: Any = None) -> list[bool]:
         last = getattr(cfg, "moe_layer_end_index", None)  # Ernie-4.5: MoE layers start..end (inclusive)
         last = dims.num_layers - 1 if last is None or last < 0 else last
         moe = [m and li not in only and (li + 1) % step == 0 and li <= last for li, m in enumerate(moe)]
+        kinds = getattr(cfg, "layers_block_type", None)  # Nemotron-H: one block kind per layer
+        if isinstance(kinds, (list, tuple)) and len(kinds) == dims.num_layers:
+            moe = [k == "moe" for k in kinds]
     return moe
 
 
