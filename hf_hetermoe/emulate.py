@@ -160,6 +160,7 @@ def _driver_green_stream(device: int, num_sms: int) -> Any:
 
     For torch builds whose ``GreenContext`` has no ``Stream()``. Structures the driver fills are opaque buffers
     larger than any CUDA version's ``CUdevResource``; only one group is requested, so their stride never matters.
+    Not yet exercised on a GPU: the lent machines' torch 2.11 has ``GreenContext.Stream()``, which is used first.
     """
     import ctypes
 
