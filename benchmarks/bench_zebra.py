@@ -299,8 +299,6 @@ def main() -> None:
             for method in methods:
                 t0 = time.time()
                 measured = out / f"zebra_step_{tag}_{name}_{seq_len}.json"  # the planned step, for `replanned`
-                if method == "replanned" and smoke:  # CPU timings against H100 profiles: no sensible fit
-                    continue
                 if method == "replanned" and not measured.exists():
                     if rank == 0:
                         print(f"{name} S={seq_len} replanned: no {measured.name} (run 'planned' first); skipped")

@@ -121,6 +121,10 @@ def main() -> None:
         bar.set_postfix(loss=f"{res.loss:.4f}", tok_s=f"{res.tokens_per_s:.0f}",
                         util=f"{min(res.utilisation):.0%}-{max(res.utilisation):.0%}")
     bar.close()
+    if state.is_main_process:  # the last step's per-rank busy time: `hetermoe launch ... --feedback` re-plans from it
+        from hf_hetermoe.planner.feedback import save_measurement
+
+        save_measurement(out / "step.json", engine.plan, res.busy_s, res.seconds)
     final = out / "final"
     engine.save_pretrained(final)
     engine.close()

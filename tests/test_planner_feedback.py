@@ -58,8 +58,11 @@ def test_measurement_errors(tmp_path):
     with pytest.raises(ConfigError, match="seq_len=4096"):
         fitted_profiles(DIMS, cluster(seq=8192), None, tmp_path / "step.json")
     cost = CostModel(DIMS, c, preset_profiles(c.kinds(), DIMS, 4096))
-    with pytest.raises(ConfigError, match="outside 0.05-20"):
-        fit_profiles(cost, plan, [1e6, 1e6])
+    with pytest.raises(ConfigError, match="not positive"):
+        fit_profiles(cost, plan, [0.0, 0.0])
+    other = ModelDims(**{**DIMS.to_dict(), "num_layers": 6})
+    with pytest.raises(ConfigError, match="another model"):
+        fitted_profiles(other, c, None, tmp_path / "step.json")
 
 
 def test_plan_cli_feedback(tmp_path, capsys):

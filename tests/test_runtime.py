@@ -218,6 +218,17 @@ def test_launch_cpu(tmp_path, model_dir):
     assert plan.world_size == 3
     assert "reloaded in plain transformers" in proc.stdout
     AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    # Close the loop: the example saved its last step; plan again from profiles fitted to it.
+    assert (tmp_path / "out" / "step.json").is_file()
+    again = [x if x != str(tmp_path / "plan" / "plan.json") else str(tmp_path / "plan2" / "plan.json") for x in cmd]
+    again[again.index("--main_process_port") + 1] = str(_free_port())
+    again[again.index("--output") + 1] = str(tmp_path / "out2")
+    again[again.index("--steps") + 1] = "1"
+    again[4:4] = ["--feedback", str(tmp_path / "out" / "step.json")]  # after "launch"
+    proc = subprocess.run(again, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "profiles fitted to" in proc.stdout
+    assert Plan.load(tmp_path / "plan2" / "plan.json").world_size == 3
 
 
 def test_launch_matches_single_process(tmp_path, model_dir):

@@ -3,8 +3,9 @@
     hetermoe launch --cluster cluster.yaml --model ./my-moe [accelerate launch options] train.py [script args]
     hetermoe launch --plan plan.json --num_processes 4 train.py
 
-Our options (``--cluster``, ``--model``, ``--profiles``, ``--plan``, ``--plan-out``) may appear anywhere before
-the script; everything else goes to ``accelerate launch`` unchanged, so multi-node jobs use accelerate's own
+Our options (``--cluster``, ``--model``, ``--profiles``, ``--plan``, ``--plan-out``, ``--feedback STEP_JSON``:
+a measured step of an earlier run, see ``hf_hetermoe.planner.feedback``) may appear anywhere before the script;
+everything else goes to ``accelerate launch`` unchanged, so multi-node jobs use accelerate's own
 ``--num_machines``/``--machine_rank``/``--main_process_ip``. Filled in when not given: ``--num_processes`` (the
 plan's world size) and, for a multi-process job, ``--multi_gpu`` (on a machine without GPUs accelerate turns that
 into its multi-process CPU mode over gloo) with ``--num_machines 1 --mixed_precision no --dynamo_backend no``.
@@ -20,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-OURS = ("--cluster", "--model", "--profiles", "--plan", "--plan-out")
+OURS = ("--cluster", "--model", "--profiles", "--plan", "--plan-out", "--feedback")
 
 
 def launch_command_parser(subparsers) -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def launch_command_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "launch", help="plan and start a zebra training job through accelerate launch",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="[--cluster F --model M | --plan F] "
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="[--cluster F --model M [--feedback S] | --plan F] "
                         "[accelerate launch options] script.py [args]")
     parser.set_defaults(func=lambda args: launch_main(args.rest))
     return parser
@@ -94,7 +95,13 @@ def make_or_load_plan(ours: dict[str, str]):
     if "cluster" not in ours or "model" not in ours:
         raise SystemExit("hetermoe launch: give --plan plan.json, or --cluster cluster.yaml and --model <config>")
     profiles = ProfileSet.load(ours["profiles"]) if "profiles" in ours else None
-    result = make_plan(ours["model"], ClusterConfig.load(ours["cluster"]), profiles)
+    cluster = ClusterConfig.load(ours["cluster"])
+    if "feedback" in ours:  # a measured step of an earlier run: fit the profiles to it first
+        from hf_hetermoe.planner.feedback import describe, fitted_profiles
+
+        profiles, factors = fitted_profiles(ours["model"], cluster, profiles, ours["feedback"])
+        print(f"hetermoe launch: profiles fitted to {ours['feedback']}: {describe(factors)}", flush=True)
+    result = make_plan(ours["model"], cluster, profiles)
     print(format_plan(result), flush=True)
     out = Path(ours.get("plan_out", "hetermoe_plan/plan.json")).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
