@@ -82,7 +82,7 @@ def devices(emulate: str | None, world: int) -> list[str]:
 def run(plan, name, seq_len, experts, steps, warmup, timeline=False):
     model = build(name, seq_len, experts)
     engine = hetermoe.distribute(model, plan, lambda p: torch.optim.AdamW(p, lr=1e-5, foreach=True),
-                                 timeout_s=600, record_timeline=timeline)
+                                 timeout_s=120, record_timeline=timeline)  # a lost peer is named within 2 min
     rank = dist.get_rank()
     seqs = next((r.get("sequences", plan.sequences_per_attention_rank) for r in plan.ranks
                  if r["rank"] == rank and r["role"] == "attention"), 0)
