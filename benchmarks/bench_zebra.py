@@ -105,15 +105,9 @@ def run(plan, name, seq_len, experts, steps, warmup, timeline=False):
 def planned(cfg, world: int, seq_len: int, seqs: int, emulate: str | None, feedback: Path | None = None):
     """The plan ``hetermoe launch --cluster`` would make for W/2 host GPUs + W/2 emulated ones; with ``feedback``
     (a measured step of an earlier plan), from profiles fitted to it (``hetermoe plan --feedback``)."""
-    from hf_hetermoe.planner import ClusterConfig, make_plan
+    from hf_hetermoe.planner import make_plan
 
-    host, half = devices(None, world)[0], world // 2
-    host = "NVIDIA H100 80GB HBM3" if host == "cpu" else host  # CPU smoke run: plan as if on H100s
-    old = {"device": host, "count": half, **({"emulate": emulate} if emulate else {})}
-    gpus = [{"device": host, "count": half}, old]
-    cluster = ClusterConfig.from_dict({"nodes": [{"name": "n0", "gpus": gpus}],
-                                       "training": {"seq_len": seq_len, "global_batch_sequences": seqs,
-                                                    "max_micro_batches": 4, "bytes_per_param": BYTES_PER_PARAM}})
+    cluster = _cluster(devices(None, world)[0], world, seq_len, seqs, emulate, max_micro_batches=4)
     profiles = _profiles(None, None, seq_len) if PROFILES else None
     if feedback is not None:
         from hf_hetermoe.planner.feedback import describe, fitted_profiles
@@ -173,35 +167,35 @@ def _profiles(kinds, dims, seq_len):
     return preset_profiles(kinds, dims, seq_len)
 
 
-def _cost(name, seq_len, emulate, host, world, seqs):
-    """The planner's cost model of this node: W/2 host GPUs + W/2 emulated ones (--profiles, or presets)."""
-    from hf_hetermoe.planner import ClusterConfig, CostModel, model_dims
+def _cluster(host, world, seq_len, seqs, emulate, max_micro_batches=8):
+    """This node as a cluster file would describe it: W/2 host GPUs, then W/2 emulated ones."""
+    from hf_hetermoe.planner import ClusterConfig
 
     half = world // 2
     host = "NVIDIA H100 80GB HBM3" if host == "cpu" else host  # CPU smoke run: plan as if on H100s
     old = {"device": host, "count": half, **({"emulate": emulate} if emulate else {})}
-    cluster = ClusterConfig.from_dict({
+    return ClusterConfig.from_dict({
         "nodes": [{"name": "n0", "gpus": [{"device": host, "count": half}, old]}],
-        "training": {"seq_len": seq_len, "global_batch_sequences": seqs, "max_micro_batches": 8,
+        "training": {"seq_len": seq_len, "global_batch_sequences": seqs, "max_micro_batches": max_micro_batches,
                      "bytes_per_param": BYTES_PER_PARAM}})
+
+
+def _cost(name, seq_len, emulate, host, world, seqs):
+    """The planner's cost model of this node: W/2 host GPUs + W/2 emulated ones (--profiles, or presets)."""
+    from hf_hetermoe.planner import CostModel, model_dims
+
+    cluster = _cluster(host, world, seq_len, seqs, emulate)
     dims = model_dims(config(name, seq_len))
     return CostModel(dims, cluster, _profiles(cluster.kinds(), dims, seq_len))
 
 
-def _layout(plan):
-    from hf_hetermoe.planner import ZPLayout
-
-    sched = plan.get_schedule(validate=False)
-    return ZPLayout(plan.zp_groups, list(sched.attention_ranks), sched.placement, plan.micro_batches,
-                    plan.sequences_per_attention_rank)
-
-
 def simulate(plan, name, seq_len, emulate, host, world):
     """The simulator's prediction for ``plan`` with preset profiles of the host and the emulated kind."""
+    from hf_hetermoe.planner.feedback import layout_of
     from hf_hetermoe.planner.simulator import simulate_layout
 
     seqs = plan.sequences_per_attention_rank * sum(r["role"] == "attention" for r in plan.ranks)
-    return simulate_layout(_cost(name, seq_len, emulate, host, world, seqs), _layout(plan), f"simulated {name}")
+    return simulate_layout(_cost(name, seq_len, emulate, host, world, seqs), layout_of(plan), f"simulated {name}")
 
 
 def plot_measured(events_by_rank: list[list[dict]], path: Path, title: str) -> None:
@@ -299,13 +293,17 @@ def main() -> None:
             for method in methods:
                 t0 = time.time()
                 measured = out / f"zebra_step_{tag}_{name}_{seq_len}.json"  # the planned step, for `replanned`
-                if method == "replanned" and not measured.exists():
-                    if rank == 0:
-                        print(f"{name} S={seq_len} replanned: no {measured.name} (run 'planned' first); skipped")
-                    continue
-                if method in ("planned", "replanned"):
-                    plan = planned(cfg, world, seq_len, seqs, args.emulate,
-                                   measured if method == "replanned" else None)
+                if method in ("planned", "replanned"):  # rank 0 plans, every rank runs that very plan
+                    box = [None]
+                    if rank == 0 and (method == "planned" or measured.exists()):
+                        box[0] = planned(cfg, world, seq_len, seqs, args.emulate,
+                                         measured if method == "replanned" else None)
+                    dist.broadcast_object_list(box, src=0)
+                    plan = box[0]
+                    if plan is None:
+                        if rank == 0:
+                            print(f"{name} S={seq_len} replanned: no {measured.name} (run 'planned' first); skipped")
+                        continue
                     if rank == 0:
                         layer0 = {k: len(v) for k, v in (plan.placement[0] if plan.placement else {}).items()}
                         print(f"  planned: R={plan.micro_batches}, roles {[r['role'] for r in plan.ranks]}, "

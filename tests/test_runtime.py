@@ -404,17 +404,17 @@ def test_bad_input_errors(tmp_path, model_dir):
 
 def test_bench_zebra_smoke(tmp_path):
     """benchmarks/bench_zebra.py runs end to end on 2 CPU ranks (gloo, tiny model): planned, EP, DP and a static
-    zebra layout each write a CSV row; the planned step is saved for `hetermoe plan --feedback`."""
+    zebra layout each write a CSV row; the planned step is saved and re-planned from (`replanned`)."""
     import csv
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(ROOT / "benchmarks" / "bench_zebra.py"), "--models", "tiny", "--seq-lens", "64", "--tokens", "512",
-           "--steps", "1", "--warmup", "1", "--methods", "planned,EP,DP,zebra", "--out", str(tmp_path)]
+           "--steps", "1", "--warmup", "1", "--methods", "planned,replanned,EP,DP,zebra", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "zebra_cpu_w2.csv")))
-    assert [r["method"] for r in rows] == ["planned", "EP", "DP", "zebra"]
+    assert [r["method"] for r in rows] == ["planned", "replanned", "EP", "DP", "zebra"]
     assert all(float(r["tokens_per_s"]) > 0 for r in rows)
     step = json.loads((tmp_path / "zebra_step_cpu_w2_tiny_64.json").read_text())
     assert len(step["busy_ms"]) == 2 and step["step_ms"] > 0
