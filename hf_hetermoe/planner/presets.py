@@ -78,22 +78,27 @@ def emulated_spec(host: DeviceSpec, preset_name: str, host_sms: int = 132) -> De
     )
 
 
+def _named_spec(name: str) -> str | None:
+    """The :data:`SPECS` key whose model number stands in ``name`` (``"NVIDIA A40"`` -> ``"a40"``), if any."""
+    lowered = name.lower()
+    return next((n for n in ("l40s", "a100", "a40", "v100", "h100", "h200", "t4")
+                 if re.search(rf"(?<![a-z0-9]){n}(?![0-9])", lowered)), None)
+
+
 def spec_for(kind: str) -> DeviceSpec:
     """The spec of a device kind, found by model number in the name. ``"<H100/H200> [emulated v100-like]"`` is the
     host scaled as the emulation preset scales it (:func:`emulated_spec`); other hosts with an emulation tag get
     the imitated GPU's published spec."""
     m = re.search(r"\[emulated ([a-z0-9]+)-like\]", kind)
     if m:
-        host = kind[:m.start()].strip().lower()
-        hopper = next((n for n in ("h100", "h200") if re.search(rf"(?<![a-z0-9]){n}(?![0-9])", host)), None)
-        if hopper is not None:
-            return emulated_spec(SPECS[hopper], f"{m.group(1)}-like")
+        host = _named_spec(kind[:m.start()])
+        if host in ("h100", "h200"):
+            return emulated_spec(SPECS[host], f"{m.group(1)}-like")
         if m.group(1) in SPECS:
             return SPECS[m.group(1)]
-    lowered = kind.lower()
-    for name in ("l40s", "a100", "a40", "v100", "h100", "h200", "t4"):
-        if re.search(rf"(?<![a-z0-9]){name}(?![0-9])", lowered):
-            return SPECS[name]
+    name = _named_spec(kind)
+    if name is not None:
+        return SPECS[name]
     raise ConfigError(
         f"no built-in spec for device {kind!r} (known: {sorted(SPECS)}); pass --profiles with measured profiles "
         "from `hetermoe profile`"
