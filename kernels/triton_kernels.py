@@ -215,13 +215,13 @@ def _wgrad_kernel(
     mask_n = offs_n < N
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if PREFETCH:
+    if PREFETCH and (GATHER_A or GATHER_B):
         offs_first = row_start + tl.arange(0, BLOCK_M)
         flat_next = tl.load(order_ptr + offs_first, mask=offs_first < row_end, other=0)
     for r0 in range(row_start, row_end, BLOCK_M):
         offs_r = r0 + tl.arange(0, BLOCK_M)
         mask_r = offs_r < row_end
-        if PREFETCH:
+        if PREFETCH and (GATHER_A or GATHER_B):
             flat = flat_next
             flat_next = tl.load(order_ptr + offs_r + BLOCK_M, mask=offs_r + BLOCK_M < row_end, other=0)
         elif GATHER_A or GATHER_B:

@@ -55,7 +55,6 @@ WGRAD_CANDIDATES: list[dict] = [
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
     # v2.2: deeper operand pipelines (the index load takes a stage of its own)
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=5, GROUP_N=8, A_T=False),
-    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=6, GROUP_N=8, A_T=False),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=5, GROUP_N=8, A_T=False),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False, PREFETCH=True),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, GROUP_N=8, A_T=False, PREFETCH=True),
