@@ -27,7 +27,11 @@ SHAPES = {
     "gpt_oss_20b": (2880, 2880, 32, 4, 16384),
     "mixtral_8x7b": (4096, 14336, 8, 2, 4096),
 }
-KERNELS = ("fwd_gate_up", "fwd_down", "bwd_g", "bwd_dx", "wgrad_up", "wgrad_down")
+KERNELS = (
+    "fwd_gate_up", "fwd_down", "bwd_g", "bwd_dx", "wgrad_up", "wgrad_down",
+    # the weight gradients on operands gathered beforehand (no row indices in the loop), and that gather itself
+    "wgrad_up_contig", "wgrad_down_contig", "gather_rows",
+)
 
 
 def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
@@ -142,6 +146,27 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
             checks["wgrad_down"],
         )
     )
+    # Upper bound of pre-gathering: the same kernel with contiguous operands (x[tok], dout[tok] copied before).
+    x_rows, dout_rows = x[tok], dout[tok]
+    out.append(
+        (
+            "wgrad_up_contig",
+            flops_up,
+            lambda c: triton_ops.wgrad(dgu, x_rows, routing, k, dw1, gather_a=False, gather_b=False, config=c),
+            checks["wgrad_up"],
+        )
+    )
+    out.append(
+        (
+            "wgrad_down_contig",
+            flops_down,
+            lambda c: triton_ops.wgrad(dout_rows, h, routing, k, dw2, gather_a=False, gather_b=False, config=c),
+            checks["wgrad_down"],
+        )
+    )
+    # The gather's cost (reported as TB/s in the tflops column: bytes read + written over time).
+    out.append(("gather_rows", 2 * S * H * x.element_size(), lambda c: torch.index_select(x, 0, tok, out=x_rows),
+                lambda: rel(x_rows[rows0], x[tok[rows0]])))
     return out
 
 
@@ -149,7 +174,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--kernels", nargs="+", default=list(KERNELS), choices=KERNELS)
+    parser.add_argument("--kernels", nargs="+", default=list(KERNELS[:6]), choices=KERNELS)
+    parser.add_argument("--tokens", type=int, default=None, help="T for every shape (default: each shape's own)")
+    parser.add_argument("--tag", default="", help="written to sweep_candidates_<tag>_<gpu>.csv")
     args = parser.parse_args(argv)
     import triton
     from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
@@ -162,12 +189,15 @@ def main(argv=None):
     rows = []
     for name in args.shapes:
         H, I, E, k, T = SHAPES[name]
+        T = args.tokens or T
         for kind, flops, run, check in problems(name, H, I, E, k, T):
             if kind not in args.kernels:
                 continue
             family = "wgrad" if kind.startswith("wgrad") else "gemm"
             num_b = 1
             listed = tuning.WGRAD_CANDIDATES if family == "wgrad" else tuning.GEMM_CANDIDATES
+            if kind == "gather_rows":
+                listed = [dict(BLOCK_N=0, BLOCK_K=0, num_stages=1)]  # one run, no tiles
             if kind == "fwd_gate_up" and not name.startswith("gpt_oss"):
                 listed, num_b = tuning.GATED_CANDIDATES, 2
             cands = [tuning.fit(family, c, limit, 128, num_b) for c in listed]
@@ -201,7 +231,7 @@ def main(argv=None):
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"sweep_candidates_{gpu_slug(gpu)}.csv"
+    path = args.out / f"sweep_candidates_{args.tag + '_' if args.tag else ''}{gpu_slug(gpu)}.csv"
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -198,10 +198,14 @@ def _wgrad_kernel(
     offsets_ptr, N, K,
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+    PREFETCH: tl.constexpr = False,
 ):
     # Grid (N tiles * K tiles, E): one expert's tiles run together, grouped so that concurrent programs share
     # A and B row slabs in L2. Both operands go straight from global to shared memory (no register-side
     # scaling: the routing weight is folded into B by the caller), so the loop pipelines like a plain GEMM.
+    # The row gather is an indirect load: Triton's pipeliner gives the index load a stage of its own, which leaves
+    # num_stages - 2 operand buffers (one step of prefetch at num_stages=3). PREFETCH instead carries the next
+    # step's indices through the loop (a plain load, one step ahead), so the operands get num_stages buffers.
     expert = tl.program_id(1)
     pid_n, pid_k = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_N)
     row_start = tl.load(offsets_ptr + expert)
@@ -211,10 +215,16 @@ def _wgrad_kernel(
     mask_n = offs_n < N
     mask_k = offs_k < K
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PREFETCH and (GATHER_A or GATHER_B):
+        offs_first = row_start + tl.arange(0, BLOCK_M)
+        flat_next = tl.load(order_ptr + offs_first, mask=offs_first < row_end, other=0)
     for r0 in range(row_start, row_end, BLOCK_M):
         offs_r = r0 + tl.arange(0, BLOCK_M)
         mask_r = offs_r < row_end
-        if GATHER_A or GATHER_B:
+        if PREFETCH and (GATHER_A or GATHER_B):
+            flat = flat_next
+            flat_next = tl.load(order_ptr + offs_r + BLOCK_M, mask=offs_r + BLOCK_M < row_end, other=0)
+        elif GATHER_A or GATHER_B:
             flat = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
         if GATHER_A:
             a_rows = (flat // top_k).to(tl.int64)

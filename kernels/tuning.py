@@ -42,7 +42,8 @@ GATED_CANDIDATES: list[dict] = [
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=16),
     dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, GROUP_M=8),
 ]
-# Per-expert weight gradient; BLOCK_M rows per step; A_T loads A pre-transposed instead of tl.trans.
+# Per-expert weight gradient; BLOCK_M rows per step; A_T loads A pre-transposed instead of tl.trans; PREFETCH
+# (default off) loads the next step's row indices one step ahead (see _wgrad_kernel).
 WGRAD_CANDIDATES: list[dict] = [
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, GROUP_N=8, A_T=False),
@@ -52,6 +53,11 @@ WGRAD_CANDIDATES: list[dict] = [
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3, GROUP_N=8, A_T=False),
     dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False),
+    # v2.2: deeper operand pipelines (the index load takes a stage of its own)
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=5, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=5, GROUP_N=8, A_T=False),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3, GROUP_N=8, A_T=False, PREFETCH=True),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4, GROUP_N=8, A_T=False, PREFETCH=True),
 ]
 # The interpreter runs one configuration, small, so CPU tests stay fast.
 INTERPRETER = {

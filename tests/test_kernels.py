@@ -217,3 +217,33 @@ def test_second_backward_through_one_graph_raises():
     with pytest.raises(RuntimeError, match="already backpropagated"):
         torch.autograd.grad(loss, [w1])
 
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_wgrad_variants_match_torch(prefetch):
+    """Every weight-gradient variant (row gathers on A or B; index prefetch on or off) equals a per-expert matmul,
+    including experts with no rows and runs that are not a multiple of the row step."""
+    from hf_hetermoe.kernels import triton_ops, tuning
+
+    T, N, K, E, k = 61, 24, 40, 7, 3
+    index = torch.rand(T, E, device=DEVICE).topk(k, dim=-1).indices
+    index[index == 2] = 3  # expert 2 gets no rows
+    routing = build_routing(index, E, triton_ops.block_m_for(DEVICE))
+    S = T * k
+    if DEVICE.type == "cpu":
+        config = dict(tuning.INTERPRETER["wgrad"], num_stages=3, PREFETCH=prefetch)
+    else:  # fp32 operands: shrink the tiles to the device's shared memory
+        limit = tuning.shared_memory_per_block(DEVICE)
+        config = tuning.fit("wgrad", dict(tuning.WGRAD_CANDIDATES[-1], PREFETCH=prefetch), limit, elem=4)
+    tokens = routing.order.long() // k
+    for gather_a, gather_b in [(True, False), (False, True)]:
+        a = torch.randn(T if gather_a else S, N, device=DEVICE)
+        b = torch.randn(T if gather_b else S, K, device=DEVICE)
+        out = torch.full((E, N, K), float("nan"), device=DEVICE)
+        triton_ops.wgrad(a, b, routing, k, out, gather_a=gather_a, gather_b=gather_b, config=config)
+        a_rows = a[tokens] if gather_a else a
+        b_rows = b[tokens] if gather_b else b
+        offsets = routing.offsets.tolist()
+        want = torch.stack([a_rows[s:e].T @ b_rows[s:e] for s, e in zip(offsets[:-1], offsets[1:])])
+        assert rel_err(out, want) < TOLERANCE[torch.float32]
