@@ -174,6 +174,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             del grads
             t_fwd = do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
             t_fb = do_bench(fwd_bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
+            t_host = host_ms(fwd)
         except torch.OutOfMemoryError:
             print(f"  {provider}: out of memory")
             torch.cuda.empty_cache()
@@ -199,13 +200,14 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             grads_gib=round(grads_gib, 3),
             max_rel_err_vs_fp32=f"{max_err:.1e}",
             first_call_s=round(first_call_s, 2),
+            fwd_host_ms=round(t_host, 4),
         )
         writer.writerow(row)
         results[provider] = row
         print(
             f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
             f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB "
-            f"(gradients {grads_gib:.2f})  first call {first_call_s:.1f} s",
+            f"(gradients {grads_gib:.2f})  first call {first_call_s:.1f} s  host {t_host:.3f} ms/fwd",
             flush=True,
         )
         if args.profile and provider == "hetermoe":
@@ -213,6 +215,17 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     del module
     torch.cuda.empty_cache()
     return results
+
+
+def host_ms(fn, calls: int = 10) -> float:
+    """CPU time to issue one call (the GPU runs behind): when it exceeds the kernels' time, the call is host-bound."""
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - began
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
 
 
 def print_kernel_times(fn) -> None:
@@ -329,7 +342,7 @@ def main(argv=None):
     fields = [
         *meta,
         *("shape", "H", "I", "E", "k", "T", "dtype", "provider", "fwd_ms", "fwd_bwd_ms", "fwd_tflops"),
-        *("fwd_bwd_tflops", "peak_extra_gib", "grads_gib", "max_rel_err_vs_fp32", "first_call_s"),
+        *("fwd_bwd_tflops", "peak_extra_gib", "grads_gib", "max_rel_err_vs_fp32", "first_call_s", "fwd_host_ms"),
     ]
     _migrate_header(csv_path, fields)
     new = not csv_path.exists()

@@ -68,6 +68,26 @@ def step_fn(model, opt, ids):
     return step
 
 
+def print_top_kernels(step, variant: str, rows: int = 30) -> None:
+    """One step under torch.profiler: the kernels that take the most GPU time, summed by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = totals.setdefault(event.name[:90], [0.0, 0])
+            entry[0] += event.device_time
+            entry[1] += 1
+    busy = sum(t for t, _ in totals.values())
+    print(f"  {variant}: one step, {busy / 1e3:.1f} ms of kernels; top {rows} by time:")
+    for name, (us, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"  {us / 1e3:9.2f} ms {100 * us / busy:5.1f}% x{count:<4d} {name}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
@@ -77,6 +97,7 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--profile", action="store_true", help="print each variant's top kernels of one step")
     args = parser.parse_args(argv)
     import transformers
     from transformers import AutoModelForCausalLM
@@ -130,6 +151,8 @@ def main(argv=None):
             peak_gib=round(peak, 2),
         )
         print(results[variant], flush=True)
+        if args.profile and cuda:
+            print_top_kernels(step, variant)
         del model, opt, step
         if cuda:
             torch.cuda.empty_cache()

@@ -23,6 +23,7 @@ import torch
 # name: (H, I, E, k, T)
 SHAPES = {
     "qwen3_30b_a3b": (2048, 768, 128, 8, 16384),
+    "olmoe_1b_7b": (2048, 1024, 64, 8, 16384),
     "deepseek_v3_like": (7168, 2048, 32, 8, 16384),
     "gpt_oss_20b": (2880, 2880, 32, 4, 16384),
     "mixtral_8x7b": (4096, 14336, 8, 2, 4096),
@@ -31,10 +32,12 @@ KERNELS = (
     "fwd_gate_up", "fwd_down", "bwd_g", "bwd_dx", "wgrad_up", "wgrad_down",
     # the weight gradients on operands gathered beforehand (no row indices in the loop), and that gather itself
     "wgrad_up_contig", "wgrad_down_contig", "gather_rows",
+    # torch._grouped_mm (CUTLASS on sm_90) on the same pre-gathered operands: a vendor reference per matmul
+    "fwd_gate_up_grouped_mm", "fwd_down_grouped_mm", "wgrad_up_grouped_mm", "wgrad_down_grouped_mm",
 )
 
 
-def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
+def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16, block_m=None):
     """(kernel, flops, run(config), check()) for every matmul of one layer on random data."""
     from hf_hetermoe.kernels import ExpertLayout, build_routing, split_gate_up, triton_ops
 
@@ -44,7 +47,8 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
     S = T * k
     x = torch.randn(T, H, **bf)
     index = torch.rand(T, E, device=device).topk(k, dim=-1).indices
-    routing = build_routing(index, E, triton_ops.block_m_for(x.device))
+    routing_block_m = block_m or triton_ops.block_m_for(x.device)
+    routing = build_routing(index, E, routing_block_m)
     if gpt_oss:  # logical [E, N, K] views of [E, in, out] storage
         w1 = torch.randn(E, H, 2 * I, **bf).mul_(H**-0.5).transpose(1, 2)
         w2 = torch.randn(E, I, H, **bf).mul_(I**-0.5).transpose(1, 2)
@@ -112,7 +116,6 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
             dgu, w1.transpose(1, 2), routing, k, gather_a=False, out=dxs, block_m=routing_block_m, config=c
         )
 
-    routing_block_m = triton_ops.block_m_for(x.device)
     checks = {
         "fwd_gate_up": lambda: rel(gu_gate[rows0], x[tok[rows0]] @ w_gate[e0].T),
         "fwd_down": lambda: rel(y[rows0], h[rows0] @ w2[e0].T),
@@ -167,6 +170,26 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16):
     # The gather's cost (reported as TB/s in the tflops column: bytes read + written over time).
     out.append(("gather_rows", 2 * S * H * x.element_size(), lambda c: torch.index_select(x, 0, tok, out=x_rows),
                 lambda: rel(x_rows[rows0], x[tok[rows0]])))
+    # Vendor reference: torch._grouped_mm on pre-gathered rows (the forward without the fused activation).
+    if hasattr(torch, "_grouped_mm") and not gpt_oss:
+        ends, res = routing.offsets[1:], {}
+
+        def vendor(key, a, b):
+            def run(c):
+                res[key] = torch._grouped_mm(a, b, offs=ends)
+
+            return run
+
+        out += [
+            ("fwd_gate_up_grouped_mm", flops_up, vendor("gu", x_rows, w1.transpose(1, 2)),
+             lambda: rel(res["gu"][rows0], x[tok[rows0]] @ w1[e0].T)),
+            ("fwd_down_grouped_mm", flops_down, vendor("y", h, w2.transpose(1, 2)),
+             lambda: rel(res["y"][rows0], h[rows0] @ w2[e0].T)),
+            ("wgrad_up_grouped_mm", flops_up, vendor("dw1", dgu.T, x_rows),
+             lambda: rel(res["dw1"][e0], dgu[rows0].T @ x[tok[rows0]])),
+            ("wgrad_down_grouped_mm", flops_down, vendor("dw2", dout_rows.T, h),
+             lambda: rel(res["dw2"][e0], dout[tok[rows0]].T @ h[rows0])),
+        ]
     return out
 
 
@@ -176,6 +199,7 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--kernels", nargs="+", default=list(KERNELS[:6]), choices=KERNELS)
     parser.add_argument("--tokens", type=int, default=None, help="T for every shape (default: each shape's own)")
+    parser.add_argument("--block-m", type=int, default=None, help="routing rows per tile (default: block_m_for)")
     parser.add_argument("--tag", default="", help="written to sweep_candidates_<tag>_<gpu>.csv")
     args = parser.parse_args(argv)
     import triton
@@ -190,17 +214,17 @@ def main(argv=None):
     for name in args.shapes:
         H, I, E, k, T = SHAPES[name]
         T = args.tokens or T
-        for kind, flops, run, check in problems(name, H, I, E, k, T):
+        for kind, flops, run, check in problems(name, H, I, E, k, T, block_m=args.block_m):
             if kind not in args.kernels:
                 continue
             family = "wgrad" if kind.startswith("wgrad") else "gemm"
             num_b = 1
             listed = tuning.WGRAD_CANDIDATES if family == "wgrad" else tuning.GEMM_CANDIDATES
-            if kind == "gather_rows":
+            if kind == "gather_rows" or kind.endswith("_grouped_mm"):
                 listed = [dict(BLOCK_N=0, BLOCK_K=0, num_stages=1)]  # one run, no tiles
             if kind == "fwd_gate_up" and not name.startswith("gpt_oss"):
                 listed, num_b = tuning.GATED_CANDIDATES, 2
-            cands = [tuning.fit(family, c, limit, 128, num_b) for c in listed]
+            cands = [tuning.fit(family, c, limit, args.block_m or 128, num_b) for c in listed]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
             for i, cfg in enumerate(cands):
                 try:
@@ -213,6 +237,7 @@ def main(argv=None):
                     ms, tflops, err = float("nan"), float("nan"), float("nan")
                 row = dict(
                     date=datetime.date.today().isoformat(),
+                    block_m=args.block_m or 128,
                     gpu=gpu,
                     torch=torch.__version__,
                     triton=triton.__version__,
