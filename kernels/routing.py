@@ -4,13 +4,25 @@ A routed *pair* is one (token, slot) of ``top_k_index [T, k]``; its flat index i
 Pairs are sorted by expert (stable, so ties keep token order), which makes every expert's pairs one
 contiguous run of the sorted order. Nothing is permuted or padded: kernels read token rows in place
 through ``order`` and write results back through ``inverse``.
+
+Two implementations give bit-identical tensors: a stable counting sort in three Triton kernels
+(``triton_routing.py``, the default for CUDA tensors) and plain torch ops (~40 launches; the CPU path and the
+reference).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import NamedTuple
 
 import torch
+
+from .. import env
+
+# Read once at import, as in ops.py: torch.compile cannot trace importlib or the environment in a compiled region.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_INTERPRET = env.triton_interpret()
+ROUTING_BACKENDS = ("auto", "torch", "triton")
 
 
 class Routing(NamedTuple):
@@ -21,7 +33,8 @@ class Routing(NamedTuple):
     expert:       [S] int32, expert id at each sorted position (non-decreasing).
     offsets:      [E + 1] int32, sorted positions where each expert's run starts; ``offsets[E] = S``.
     tile_expert:  [max_tiles] int32, expert of each row tile of ``block_m`` sorted rows; ``E`` marks an unused tile.
-    tile_start:   [max_tiles] int32, first sorted row of each tile.
+    tile_start:   [max_tiles] int32, first sorted row of each tile (unused tiles continue expert E - 1's
+                  tiles past ``S``; kernels skip them without reading it, but both backends agree on it anyway).
     """
 
     order: torch.Tensor
@@ -42,14 +55,34 @@ def max_row_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-num_pairs // block_m) + min(num_experts, num_pairs)
 
 
-def build_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+def build_routing(top_k_index: torch.Tensor, num_experts: int, block_m: int, *, backend: str = "auto") -> Routing:
     """Sort (token, slot) pairs by expert and tile each expert's run into blocks of ``block_m`` rows.
 
     Args:
         top_k_index: [T, k] integer expert ids in ``[0, num_experts)``.
         num_experts: E.
         block_m: rows per tile of the grouped matmuls (fixes the tile arrays).
+        backend: 'triton' (three kernels; CUDA tensors, or CPU ones under ``TRITON_INTERPRET=1``), 'torch', or
+            'auto': Triton for CUDA tensors when it is installed, torch otherwise.
     """
+    if backend not in ROUTING_BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {ROUTING_BACKENDS}")
+    if backend == "triton" or (backend == "auto" and _TRITON_INSTALLED and top_k_index.is_cuda and num_experts > 0):
+        if not _TRITON_INSTALLED or not (top_k_index.is_cuda or _INTERPRET):
+            state = "installed" if _TRITON_INSTALLED else "missing"
+            raise RuntimeError(
+                f"build_routing(backend='triton') needs the triton package and CUDA tensors (got "
+                f"{top_k_index.device.type} tensors, triton {state}); on CPU set TRITON_INTERPRET=1 before importing "
+                "hf_hetermoe, or use backend='auto'"
+            )
+        from . import triton_routing  # lazy: Triton reads TRITON_INTERPRET when its jit decorators run
+
+        return triton_routing.build_routing(top_k_index, num_experts, block_m)
+    return build_routing_torch(top_k_index, num_experts, block_m)
+
+
+def build_routing_torch(top_k_index: torch.Tensor, num_experts: int, block_m: int) -> Routing:
+    """``build_routing`` with torch ops (~40 launches on CUDA): the reference of the Triton kernels."""
     device = top_k_index.device
     flat = top_k_index.reshape(-1)
     num_pairs = flat.numel()
