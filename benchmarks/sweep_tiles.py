@@ -224,7 +224,8 @@ def main(argv=None):
                 listed = [dict(BLOCK_N=0, BLOCK_K=0, num_stages=1)]  # one run, no tiles
             if kind == "fwd_gate_up" and not name.startswith("gpt_oss"):
                 listed, num_b = tuning.GATED_CANDIDATES, 2
-            cands = [tuning.fit(family, c, limit, args.block_m or 128, num_b) for c in listed]
+            one_run = kind == "gather_rows" or kind.endswith("_grouped_mm")
+            cands = listed if one_run else [tuning.fit(family, c, limit, args.block_m or 128, num_b) for c in listed]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
             for i, cfg in enumerate(cands):
                 try:

@@ -5,6 +5,7 @@
 | ``HETERMOE_DISABLE=1`` | ``prepare`` returns the model untouched (with a warning): a kill switch for debugging |
 | ``HETERMOE_BACKEND`` | ``auto``, ``triton`` or ``reference``, read at import: overrides ``HeterMoEConfig.backend`` |
 | ``HETERMOE_AUTOTUNE=0`` | pin the measured kernel tiles instead of tuning them per shape bucket on first use |
+| ``HETERMOE_VENDOR_WGRAD=0`` | weight gradients in Triton (default: ``torch._grouped_mm``, bf16 on sm_90/100) |
 | ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
 """
@@ -45,6 +46,10 @@ def backend_override() -> str | None:
 
 def autotune() -> bool:
     return _flag("HETERMOE_AUTOTUNE", True)
+
+
+def vendor_wgrad() -> bool:
+    return _flag("HETERMOE_VENDOR_WGRAD", True)
 
 
 def cache_dir() -> Path:
