@@ -97,6 +97,12 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--optimizer",
+        default="foreach",
+        choices=("foreach", "fused"),
+        help="torch.optim.AdamW implementation, the same for both variants (fused: one kernel per parameter group)",
+    )
     parser.add_argument("--profile", action="store_true", help="print each variant's top kernels of one step")
     args = parser.parse_args(argv)
     import transformers
@@ -119,7 +125,8 @@ def main(argv=None):
         if variant == "hetermoe":
             model = hetermoe.prepare(model, hetermoe.HeterMoEConfig(backend="auto"))
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+        fused = args.optimizer == "fused" and cuda
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=not fused, fused=fused or None)
         step = step_fn(model, opt, ids)
         began = time.perf_counter()
         first_loss = step().item()  # the first call compiles (and autotunes) the kernels
@@ -144,6 +151,7 @@ def main(argv=None):
             batch=args.batch,
             seq=args.seq,
             variant=variant,
+            optimizer=args.optimizer,
             first_loss=round(first_loss, 4),
             first_step_s=round(first_s, 2),
             step_ms=round(seconds * 1e3, 2),
@@ -170,12 +178,16 @@ def main(argv=None):
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train_step_{gpu_slug(gpu)}.csv"
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(a))
-        if new:
-            writer.writeheader()
-        writer.writerows([a, b])
+    rows = []
+    if path.exists():  # earlier rows stay; rows from before the optimizer column ran foreach AdamW
+        with open(path, newline="") as f:
+            rows = [{"optimizer": "foreach", **r} for r in csv.DictReader(f)]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(a), restval="")
+        writer.writeheader()
+        writer.writerows([*rows, a, b])
+    tmp.replace(path)
     print(f"wrote {path}")
 
 
