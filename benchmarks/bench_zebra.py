@@ -235,7 +235,7 @@ def main() -> None:
     ap.add_argument("--asym", type=int, default=2, help="experts per layer moved to attention ranks (zebra+asym)")
     ap.add_argument("--experts", default="hetermoe", help="experts implementation: hetermoe, grouped_mm, ...")
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps: JIT compiling and autotuning")
     ap.add_argument("--links", default="nvlink", help="label for the CSV (nvlink, or capped with NCCL_P2P_DISABLE=1)")
     ap.add_argument("--timeline-seq", type=int, default=16384, help="seq_len of the first model whose zebra step "
                     "is drawn (measured and simulated timeline PNGs)")

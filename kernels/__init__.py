@@ -2,7 +2,7 @@
 
 Layers: ``triton_kernels`` (jit code) -> ``triton_ops`` (launchers) -> ``ops`` (custom ops, autograd,
 backend choice); ``reference`` is the plain-PyTorch twin of every op; ``routing`` builds the device-side
-metadata; ``layout`` describes weight layouts. Nothing here knows about transformers.
+metadata (``triton_routing`` on CUDA); ``layout`` describes weight layouts. Nothing here knows about transformers.
 """
 
 if __name__ == "kernels":
