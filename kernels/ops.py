@@ -220,7 +220,6 @@ class MoEExpertsFunction(torch.autograd.Function):
             out, gu = _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, backend)
         ctx.save_for_backward(x, w1, w2, b1, b2, top_k_weights, gu, *routing)
         ctx.flags = flags
-        ctx.layout = layout
         ctx.mark_non_differentiable(gu)
         # gu never receives a gradient: without this autograd would allocate (and zero) an [S, N1] tensor for it.
         ctx.set_materialize_grads(False)
@@ -245,9 +244,9 @@ class MoEExpertsFunction(torch.autograd.Function):
                 dout, x, w1, w2, b1, b2, top_k_weights, gu, *routing, *ctx.flags
             )
         else:
-            layout, block_m, backend = ctx.layout, *ctx.flags[-2:]
+            *layout_flags, block_m, backend = ctx.flags
             dx, dweights, dw1, dw2, db1, db2 = _backward(
-                dout, x, w1, w2, b1, b2, top_k_weights, gu, Routing(*routing), layout, block_m, backend
+                dout, x, w1, w2, b1, b2, top_k_weights, gu, Routing(*routing), _layout(*layout_flags), block_m, backend
             )
             # What the custom op's declared mutation does for us under compile: a second backward sees the change.
             torch.autograd.graph.increment_version(gu)

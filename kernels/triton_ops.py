@@ -398,7 +398,7 @@ def experts_backward(
     # Transients are dropped as soon as their last reader is queued (the caching allocator reuses them at once),
     # and dW2 runs before dx so that `hw` is gone before `dx_sorted [S, H]` exists: a lower backward peak.
     del g
-    vendor = vendor_wgrad_ok(x, w1, w2, dgu, hw)
+    vendor = num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, dgu, hw)
     tokens = routing.order // top_k if vendor else None
     # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
     if vendor:
