@@ -10,22 +10,20 @@ sees (and may fuse) it too.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 import torch
 
 from .. import env
 from ..errors import DeviceMismatchError
 from .layout import ExpertLayout, w1_logical
-from .routing import Routing, block_m_for, build_routing
+from .routing import _INTERPRET, _TRITON_INSTALLED, Routing, block_m_for, build_routing
 
 BACKENDS = ("auto", "triton", "reference")
 
 
-# Read once at import: torch.compile cannot trace importlib or environment look-ups inside a compiled region,
+# Read once at import (as routing.py reads whether triton is installed and TRITON_INTERPRET): torch.compile
+# cannot trace environment look-ups inside a compiled region,
 # and TRITON_INTERPRET only works when set before the jit decorators run anyway.
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-_INTERPRET = env.triton_interpret()
 _BACKEND_OVERRIDE = env.backend_override()
 
 
