@@ -228,20 +228,23 @@ def host_ms(fn, calls: int = 10) -> float:
     return elapsed / calls * 1e3
 
 
-def print_kernel_times(fn) -> None:
-    """Every GPU kernel of one call of ``fn`` in launch order, with its time (torch.profiler; a warm call first)."""
+def cuda_kernels(fn) -> list:
+    """The GPU kernel events of one call of ``fn`` under torch.profiler, in launch order."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
     torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sorted((e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start)
+
+
+def print_kernel_times(fn) -> None:
+    """Every GPU kernel of one call of ``fn`` in launch order, with its time (torch.profiler; a warm call first)."""
+    fn()
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        kernels = sorted(
-            (e for e in prof.events() if e.device_type == DeviceType.CUDA), key=lambda e: e.time_range.start
-        )
+        kernels = cuda_kernels(fn)
     except Exception as err:  # noqa: BLE001  (a diagnostic: never lose the benchmark to it)
         print(f"  profile failed: {type(err).__name__}: {err}")
         return

@@ -70,18 +70,13 @@ def step_fn(model, opt, ids):
 
 def print_top_kernels(step, variant: str, rows: int = 30) -> None:
     """One step under torch.profiler: the kernels that take the most GPU time, summed by name."""
-    from torch.profiler import ProfilerActivity, profile
+    from bench_experts import cuda_kernels  # benchmarks/ is on sys.path when run as a script
 
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
     totals: dict[str, list] = {}
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = totals.setdefault(event.name[:90], [0.0, 0])
-            entry[0] += event.device_time
-            entry[1] += 1
+    for event in cuda_kernels(step):
+        entry = totals.setdefault(event.name[:90], [0.0, 0])
+        entry[0] += event.device_time
+        entry[1] += 1
     busy = sum(t for t, _ in totals.values())
     print(f"  {variant}: one step, {busy / 1e3:.1f} ms of kernels; top {rows} by time:")
     for name, (us, count) in sorted(totals.items(), key=lambda kv: -kv[1][0])[:rows]:
