@@ -148,12 +148,17 @@ def record_oom(path: Path, name: str, seq_len: int, method: str, plan, date: str
     os._exit(3)
 
 
+def median_step(results):
+    """The timed step of median length (the step the CSV row and the saved measurement describe)."""
+    return sorted(results, key=lambda r: r.seconds)[len(results) // 2]
+
+
 def summarise(results) -> dict:
-    secs = sorted(r.seconds for r in results)[len(results) // 2]
-    tokens = results[0].tokens
-    busy = [sum(r.busy_s[i] for r in results) / len(results) for i in range(len(results[0].busy_s))]
-    return {"step_ms": secs * 1e3, "tokens": tokens, "tokens_per_s": tokens / secs,
-            "util": [b / secs for b in busy]}
+    # Busy time and length of the same step: the mean busy time over the timed steps divided by the median length
+    # read 1.50 on an emulated rank with one timed step far longer than the median (first-use autotuning).
+    mid = median_step(results)
+    return {"step_ms": mid.seconds * 1e3, "tokens": mid.tokens, "tokens_per_s": mid.tokens / mid.seconds,
+            "util": mid.utilisation}
 
 
 PROFILES = ""  # --profiles: a path pattern with {seq_len}, measured by `hetermoe profile`; "" = built-in presets
@@ -332,7 +337,7 @@ def main() -> None:
                 if method == "planned" and rank == 0:
                     from hf_hetermoe.planner.feedback import save_measurement
 
-                    mid = sorted(res, key=lambda r: r.seconds)[len(res) // 2]
+                    mid = median_step(res)
                     save_measurement(measured, plan, mid.busy_s, mid.seconds)
                 label = f"EP ({world} full)" if method == "EP-full" else method
                 label = "planned (profiled)" if method == "planned" and PROFILES else label

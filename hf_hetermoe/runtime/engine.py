@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +56,7 @@ class StepResult:
     tokens: int
     seconds: float
     tokens_per_s: float
-    busy_s: list[float]  # per global rank: time in compute actions
+    busy_s: list[float]  # per global rank: time in compute actions (the union of their intervals)
     optimizer_stepped: bool
     grad_norm: float | None = None
     timeline: list[dict] | None = None  # this rank's actions with start/end (when ``record_timeline``)
@@ -64,6 +64,21 @@ class StepResult:
     @property
     def utilisation(self) -> list[float]:
         return [b / self.seconds if self.seconds else 0.0 for b in self.busy_s]
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of ``(start, end)`` intervals: overlapping, nested or repeated ones count once.
+
+    A rank's busy time is this over its compute actions rather than the sum of their durations, so it cannot exceed
+    the span they cover (utilisation <= 1) should two actions' intervals ever overlap (e.g. timed on two streams).
+    """
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, max(start, end)])
+    return sum(end - start for start, end in merged)
 
 
 @dataclass
@@ -95,8 +110,7 @@ class _Step:
     keep: list = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     auxes: list[float] = field(default_factory=list)
-    busy: float = 0.0
-    events: list = field(default_factory=list)
+    events: list = field(default_factory=list)  # (action, start, end): CUDA events, or host seconds on CPU
     train: bool = True
 
 
@@ -344,9 +358,7 @@ class ZebraEngine(EngineIO):
         else:
             t = time.perf_counter()
             fn(act, st)
-            dt = time.perf_counter() - t
-            st.busy += dt
-            st.events.append((act, t, t + dt))
+            st.events.append((act, t, time.perf_counter()))
 
     def _wait_inputs(self, act: Action, st: _Step) -> None:
         """Make the compute stream (gloo: the host) wait for the collectives ``act`` consumes."""
@@ -360,17 +372,15 @@ class ZebraEngine(EngineIO):
 
     def _metrics(self, st: _Step, sync: bool, t0: float):
         if sync:
+            # The step's one host sync: after it every event has completed, so elapsed_time only reads timestamps.
             torch.cuda.synchronize(self.device)
-            busy = sum(s.elapsed_time(e) for _, s, e in st.events) / 1e3
             base = st.events[0][1] if st.events else None
-            if self.record_timeline:
-                st.events = [{"action": a.label(), "kind": a.kind, "start_ms": base.elapsed_time(s),
-                              "end_ms": base.elapsed_time(e)} for a, s, e in st.events]
+            spans = [(a, base.elapsed_time(s), base.elapsed_time(e)) for a, s, e in st.events]
         else:
-            busy = st.busy
-            if self.record_timeline:
-                st.events = [{"action": a.label(), "kind": a.kind, "start_ms": (s - t0) * 1e3,
-                              "end_ms": (e - t0) * 1e3} for a, s, e in st.events]
+            spans = [(a, (s - t0) * 1e3, (e - t0) * 1e3) for a, s, e in st.events]
+        busy = union_length((s, e) for _, s, e in spans) / 1e3
+        if self.record_timeline:
+            st.events = [{"action": a.label(), "kind": a.kind, "start_ms": s, "end_ms": e} for a, s, e in spans]
         seconds = time.perf_counter() - t0
         w = self.sequences / self.total_sequences / max(self.R, 1) if self.is_attention else 0.0
         tokens = sum(b["input_ids"].numel() for b in st.batches)
