@@ -33,6 +33,14 @@ class HeterMoEConfig:
             "HETERMOE_AUTOTUNE=0 does); True leaves the decision to HETERMOE_AUTOTUNE."
         },
     )
+    fused_cross_entropy: bool = field(
+        default=True,
+        metadata={
+            "help": "In training mode with labels, compute a causal LM's loss from the head's input chunk by chunk "
+            "(hf_hetermoe.fused_loss) instead of materialising [B, S, V] logits: outputs.logits is then None. "
+            "Evaluation, calls without labels and non-causal-LM models are unaffected."
+        },
+    )
     implementation_name: str = field(
         default="hetermoe",
         metadata={
@@ -45,6 +53,8 @@ class HeterMoEConfig:
             raise ConfigError(f"HeterMoEConfig.backend={self.backend!r} is not one of {BACKENDS}")
         if not isinstance(self.autotune, bool):
             raise ConfigError(f"HeterMoEConfig.autotune must be a bool, got {self.autotune!r}")
+        if not isinstance(self.fused_cross_entropy, bool):
+            raise ConfigError(f"HeterMoEConfig.fused_cross_entropy must be a bool, got {self.fused_cross_entropy!r}")
         if not isinstance(self.implementation_name, str) or not self.implementation_name.isidentifier():
             raise ConfigError(
                 f"HeterMoEConfig.implementation_name={self.implementation_name!r} must be a Python identifier, "

@@ -3,7 +3,9 @@
 It acts on the instance only: it selects the registered ``"hetermoe"`` experts implementation on the
 configs of the model's experts modules and records each module's weight layout. No parameter, buffer,
 router or hook changes, so the state dict, ``save_pretrained``, PEFT ``target_parameters`` and
-``output_router_logits`` behave exactly as before. ``unprepare`` restores the previous implementation.
+``output_router_logits`` behave exactly as before. On a causal LM it also installs the fused linear cross-entropy
+(``fused_loss.py``; ``HeterMoEConfig.fused_cross_entropy``): in training mode with labels the loss comes without
+logits. ``unprepare`` restores the previous implementation and forward.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import env
+from . import env, fused_loss
 from .config import HeterMoEConfig
 from .errors import UnsupportedModelError
 from .experts import BACKEND_ATTR, LAYOUT_ATTR, register
@@ -54,6 +56,10 @@ def _find_patch(model: nn.Module) -> ModelPatch:
     raise UnsupportedModelError(
         f"hetermoe.prepare supports transformers MoE models of types {', '.join(supported_model_types())}; got {shown}"
     )
+
+
+def _matched_type(model: nn.Module, patch: ModelPatch) -> str:
+    return next(t for t in _model_types(model) if t in patch.model_types)
 
 
 def _raw_impl(config) -> str | None:
@@ -104,6 +110,10 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
 
     undo = []
+    if config.fused_cross_entropy:
+        restore = fused_loss.enable(model, _matched_type(model, patch), config.backend)
+        if restore is not None:
+            undo.append(restore)
     if patch.dispatch == "instance_patch":
         for module, layout in zip(experts, layouts):
             setattr(module, LAYOUT_ATTR, layout)
