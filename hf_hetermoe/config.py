@@ -41,6 +41,14 @@ class HeterMoEConfig:
             "Evaluation, calls without labels and non-causal-LM models are unaffected."
         },
     )
+    fused_rms_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the model's RMSNorm modules through one fused Triton kernel per direction "
+            "(model_patches.norms): only classes whose own forward matches a known operation order on a "
+            "numerical check at prepare time, with the same roundings. CPU tensors keep the plain-PyTorch path."
+        },
+    )
     implementation_name: str = field(
         default="hetermoe",
         metadata={
@@ -55,6 +63,8 @@ class HeterMoEConfig:
             raise ConfigError(f"HeterMoEConfig.autotune must be a bool, got {self.autotune!r}")
         if not isinstance(self.fused_cross_entropy, bool):
             raise ConfigError(f"HeterMoEConfig.fused_cross_entropy must be a bool, got {self.fused_cross_entropy!r}")
+        if not isinstance(self.fused_rms_norm, bool):
+            raise ConfigError(f"HeterMoEConfig.fused_rms_norm must be a bool, got {self.fused_rms_norm!r}")
         if not isinstance(self.implementation_name, str) or not self.implementation_name.isidentifier():
             raise ConfigError(
                 f"HeterMoEConfig.implementation_name={self.implementation_name!r} must be a Python identifier, "

