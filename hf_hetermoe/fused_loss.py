@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .model_patches.common import InstanceMethod
 
 # Families that transform the head's logits before the loss: the factor their forward applies.
 _LOGIT_SCALE = {
@@ -129,7 +130,10 @@ def _fused_forward(lm: nn.Module, *args, **kwargs):
     finally:
         state.request = state.loss = None
     # The head's empty [B, S, 0] stand-in, possibly scaled or upcast by the family's forward, is not returned.
-    empty, state.placeholder = state.placeholder.shape, None
+    placeholder, state.placeholder = state.placeholder, None
+    if placeholder is None:  # the forward never reached the head (nothing was substituted)
+        return out
+    empty = placeholder.shape
     if isinstance(out, ModelOutput):
         return type(out)(**{k: v for k, v in out.items() if k != "logits"})
     if isinstance(out, tuple):
@@ -150,16 +154,14 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     state = _State(head, scale(lm) if scale else 1.0, _BACKENDS[backend])
     for module in (lm, head):
         module.__dict__[STATE_ATTR] = state
-    # Bound methods, not closures: deepcopy rebinds them to the copy (a TRL reference model, an EMA copy).
-    # The class forward's signature shows through (``__wrapped__``): Trainer keeps dataset columns by it.
-    forward = functools.wraps(type(lm).forward)(lambda self, *args, **kwargs: _fused_forward(self, *args, **kwargs))
-    lm.forward = types.MethodType(forward, lm)
-    head.forward = types.MethodType(_fused_head, head)
-    lm.loss_function = types.MethodType(_loss_function, lm)
+    # Bound to their instances without closures: copies and pickles of the model carry their own (common.py).
+    lm.forward = InstanceMethod(lm, _fused_forward)
+    head.forward = InstanceMethod(head, _fused_head)
+    lm.loss_function = InstanceMethod(lm, _loss_function, "loss_function")
+    return functools.partial(_disable, lm, head)
 
-    def undo() -> None:
-        for module in (lm, head):
-            for name in ("forward", "_loss_function", STATE_ATTR):
-                module.__dict__.pop(name, None)
 
-    return undo
+def _disable(lm: nn.Module, head: nn.Module) -> None:
+    for module in (lm, head):
+        for name in ("forward", "_loss_function", STATE_ATTR):
+            module.__dict__.pop(name, None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import types
+import functools
 from collections.abc import Callable
 
 import torch
@@ -76,18 +76,42 @@ def warn_once(module: nn.Module, message: str) -> None:
         warnings.warn(f"{type(module).__name__}: {message}", stacklevel=3)
 
 
+class InstanceMethod:
+    """``fn`` bound to one module as an instance attribute (``module.forward = InstanceMethod(module, fn)``).
+
+    Unlike a bound closure it goes with the module through ``copy.deepcopy`` (rebound to the copy: a TRL reference
+    model, an EMA copy) and through pickling (``torch.save(model)``) when ``fn`` is a module-level function or a
+    ``functools.partial`` of one. ``inspect.signature`` shows the class attribute's (through ``__wrapped__``), and
+    ``__func__`` lets wrappers such as accelerate's mixed-precision forward re-bind it as they do a method.
+    """
+
+    def __init__(self, module: nn.Module, fn: Callable[..., object], name: str = "forward"):
+        self.__self__ = module
+        self.__func__ = fn
+        self.name = name
+
+    @property
+    def __wrapped__(self):
+        return getattr(type(self.__self__), self.name).__get__(self.__self__)
+
+    def __call__(self, *args, **kwargs):
+        return self.__func__(self.__self__, *args, **kwargs)
+
+
+def restore_attribute(module: nn.Module, name: str, previous: object | None) -> None:
+    """Undo an instance attribute set over ``previous`` (``None``: there was none)."""
+    if previous is None:
+        module.__dict__.pop(name, None)
+    else:
+        module.__dict__[name] = previous
+
+
 def rebind_forward(module: nn.Module, forward: Callable[..., object]) -> Callable[[], None]:
-    """Bind ``forward`` as this one instance's forward (the class is untouched). Returns the undo function."""
+    """Bind ``forward(module, ...)`` as this one instance's forward (the class is untouched). Returns the undo
+    function (picklable, as the bound forward is when ``forward`` is a module-level function or a partial)."""
     previous = module.__dict__.get("forward")
-    module.forward = types.MethodType(forward, module)
-
-    def undo() -> None:
-        if previous is None:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = previous
-
-    return undo
+    module.forward = InstanceMethod(module, forward)
+    return functools.partial(restore_attribute, module, "forward", previous)
 
 
 def routed(
@@ -129,7 +153,14 @@ def run_kernels(
     from ..kernels import moe_experts
 
     out = moe_experts(
-        hidden, top_k_index, top_k_weights, w1, w2, b1, b2, layout=layout,
+        hidden,
+        top_k_index,
+        top_k_weights,
+        w1,
+        w2,
+        b1,
+        b2,
+        layout=layout,
         backend=getattr(module, BACKEND_ATTR, "auto"),
     )
     return out.to(hidden.dtype)

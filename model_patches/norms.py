@@ -11,6 +11,7 @@ casts to the weight's dtype). Decisions are cached per class (and its ``forward`
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from collections.abc import Callable
 from typing import NamedTuple
@@ -116,19 +117,22 @@ def _decide(module: nn.Module) -> tuple[RMSNormVariant, str] | None:
 
 
 def _fused_forward(
-    variant: RMSNormVariant, eps_attr: str, backend: str
-) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    def forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-        return rms_norm(
-            hidden_states,
-            self.weight,
-            getattr(self, eps_attr),
-            offset=variant.offset,
-            cast_before_weight=variant.cast_before_weight,
-            backend=backend,
-        )
+    variant: RMSNormVariant, eps_attr: str, backend: str, self: nn.Module, hidden_states: torch.Tensor
+) -> torch.Tensor:
+    """A patched module's forward (bound through ``functools.partial``: picklable, deep-copyable)."""
+    return rms_norm(
+        hidden_states,
+        self.weight,
+        getattr(self, eps_attr),
+        offset=variant.offset,
+        cast_before_weight=variant.cast_before_weight,
+        backend=backend,
+    )
 
-    return forward
+
+def _undo_all(undos: list[Callable[[], None]]) -> None:
+    for restore in reversed(undos):
+        restore()
 
 
 def rms_norm_variant(module: nn.Module) -> RMSNormVariant | None:
@@ -155,10 +159,5 @@ def patch_rms_norms(model: nn.Module, *, backend: str = "auto") -> tuple[int, Ca
             continue
         decision = _decide(module)
         if decision is not None:
-            undos.append(rebind_forward(module, _fused_forward(*decision, backend)))
-
-    def undo() -> None:
-        for restore in reversed(undos):
-            restore()
-
-    return len(undos), undo
+            undos.append(rebind_forward(module, functools.partial(_fused_forward, *decision, backend)))
+    return len(undos), functools.partial(_undo_all, undos)

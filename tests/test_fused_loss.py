@@ -2,6 +2,7 @@
 
 import copy
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -200,6 +201,8 @@ def test_copies_custom_losses_and_unprepare():
     inputs = tiny_inputs(patch, plain)
     copied = copy.deepcopy(fused)  # e.g. a TRL reference model: its own head and state
     assert copied.forward.__self__ is copied and copied.lm_head.forward.__self__ is copied.lm_head
+    pickled = pickle.loads(pickle.dumps(fused))  # torch.save(model) pickles the whole module
+    torch.testing.assert_close(pickled(**inputs).loss, fused(**inputs).loss)
     with torch.no_grad():
         copied.lm_head.weight.mul_(2)
     assert not torch.allclose(copied(**inputs).loss, fused(**inputs).loss)

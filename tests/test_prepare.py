@@ -199,3 +199,19 @@ def test_rms_norms_are_swapped_and_restored():
     assert not any("forward" in m.__dict__ for m in norms)
     hetermoe.prepare(model, hetermoe.HeterMoEConfig(fused_rms_norm=False))
     assert not any("forward" in m.__dict__ for m in norms)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "jetmoe"])
+def test_prepared_model_survives_deepcopy_and_pickle(model_type):
+    """Instance patches are bound objects, not closures: a copy (TRL's reference model) or a torch.save'd whole
+    model runs on its own weights, with everything prepare installed."""
+    import pickle
+
+    model = hetermoe.prepare(tiny_model(model_type)).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    want = model(ids, labels=ids).loss
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.forward.__self__ is other
+        torch.testing.assert_close(other(ids, labels=ids).loss, want)
+        hetermoe.unprepare(other)
+        assert "forward" not in other.__dict__
