@@ -176,8 +176,8 @@ def experts_backward_op(
     )
 
 
-def _backward(dout, x, w1, w2, b1, b2, top_k_weights, gu, routing: Routing, layout: ExpertLayout, block_m, backend):
-    extra = (block_m,) if backend == "triton" else ()
+def _backward(dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend, release_gu=False):
+    extra = (block_m, release_gu) if backend == "triton" else ()
     return _impl(backend).experts_backward(dout, x, w1, w2, b1, b2, top_k_weights, routing, gu, layout, *extra)
 
 
@@ -243,9 +243,10 @@ class MoEExpertsFunction(torch.autograd.Function):
             )
         else:
             *layout_flags, block_m, backend = ctx.flags
-            dx, dweights, dw1, dw2, db1, db2 = _backward(
-                dout, x, w1, w2, b1, b2, top_k_weights, gu, Routing(*routing), _layout(*layout_flags), block_m, backend
-            )
+            routing, layout = Routing(*routing), _layout(*layout_flags)
+            args = (dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend)
+            # release_gu: gu's storage may be freed inside, as this saved tensor is never read again.
+            dx, dweights, dw1, dw2, db1, db2 = _backward(*args, release_gu=True)
             # What the custom op's declared mutation does for us under compile: a second backward sees the change.
             torch.autograd.graph.increment_version(gu)
         return (
