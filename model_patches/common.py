@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -87,8 +88,11 @@ class InstanceMethod:
 
     def __init__(self, module: nn.Module, fn: Callable[..., object], name: str = "forward"):
         self.__self__ = module
-        self.__func__ = fn
         self.name = name
+        original = getattr(type(module), name)
+        if inspect.isfunction(original):  # wrappers of __func__ then keep the class method's signature too
+            fn = functools.update_wrapper(functools.partial(fn), original)
+        self.__func__ = fn
 
     @property
     def __wrapped__(self):

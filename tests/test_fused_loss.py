@@ -227,3 +227,24 @@ def test_compiled_training_step_fullgraph():
     got.backward()
     torch.testing.assert_close(got, want)
     assert fused.lm_head.weight.grad is not None
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="CPU autocast through accelerate")
+def test_accelerate_mixed_precision_wraps_the_fused_forward():
+    """accelerate re-binds ``model.forward.__func__`` under autocast: the fused loss runs inside, in bf16, and the
+    forward keeps transformers' signature (Trainer and TRL read it)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    patch, plain, fused = _pair("qwen3_moe")
+    inputs = tiny_inputs(patch, plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = plain(**inputs).loss
+    try:
+        wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare(fused)
+        out = wrapped(**inputs)
+    finally:
+        AcceleratorState._reset_state(True)  # the state is process-wide: later tests pick their own precision
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want, rtol=1e-3, atol=1e-3)
+    assert inspect.signature(wrapped.forward) == inspect.signature(plain.forward)
