@@ -240,11 +240,12 @@ def test_accelerate_mixed_precision_wraps_the_fused_forward():
     inputs = tiny_inputs(patch, plain)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = plain(**inputs).loss
+    AcceleratorState._reset_state(True)  # process-wide: an earlier test may have set another precision
     try:
         wrapped = Accelerator(mixed_precision="bf16", cpu=True).prepare(fused)
         out = wrapped(**inputs)
     finally:
-        AcceleratorState._reset_state(True)  # the state is process-wide: later tests pick their own precision
+        AcceleratorState._reset_state(True)  # and later tests pick their own
     assert out.logits is None
     torch.testing.assert_close(out.loss, want, rtol=1e-3, atol=1e-3)
     assert inspect.signature(wrapped.forward) == inspect.signature(plain.forward)
