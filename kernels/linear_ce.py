@@ -90,19 +90,6 @@ def _rows_torch(logits, labels, loss, grad_scale, ignore_index: int, logit_scale
         logits.copy_(grad * scale.unsqueeze(1))
 
 
-def _accumulate(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
-    """``out (+)= a @ b`` in ``out``'s dtype."""
-    if out.dtype == a.dtype:
-        if first:
-            torch.mm(a, b, out=out)
-        else:
-            out.addmm_(a, b)
-    elif first:
-        out.copy_(a @ b)
-    else:
-        out.add_(a @ b)
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """Loss forward with every gradient; the backward scales them by the loss's incoming gradient (in place,
     so a graph can be backpropagated once: a second backward raises)."""
@@ -135,10 +122,14 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if not compute_grads:
                 continue
             # `logits` now holds d loss / d logits of this chunk.
+            # hidden, weight and logits share one dtype (F.linear needs it; autocast was resolved by the caller).
             if need_h:
-                _accumulate(dh[start:end], logits, weight, first=True)
+                torch.mm(logits, weight, out=dh[start:end])
             if need_w:
-                _accumulate(dw, logits.t(), h, first=index == 0)
+                if index == 0:
+                    torch.mm(logits.t(), h, out=dw)
+                else:
+                    dw.addmm_(logits.t(), h)
             if need_b:
                 db += logits.sum(0, dtype=torch.float32)
             del logits
