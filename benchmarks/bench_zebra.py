@@ -39,7 +39,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 import hf_hetermoe as hetermoe
-from hf_hetermoe.runtime import dp_plan, ep_plan, zebra_plan
+from hf_hetermoe.runtime import dp_plan, ep_plan, speed_shares, zebra_plan
 
 MODELS = {
     # The paper's D1 shape: 8 layers, hidden 1024, 24 experts, top-2.
@@ -246,7 +246,8 @@ def main() -> None:
                     "is drawn (measured and simulated timeline PNGs)")
     ap.add_argument("--timeline-model", default="d1", help="model whose step is drawn")
     ap.add_argument("--timeline-method", default="planned", help="method whose step is drawn")
-    ap.add_argument("--methods", default="planned,replanned,EP,EP-full,DP,zebra,zebra+asym")
+    # The baselines that can run out of memory on the emulated ranks (an OOM ends the case's job) come last.
+    ap.add_argument("--methods", default="planned,replanned,zebra,zebra+asym,EP-full,EP,DP")
     ap.add_argument("--profiles", default="", help="profiles JSON for the planner and simulator, measured by "
                     "`hetermoe profile` on these GPUs; may contain {seq_len} (default: built-in preset profiles)")
     args = ap.parse_args()
@@ -322,9 +323,7 @@ def main() -> None:
                         record_oom(out / f"zebra_{tag}_oom.jsonl", name, seq_len, "DP (speed probe)", probe_plan,
                                    date, err)
                     speed = [1.0 / max(b, 1e-9) for b in probe[-1].busy_s]
-                    share = [max(1, round(seqs * s / sum(speed))) for s in speed]
-                    share[0] += seqs - sum(share)
-                    plan = dp_plan(cfg, share, seq_len, emu)
+                    plan = dp_plan(cfg, speed_shares(seqs, speed), seq_len, emu)
                 else:
                     plan = plans[method]
                 pick = int(seq_lens.split(",")[-1]) if smoke else args.timeline_seq
@@ -353,7 +352,7 @@ def main() -> None:
                        "torch": torch.__version__, "date": date}
                 if timeline:
                     gathered = [None] * world
-                    dist.all_gather_object(gathered, res[-1].timeline)
+                    dist.all_gather_object(gathered, median_step(res).timeline)  # the step the CSV reports
                     if rank == 0 and smoke:
                         plot_measured(gathered, out / "zebra_timeline_measured_smoke.png", "smoke")
                     if rank == 0 and not smoke:

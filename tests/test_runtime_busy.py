@@ -64,3 +64,17 @@ def test_overlapping_actions_count_once():
     st.events = [(None, t0 + 0.1, t0 + 0.4), (None, t0 + 0.2, t0 + 0.3), (None, t0 + 0.35, t0 + 0.5)]
     *_, seconds, busy = engine._metrics(st, sync=False, t0=t0)
     assert busy == [pytest.approx(0.4)]
+
+
+def test_speed_shares_of_speed_balanced_dp():
+    from hf_hetermoe.errors import ConfigError
+    from hf_hetermoe.runtime import speed_shares
+
+    # Two full GPUs and two at 0.28x: the minimum of one each must not leave a rank with none (was [0, 2, 1, 1]).
+    assert speed_shares(4, [1.0, 1.0, 0.28, 0.28]) == [1, 1, 1, 1]
+    assert speed_shares(16, [1.0, 1.0, 0.28, 0.28]) == [6, 6, 2, 2]
+    assert speed_shares(7, [3.0, 1.0]) == [5, 2]
+    shares = speed_shares(10, [0.9, 0.1, 0.1, 0.1])
+    assert sum(shares) == 10 and min(shares) == 1 and shares[0] == 7
+    with pytest.raises(ConfigError, match="one of 3 sequences"):
+        speed_shares(3, [1.0] * 4)

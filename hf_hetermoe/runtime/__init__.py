@@ -32,12 +32,12 @@ from hf_hetermoe.planner.plan import Plan
 
 from .comm import RankLostError
 from .engine import StepResult, ZebraEngine
-from .plans import dp_plan, ep_plan, plan_from_layout, zebra_plan
+from .plans import dp_plan, ep_plan, plan_from_layout, speed_shares, zebra_plan
 
 PLAN_ENV = "HETERMOE_PLAN"
 
 __all__ = ["PLAN_ENV", "RankLostError", "StepResult", "ZebraEngine", "distribute", "dp_plan", "ep_plan",
-           "plan_from_layout", "zebra_plan"]
+           "plan_from_layout", "speed_shares", "zebra_plan"]
 
 
 def _init_distributed(timeout_s: float) -> None:

@@ -153,6 +153,20 @@ def ep_plan(model: Any, world: int, sequences_per_rank: int = 1, seq_len: int = 
                             seq_len, devices, notes=[f"EP over {world} ranks"])
 
 
+def speed_shares(total: int, speeds: list[float]) -> list[int]:
+    """Split ``total`` sequences over ranks in proportion to ``speeds``, at least one each (largest remainder):
+    the batch of speed-balanced DP."""
+    if total < len(speeds) or any(s <= 0 for s in speeds):
+        raise ConfigError(f"cannot give {len(speeds)} ranks of speeds {speeds} one of {total} sequences each")
+    ideal = [total * s / sum(speeds) for s in speeds]
+    shares = [max(1, int(x)) for x in ideal]
+    while sum(shares) < total:  # the rank furthest below its ideal share gets the next sequence
+        shares[max(range(len(shares)), key=lambda r: ideal[r] - shares[r])] += 1
+    while sum(shares) > total:  # the minimum of one pushed the sum up: take back where furthest above
+        shares[min((r for r in range(len(shares)) if shares[r] > 1), key=lambda r: ideal[r] - shares[r])] -= 1
+    return shares
+
+
 def dp_plan(model: Any, sequences: list[int], seq_len: int = 128, devices: list[str] | None = None) -> Plan:
     """Speed-balanced DP baseline: rank ``r`` trains ``sequences[r]`` whole sequences with every expert local."""
     dims = model_dims(model)
