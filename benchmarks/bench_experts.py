@@ -254,6 +254,21 @@ def print_kernel_times(fn) -> None:
         print(f"    {e.time_range.elapsed_us():9.1f} us  {e.name[:100]}")
 
 
+def append_rows(path: Path, rows: list[dict], fields: list[str], old_defaults: dict | None = None) -> None:
+    """Append ``rows`` to the results file ``path`` atomically (temporary file, then rename): earlier rows stay,
+    with ``old_defaults`` filling columns they predate."""
+    old = []
+    if path.exists():
+        with open(path, newline="") as f:
+            old = [{**(old_defaults or {}), **r} for r in csv.DictReader(f)]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows([*old, *rows])
+    os.replace(tmp, path)
+
+
 def _migrate_header(csv_path: Path, current: list[str]) -> None:
     """Earlier results files may lack newer columns: rewrite them (atomically) with the current header, so that
     appending never mixes layouts and no earlier row is lost."""

@@ -13,7 +13,6 @@ Appends rows to ``benchmarks/results/loss_<gpu>.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 from pathlib import Path
 
@@ -32,7 +31,7 @@ def transformers_loss(h, w, labels):
 
 def main(argv=None):
     import transformers
-    from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
+    from bench_experts import append_rows, gpu_slug  # benchmarks/ is on sys.path when run as a script
     from triton.testing import do_bench
 
     from hf_hetermoe.kernels.linear_ce import linear_cross_entropy, linear_cross_entropy_reference
@@ -99,14 +98,8 @@ def main(argv=None):
     )
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"loss_{gpu_slug(gpu)}.csv"
-    old = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
     fields = [*meta, "shape", "tokens", "hidden", "vocab", "provider", "rel_err", "ms", "tflops", "peak_extra_gib"]
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows([*old, *({**meta, **r} for r in rows)])
-    tmp.replace(path)
+    append_rows(path, [{**meta, **r} for r in rows], fields)
     print(f"wrote {path}")
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import platform
 import time
@@ -184,20 +183,12 @@ def main(argv=None):
             )
     if args.tiny:
         return
-    from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
+    from bench_experts import append_rows, gpu_slug  # benchmarks/ is on sys.path when run as a script
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train_step_{gpu_slug(gpu)}.csv"
-    rows = []
-    if path.exists():  # earlier rows stay; rows from before the optimizer column ran foreach AdamW
-        with open(path, newline="") as f:
-            rows = [{"optimizer": "foreach", **r} for r in csv.DictReader(f)]
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(a), restval="")
-        writer.writeheader()
-        writer.writerows([*rows, *results.values()])
-    tmp.replace(path)
+    # rows from before the optimizer column ran foreach AdamW
+    append_rows(path, list(results.values()), list(a), old_defaults={"optimizer": "foreach"})
     print(f"wrote {path}")
 
 
