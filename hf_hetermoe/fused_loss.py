@@ -54,6 +54,7 @@ class _State:
     head: nn.Linear
     logit_scale: float
     backend: str
+    signature: inspect.Signature  # of the class forward, to find ``labels`` however it was passed
     request: _Request | None = None
     loss: torch.Tensor | None = None
     placeholder: torch.Tensor | None = None
@@ -115,7 +116,7 @@ def _fused_forward(lm: nn.Module, *args, **kwargs):
     original = type(lm).forward
     if not lm.training or state.request is not None or lm.lm_head is not state.head:
         return original(lm, *args, **kwargs)
-    arguments = inspect.signature(original).bind_partial(lm, *args, **kwargs).arguments
+    arguments = state.signature.bind_partial(lm, *args, **kwargs).arguments
     labels = arguments.get("labels")
     if labels is None or arguments.get("logits_to_keep") not in (None, 0):
         return original(lm, *args, **kwargs)
@@ -151,7 +152,7 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     if "forward" in lm.__dict__ or "forward" in head.__dict__:
         return None  # already instance-patched by someone else: do not stack on it
     scale = _LOGIT_SCALE.get(model_type)
-    state = _State(head, scale(lm) if scale else 1.0, _BACKENDS[backend])
+    state = _State(head, scale(lm) if scale else 1.0, _BACKENDS[backend], inspect.signature(type(lm).forward))
     for module in (lm, head):
         module.__dict__[STATE_ATTR] = state
     # Bound to their instances without closures: copies and pickles of the model carry their own (common.py).
