@@ -6,6 +6,11 @@ timed. FLOPs are the three expert matmuls: forward ``6*T*k*H*I``, forward+backwa
 
     python benchmarks/bench_experts.py                     # all shapes, T in 4096 16384
     python benchmarks/bench_experts.py --shapes qwen3_30b_a3b --tokens 4096 --providers grouped_mm hetermoe
+    python benchmarks/bench_experts.py --providers hetermoe hetermoe@HETERMOE_SPLIT_TAIL=0   # A/B of one toggle
+
+Roofs: ``dense_roof`` is one dense FFN over all ``T*k`` rows through autograd (cuBLAS matmuls plus the activation's
+elementwise kernels); ``gemm_roof`` is the six cuBLAS matmuls of forward+backward alone (two for the forward), on
+preallocated operands: nothing an experts layer can do is faster.
 
 Writes ``benchmarks/results/experts_<gpu>.csv`` (appending) and ``experts_<gpu>.png``.
 """
@@ -31,7 +36,9 @@ SHAPES = {
     "gpt_oss_20b": ("gpt_oss", 2880, 2880, 32, 4),
     "mixtral_8x7b": ("mixtral", 4096, 14336, 8, 2),
 }
-PROVIDERS = ("eager", "grouped_mm", "hetermoe", "dense_roof")
+PROVIDERS = ("eager", "grouped_mm", "hetermoe", "dense_roof", "gemm_roof")
+# "hetermoe@VAR=VALUE" (any environment toggle of hf_hetermoe.env) times hetermoe with that toggle set: a before /
+# after comparison in the same run, e.g. --providers hetermoe hetermoe@HETERMOE_SPLIT_TAIL=0
 
 
 def experts_module(family: str, H: int, I: int, E: int, k: int, dtype):
@@ -102,6 +109,43 @@ def dense_roof(T, H, I, k, dtype):
     return fwd, fwd_bwd
 
 
+def gemm_roof(T, H, I, k, dtype):
+    """The six cuBLAS matmuls of a dense FFN's forward+backward over all T*k rows, alone, into preallocated
+    outputs: gu = a w1^T, y = h w2^T; g = dy w2, dx = dgu w1, dW1 = dgu^T a, dW2 = dy^T h."""
+    S = T * k
+    a, dy, y, dx = (torch.randn(S, H, device="cuda", dtype=dtype) for _ in range(4))
+    gu, dgu = (torch.randn(S, 2 * I, device="cuda", dtype=dtype) for _ in range(2))
+    h, g = (torch.randn(S, I, device="cuda", dtype=dtype) for _ in range(2))
+    w1, dw1 = (torch.randn(2 * I, H, device="cuda", dtype=dtype) for _ in range(2))
+    w2, dw2 = (torch.randn(H, I, device="cuda", dtype=dtype) for _ in range(2))
+
+    def fwd():
+        torch.mm(a, w1.t(), out=gu)
+        torch.mm(h, w2.t(), out=y)
+        return y
+
+    def fwd_bwd():
+        fwd()
+        torch.mm(dy, w2, out=g)
+        torch.mm(dgu, w1, out=dx)
+        torch.mm(dgu.t(), a, out=dw1)
+        torch.mm(dy.t(), h, out=dw2)
+        return dx, dw1, dw2
+
+    return fwd, fwd_bwd
+
+
+def _variant(provider: str) -> tuple[str, dict]:
+    """``"hetermoe@VAR=VALUE"`` -> ("hetermoe", {VAR: VALUE}); plain names -> (name, {})."""
+    base, _, setting = provider.partition("@")
+    if not setting:
+        return base, {}
+    var, sep, value = setting.partition("=")
+    if base != "hetermoe" or not sep or not var.startswith("HETERMOE_"):
+        raise SystemExit(f"provider {provider!r}: variants are written hetermoe@HETERMOE_<TOGGLE>=<value>")
+    return base, {var: value}
+
+
 BF16_TOLERANCE = 3e-2  # relative-norm error of a bf16 experts layer against fp32
 
 
@@ -145,11 +189,13 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     for provider in providers:
         if provider == "eager" and T * k > args.eager_max_pairs and E > 8:
             continue
-        fwd, fwd_bwd = (
-            dense_roof(T, H, I, k, dtype)
-            if provider == "dense_roof"
-            else run_provider(module, provider, x, index, weights, dout)
-        )
+        base, settings = _variant(provider)
+        saved_env = {var: os.environ.get(var) for var in settings}
+        os.environ.update(settings)  # read by hf_hetermoe.env at every launch
+        if base in ("dense_roof", "gemm_roof"):
+            fwd, fwd_bwd = (dense_roof if base == "dense_roof" else gemm_roof)(T, H, I, k, dtype)
+        else:
+            fwd, fwd_bwd = run_provider(module, base, x, index, weights, dout)
         try:
             torch.cuda.synchronize()
             base_mem = torch.cuda.memory_allocated()
@@ -164,12 +210,12 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             # on Mixtral at T=4096).
             grads_gib = sum(g.numel() * g.element_size() for g in grads) / 2**30
             max_err = float("nan")
-            if provider != "dense_roof":
+            if not base.endswith("_roof"):
                 check = [fwd().detach(), *[g.detach() for g in grads]]
                 max_err = max(rel(a, b) for a, b in zip(check, truth))
                 status = "ok" if max_err < BF16_TOLERANCE else "MISMATCH"
                 print(f"  verify {provider} against fp32: max rel err {max_err:.1e} {status}")
-                if status != "ok" and provider == "hetermoe":
+                if status != "ok" and base == "hetermoe":
                     raise RuntimeError(f"hetermoe is off the fp32 truth on {name} T={T}: max rel err {max_err:.2e}")
             del grads
             t_fwd = do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
@@ -182,6 +228,12 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
         except ValueError as err:  # e.g. UnsupportedLayoutError: a family this provider does not cover yet
             print(f"  {provider}: skipped ({type(err).__name__}: {err})")
             continue
+        finally:
+            for var, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = value
         row = dict(
             meta,
             shape=name,
@@ -210,7 +262,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             f"(gradients {grads_gib:.2f})  first call {first_call_s:.1f} s  host {t_host:.3f} ms/fwd",
             flush=True,
         )
-        if args.profile and provider == "hetermoe":
+        if args.profile and base == "hetermoe":
             print_kernel_times(fwd_bwd)
     del module
     torch.cuda.empty_cache()
@@ -324,7 +376,10 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument(
-        "--providers", nargs="+", default=["grouped_mm", "hetermoe", "eager", "dense_roof"], choices=PROVIDERS
+        "--providers",
+        nargs="+",
+        default=["grouped_mm", "hetermoe", "eager", "dense_roof", "gemm_roof"],
+        help=f"any of {', '.join(PROVIDERS)}, or hetermoe@HETERMOE_<TOGGLE>=<value>",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--eager-max-pairs", type=int, default=40_000, help="skip eager above this many routed pairs")
@@ -333,6 +388,9 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--profile", action="store_true", help="print hetermoe's kernels of one fwd+bwd, timed")
     args = parser.parse_args(argv)
+    for provider in args.providers:
+        if _variant(provider)[0] not in PROVIDERS:
+            parser.error(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)} or hetermoe@VAR=VALUE")
     if not torch.cuda.is_available():
         sys.exit("bench_experts.py needs a CUDA GPU")
     import transformers
