@@ -6,6 +6,7 @@
 | ``HETERMOE_BACKEND`` | ``auto``, ``triton`` or ``reference``, read at import: overrides ``HeterMoEConfig.backend`` |
 | ``HETERMOE_AUTOTUNE=0`` | pin the measured kernel tiles instead of tuning them per shape bucket on first use |
 | ``HETERMOE_VENDOR_WGRAD=0`` | weight gradients in Triton (default: ``torch._grouped_mm``, bf16 on sm_90/100) |
+| ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_CE_CHUNK_MB`` | logits per chunk of the fused linear cross-entropy, in MiB (default 2048) |
 | ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
@@ -51,6 +52,10 @@ def autotune() -> bool:
 
 def vendor_wgrad() -> bool:
     return _flag("HETERMOE_VENDOR_WGRAD", True)
+
+
+def split_tail() -> bool:
+    return _flag("HETERMOE_SPLIT_TAIL", True)
 
 
 def ce_chunk_mb() -> int:

@@ -76,6 +76,31 @@ def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def _glu_grads(dh, gate, up, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
+    """Gradients of the (gated) activation for ``dh = w * g``: ``(dgate, dup, h)``, fp32. Without a gate the
+    activation applies to ``up`` and ``dgate`` is unused (returned as ``dup``)."""
+    if GATED:
+        if ACT == SWIGLU_OAI:
+            gc = tl.minimum(gate, limit)
+            uc = tl.minimum(tl.maximum(up, -limit), limit)
+            s = tl.sigmoid(gc * alpha)
+            glu = gc * s
+            h = (uc + 1.0) * glu
+            dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
+            dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+        else:
+            a = _act(gate, ACT)
+            h = a * up
+            dgate = dh * up * _act_grad(gate, ACT)
+            dup = dh * a
+    else:
+        h = _act(up, ACT)
+        dup = dh * _act_grad(up, ACT)
+        dgate = dup
+    return dgate, dup, h
+
+
+@triton.jit
 def _grouped(pid, num_m, num_n, GROUP: tl.constexpr):
     """Program id -> (m, n) tile with GROUP consecutive m tiles sharing each n tile (L2 reuse)."""
     per_group = GROUP * num_n
@@ -98,28 +123,46 @@ def _gather_gemm_kernel(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr = False,
 ):
     # PAIRED: B is an interleaved [g0, u0, g1, u1, ...] gate/up matrix read as one operand (contiguous loads);
     # the activation pairs adjacent output columns in the epilogue and h has N // 2 columns.
     # One program per (row tile, N tile), numbered so that GROUP_M consecutive row tiles sweep all N tiles
     # together: their A rows and the expert's B columns stay in L2 instead of being re-read from DRAM.
+    # SPLIT_TAIL: a tile holding at most BLOCK_M // 2 rows (an expert's last, partial tile) runs the loop with
+    # half-height operands: half the MMA work and A traffic for the same result (the rows past the expert's end
+    # are masked either way).
     pid_m, pid_n = _grouped(tl.program_id(0), num_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(tile_expert_ptr + pid_m)
     if expert >= num_experts:
         return
     row_start = tl.load(tile_start_ptr + pid_m)
     row_end = tl.load(offsets_ptr + expert + 1)
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < row_end
-    if GATHER_A:
-        a_rows = (tl.load(order_ptr + offs_m, mask=mask_m, other=0) // top_k).to(tl.int64)
+    if SPLIT_TAIL and row_end - row_start <= BLOCK_M // 2:
+        _gather_gemm_tile(
+            a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+            bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+            h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
+            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+        )
     else:
-        a_rows = offs_m.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_k = tl.arange(0, BLOCK_K)
-    e64 = expert.to(tl.int64)
+        _gather_gemm_tile(
+            a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+            bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+            h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
+            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
+
+@triton.jit
+def _gathered_mainloop(
+    a_ptr, stride_am, stride_ak, a_rows, mask_m, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, e64, offs_n,
+    mask_n, K,
+    GATED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``A[a_rows] @ B[e]^T`` (and ``@ B2[e]^T`` when GATED) for one tile, fp32 accumulators."""
+    offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_off = e64 * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -134,6 +177,33 @@ def _gather_gemm_kernel(
             acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_off += BLOCK_K * stride_bk
+    return acc, acc2
+
+
+@triton.jit
+def _gather_gemm_tile(
+    a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+    bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+    h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (row tile, N tile) of ``_gather_gemm_kernel``: BLOCK_M sorted rows from ``row_start`` (masked at
+    ``row_end``) times expert ``expert``'s B columns, then the epilogue (bias, stores, activation)."""
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    if GATHER_A:
+        a_rows = (tl.load(order_ptr + offs_m, mask=mask_m, other=0) // top_k).to(tl.int64)
+    else:
+        a_rows = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    e64 = expert.to(tl.int64)
+
+    acc, acc2 = _gathered_mainloop(
+        a_ptr, stride_am, stride_ak, a_rows, mask_m, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, e64, offs_n,
+        mask_n, K, GATED, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
 
     if HAS_BIAS:
         bias_off = e64 * stride_biase + offs_n * stride_biasn
@@ -300,26 +370,13 @@ def _glu_backward_kernel(
         mask = cols < I
         g = tl.load(g_ptr + row * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(up_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
-        dh = w * g
         if GATED:
             gate = tl.load(gate_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            if ACT == SWIGLU_OAI:
-                gc = tl.minimum(gate, limit)
-                uc = tl.minimum(tl.maximum(up, -limit), limit)
-                s = tl.sigmoid(gc * alpha)
-                glu = gc * s
-                h = (uc + 1.0) * glu
-                dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
-                dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
-            else:
-                a = _act(gate, ACT)
-                h = a * up
-                dgate = dh * up * _act_grad(gate, ACT)
-                dup = dh * a
-            tl.store(dgate_ptr + row * stride_dm + cols * stride_dn, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
         else:
-            h = _act(up, ACT)
-            dup = dh * _act_grad(up, ACT)
+            gate = up
+        dgate, dup, h = _glu_grads(w * g, gate, up, ACT, GATED, alpha, limit)
+        if GATED:
+            tl.store(dgate_ptr + row * stride_dm + cols * stride_dn, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
         tl.store(dup_ptr + row * stride_dm + cols * stride_dn, dup.to(dup_ptr.dtype.element_ty), mask=mask)
         h_low = h.to(hw_ptr.dtype.element_ty).to(tl.float32)
         tl.store(hw_ptr + row * stride_hm + cols * stride_hn, (w * h_low).to(hw_ptr.dtype.element_ty), mask=mask)

@@ -18,6 +18,7 @@ EDGE_SHAPES = {
     "k=E": (9, 16, 24, 4, 4, "random"),
     "empty_experts": (3, 16, 16, 11, 2, "random"),
     "one_expert": (29, 16, 24, 5, 1, "one_expert"),
+    "full_and_tail_tiles": (45, 16, 24, 3, 2, "random"),
 }
 
 
@@ -289,3 +290,31 @@ def test_vendor_weight_gradients_match_reference(layout, release_gu, monkeypatch
             continue
         assert g_t.shape == g_r.shape and g_t.stride() == g_r.stride(), name
         assert rel_err(g_t, g_r) < TOLERANCE[dtype], name
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+def test_half_height_tail_tiles_match_full_tiles(monkeypatch):
+    """An expert's last tile of at most half the rows runs at half height: same result as the full-height tile,
+    with tiles of both kinds present."""
+    triton_ops = _triton_ops()
+    layout = LAYOUTS["mixtral"]
+    block_m = triton_ops.block_m_for(DEVICE)
+    T, H, I, E, k = block_m * 9 // 5, 16, 24, 3, 2  # ~1.2 row tiles per expert: full tiles and short tails
+    inputs = make_inputs(T, H, I, E, k, layout, torch.float32, DEVICE)
+    routing = build_routing(inputs[1], E, block_m)
+    used = routing.tile_expert < E
+    ends = routing.offsets[1:][routing.tile_expert[used].long()]
+    rows = torch.minimum(ends - routing.tile_start[used], torch.tensor(block_m))
+    assert (rows <= block_m // 2).any() and (rows > block_m // 2).any()
+    dout = torch.randn(T, H, device=DEVICE)
+    results = {}
+    for split in ("1", "0"):
+        monkeypatch.setenv("HETERMOE_SPLIT_TAIL", split)
+        results[split] = _fwd_bwd(triton_ops, inputs, layout, routing, dout, block_m)
+    (out1, gu1, grads1), (out0, gu0, grads0) = results["1"], results["0"]
+    assert rel_err(out1, out0) < 1e-6 and rel_err(gu1, gu0) < 1e-6
+    for g1, g0 in zip(grads1, grads0):
+        assert (g1 is None) == (g0 is None)
+        if g1 is not None:
+            assert rel_err(g1, g0) < 1e-6
