@@ -7,6 +7,7 @@
 | ``HETERMOE_AUTOTUNE=0`` | pin the measured kernel tiles instead of tuning them per shape bucket on first use |
 | ``HETERMOE_VENDOR_WGRAD=0`` | weight gradients in Triton (default: ``torch._grouped_mm``, bf16 on sm_90/100) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
+| ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_CE_CHUNK_MB`` | logits per chunk of the fused linear cross-entropy, in MiB (default 2048) |
 | ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
@@ -56,6 +57,10 @@ def vendor_wgrad() -> bool:
 
 def split_tail() -> bool:
     return _flag("HETERMOE_SPLIT_TAIL", True)
+
+
+def one_dot_gate_up() -> bool:
+    return _flag("HETERMOE_ONE_DOT_GATE_UP", True)
 
 
 def ce_chunk_mb() -> int:

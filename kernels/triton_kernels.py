@@ -115,6 +115,7 @@ def _gather_gemm_kernel(
     a_ptr, stride_am, stride_ak,  # A [*, K]
     order_ptr, top_k,  # row(r) = order[r] // top_k when GATHER_A
     b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,  # B[e] logical [N, K]; b2 = up half when GATED
+    b_up_offset,  # elements from b to b2 (the same storage) when ONE_DOT
     bias_ptr, bias2_ptr, stride_biase, stride_biasn,
     c_ptr, c2_ptr, stride_cm, stride_cn,  # pre-activation output [S, N] (gate, up halves when GATED)
     h_ptr, stride_hm, stride_hn,  # activation output [S, N] when ACT >= 0
@@ -123,12 +124,15 @@ def _gather_gemm_kernel(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr = False,
+    SPLIT_TAIL: tl.constexpr = False, ONE_DOT: tl.constexpr = False,
 ):
     # PAIRED: B is an interleaved [g0, u0, g1, u1, ...] gate/up matrix read as one operand (contiguous loads);
     # the activation pairs adjacent output columns in the epilogue and h has N // 2 columns.
     # One program per (row tile, N tile), numbered so that GROUP_M consecutive row tiles sweep all N tiles
     # together: their A rows and the expert's B columns stay in L2 instead of being re-read from DRAM.
+    # ONE_DOT (GATED): the gate and up columns of a tile are loaded as one interleaved [BLOCK_K, 2 * BLOCK_N] B tile
+    # and multiplied in one 2 * BLOCK_N wide dot (one 128x256 MMA reads A from shared memory once where two
+    # 128x128 ones read it twice); the accumulator is split back into gate and up before the epilogue.
     # SPLIT_TAIL: a tile holding at most BLOCK_M // 2 rows (an expert's last, partial tile) runs the loop with
     # half-height operands: half the MMA work and A traffic for the same result (the rows past the expert's end
     # are masked either way).
@@ -141,16 +145,16 @@ def _gather_gemm_kernel(
     if SPLIT_TAIL and row_end - row_start <= BLOCK_M // 2:
         _gather_gemm_tile(
             a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-            bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+            b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
             h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
-            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K, ONE_DOT,
         )
     else:
         _gather_gemm_tile(
             a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-            bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+            b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
             h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
-            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ONE_DOT,
         )
 
 
@@ -181,12 +185,39 @@ def _gathered_mainloop(
 
 
 @triton.jit
+def _gate_up_one_dot_mainloop(
+    a_ptr, stride_am, stride_ak, a_rows, mask_m, b_ptr, b_up_offset, stride_be, stride_bn, stride_bk, e64, pid_n,
+    N, K,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Gate and up products of one tile from one dot: B columns interleaved [g0, u0, g1, u1, ...] over the tile's
+    BLOCK_N gate columns and the same up columns (``b_up_offset`` elements further), then split apart."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_j = tl.arange(0, 2 * BLOCK_N)
+    cols = pid_n * BLOCK_N + offs_j // 2
+    mask_j = cols < N
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_off = (e64 * stride_be + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+             + (offs_j % 2)[None, :].to(tl.int64) * b_up_offset)
+    acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptr + b_off, mask=mask_k[:, None] & mask_j[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_off += BLOCK_K * stride_bk
+    return tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+
+
+@triton.jit
 def _gather_gemm_tile(
     a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-    bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+    b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
     h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_DOT: tl.constexpr,
 ):
     """One (row tile, N tile) of ``_gather_gemm_kernel``: BLOCK_M sorted rows from ``row_start`` (masked at
     ``row_end``) times expert ``expert``'s B columns, then the epilogue (bias, stores, activation)."""
@@ -200,10 +231,16 @@ def _gather_gemm_tile(
     mask_n = offs_n < N
     e64 = expert.to(tl.int64)
 
-    acc, acc2 = _gathered_mainloop(
-        a_ptr, stride_am, stride_ak, a_rows, mask_m, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, e64, offs_n,
-        mask_n, K, GATED, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-    )
+    if GATED and ONE_DOT:
+        acc, acc2 = _gate_up_one_dot_mainloop(
+            a_ptr, stride_am, stride_ak, a_rows, mask_m, b_ptr, b_up_offset, stride_be, stride_bn, stride_bk, e64,
+            pid_n, N, K, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
+    else:
+        acc, acc2 = _gathered_mainloop(
+            a_ptr, stride_am, stride_ak, a_rows, mask_m, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, e64, offs_n,
+            mask_n, K, GATED, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+        )
 
     if HAS_BIAS:
         bias_off = e64 * stride_biase + offs_n * stride_biasn

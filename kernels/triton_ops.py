@@ -80,6 +80,7 @@ def gather_gemm(
             b.stride(0),
             b.stride(1),
             b.stride(2),
+            up_offset,
             bias if bias is not None else b,
             bias_up if bias_up is not None else b,
             bias.stride(0) if bias is not None else 0,
@@ -108,14 +109,22 @@ def gather_gemm(
             DOT_PRECISION=_dot_precision(a.dtype),
             BLOCK_M=block_m,
             SPLIT_TAIL=split_tail,
+            ONE_DOT=one_dot,
             **cfg,
         )
 
     split_tail = _split_tail(block_m, routing.order.numel(), num_experts)
+    # One interleaved dot for gate and up: they must be views of one storage with identical strides (split_gate_up).
+    up_offset = 0
+    one_dot = gated and env.one_dot_gate_up() and b_up.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    if one_dot:
+        up_offset, rem = divmod(b_up.data_ptr() - b.data_ptr(), b.element_size())
+        one_dot = rem == 0 and b_up.stride() == b.stride()
     if config is None:
         key = (
             str(a.dtype).replace("torch.", ""),
-            f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else ''}-act{act}-bias{int(bias is not None)}",
+            f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
+            f"-bias{int(bias is not None)}",
             f"a{_layout_key(a)}-b{_layout_key(b)}",
             f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
         )

@@ -6,7 +6,7 @@ import torch
 from _moe_inputs import LAYOUTS, make_inputs
 from conftest import DEVICE, KERNEL_DTYPES, TOLERANCE, rel_err, requires_triton
 
-from hf_hetermoe.kernels import build_routing, moe_experts
+from hf_hetermoe.kernels import ExpertLayout, build_routing, moe_experts
 from hf_hetermoe.kernels import reference as ref
 
 # (T, H, I, E, k, routing): T below one row tile, odd H and I, prime E, k = 1, k = E, experts without
@@ -318,3 +318,17 @@ def test_half_height_tail_tiles_match_full_tiles(monkeypatch):
         assert (g1 is None) == (g0 is None)
         if g1 is not None:
             assert rel_err(g1, g0) < 1e-6
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("one_dot", ["1", "0"], ids=["one_dot", "two_dots"])
+@pytest.mark.parametrize(
+    "layout",
+    [ExpertLayout(has_bias=True), ExpertLayout(is_transposed=True, activation="gelu_tanh")],
+    ids=["concatenated_bias", "transposed"],
+)
+def test_gate_up_one_dot_and_two_dots_match_reference(layout, one_dot, monkeypatch):
+    """Concatenated gate/up in one interleaved dot (default) or two dots: both equal the reference."""
+    monkeypatch.setenv("HETERMOE_ONE_DOT_GATE_UP", one_dot)
+    _check_triton_vs_reference((19, 24, 20, 5, 2, "random"), layout, torch.float32)
