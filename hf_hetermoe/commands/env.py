@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -34,12 +35,42 @@ def env_info() -> dict[str, str]:
             "auto", torch.device("cuda" if torch.cuda.is_available() else "cpu")
         ),
         "supported model types": ", ".join(supported_model_types()),
+        "prepare defaults": _prepare_defaults(),
+        "HETERMOE_* set": ", ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("HETERMOE_"))
+        or "none",
+        "tuning cache": _tuning_cache(),
     }
     if triton_available():
         import triton
 
         info["triton"] = triton.__version__
     return info
+
+
+def _prepare_defaults() -> str:
+    """What ``prepare(model)`` turns on with no arguments (``HeterMoEConfig``'s boolean fields)."""
+    from dataclasses import fields
+
+    from ..config import HeterMoEConfig
+
+    config = HeterMoEConfig()
+    return ", ".join(f"{f.name}={getattr(config, f.name)}" for f in fields(config))
+
+
+def _tuning_cache() -> str:
+    """Where autotuned tiles are cached, and how many choices it holds."""
+    import json
+
+    from ..kernels import tuning
+
+    path = tuning.cache_path()
+    try:
+        entries = len(json.loads(path.read_text()))
+    except FileNotFoundError:
+        return f"{path} (not created yet)"
+    except (OSError, ValueError) as err:
+        return f"{path} (unreadable: {type(err).__name__}; it is rebuilt on the next tuning)"
+    return f"{path} ({entries} tuned shapes, autotune {'on' if tuning.autotune_enabled() else 'off'})"
 
 
 def env_command(args) -> int:
