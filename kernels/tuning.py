@@ -34,6 +34,10 @@ GEMM_CANDIDATES: list[dict] = [
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8),
     dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=16),
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
+    # v2.8: two programs per SM (96 KB of operands each: one's epilogue runs under the other's mainloop, for short
+    # K such as the down projection's K = I), and a deeper pipeline for the wide tile.
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, GROUP_M=8),
+    dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8),
 ]
 # Two B operands (concatenated gate and up, two accumulators): 128x128 tiles.
 GATED_CANDIDATES: list[dict] = [
