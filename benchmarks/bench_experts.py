@@ -18,6 +18,7 @@ Writes ``benchmarks/results/experts_<gpu>.csv`` (appending) and ``experts_<gpu>.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import os
@@ -146,6 +147,21 @@ def _variant(provider: str) -> tuple[str, dict]:
     return base, {var: value}
 
 
+@contextlib.contextmanager
+def _toggles(settings: dict):
+    """Environment variables set for the duration of one provider's measurement, then restored."""
+    saved = {var: os.environ.get(var) for var in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
 BF16_TOLERANCE = 3e-2  # relative-norm error of a bf16 experts layer against fp32
 
 
@@ -190,80 +206,75 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
         if provider == "eager" and T * k > args.eager_max_pairs and E > 8:
             continue
         base, settings = _variant(provider)
-        saved_env = {var: os.environ.get(var) for var in settings}
-        os.environ.update(settings)  # read by hf_hetermoe.env at every launch
-        if base in ("dense_roof", "gemm_roof"):
-            fwd, fwd_bwd = (dense_roof if base == "dense_roof" else gemm_roof)(T, H, I, k, dtype)
-        else:
-            fwd, fwd_bwd = run_provider(module, base, x, index, weights, dout)
-        try:
-            torch.cuda.synchronize()
-            base_mem = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            began = time.perf_counter()
-            grads = fwd_bwd()  # the first call: Triton compiles, and with autotuning on, tunes, here
-            torch.cuda.synchronize()
-            first_call_s = time.perf_counter() - began
-            peak_extra = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
-            # What every provider must hold at the end anyway (dx, d weights, every parameter's gradient): the
-            # part of the peak no implementation can save (the weight gradients alone are 0.8x grouped_mm's peak
-            # on Mixtral at T=4096).
-            grads_gib = sum(g.numel() * g.element_size() for g in grads) / 2**30
-            max_err = float("nan")
-            if not base.endswith("_roof"):
-                check = [fwd().detach(), *[g.detach() for g in grads]]
-                max_err = max(rel(a, b) for a, b in zip(check, truth))
-                status = "ok" if max_err < BF16_TOLERANCE else "MISMATCH"
-                print(f"  verify {provider} against fp32: max rel err {max_err:.1e} {status}")
-                if status != "ok" and base == "hetermoe":
-                    raise RuntimeError(f"hetermoe is off the fp32 truth on {name} T={T}: max rel err {max_err:.2e}")
-            del grads
-            t_fwd = do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
-            t_fb = do_bench(fwd_bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
-            t_host = host_ms(fwd)
-        except torch.OutOfMemoryError:
-            print(f"  {provider}: out of memory")
-            torch.cuda.empty_cache()
-            continue
-        except ValueError as err:  # e.g. UnsupportedLayoutError: a family this provider does not cover yet
-            print(f"  {provider}: skipped ({type(err).__name__}: {err})")
-            continue
-        finally:
-            for var, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(var, None)
-                else:
-                    os.environ[var] = value
-        row = dict(
-            meta,
-            shape=name,
-            H=H,
-            I=I,
-            E=E,
-            k=k,
-            T=T,
-            dtype=str(dtype).replace("torch.", ""),
-            provider=provider,
-            fwd_ms=round(t_fwd, 4),
-            fwd_bwd_ms=round(t_fb, 4),
-            fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
-            fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
-            peak_extra_gib=round(peak_extra, 3),
-            grads_gib=round(grads_gib, 3),
-            max_rel_err_vs_fp32=f"{max_err:.1e}",
-            first_call_s=round(first_call_s, 2),
-            fwd_host_ms=round(t_host, 4),
-        )
-        writer.writerow(row)
-        results[provider] = row
-        print(
-            f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
-            f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB "
-            f"(gradients {grads_gib:.2f})  first call {first_call_s:.1f} s  host {t_host:.3f} ms/fwd",
-            flush=True,
-        )
-        if args.profile and base == "hetermoe":
-            print_kernel_times(fwd_bwd)
+        with _toggles(settings):  # read by hf_hetermoe.env at every launch
+            if base in ("dense_roof", "gemm_roof"):
+                fwd, fwd_bwd = (dense_roof if base == "dense_roof" else gemm_roof)(T, H, I, k, dtype)
+            else:
+                fwd, fwd_bwd = run_provider(module, base, x, index, weights, dout)
+            try:
+                torch.cuda.synchronize()
+                base_mem = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                began = time.perf_counter()
+                grads = fwd_bwd()  # the first call: Triton compiles, and with autotuning on, tunes, here
+                torch.cuda.synchronize()
+                first_call_s = time.perf_counter() - began
+                peak_extra = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
+                # What every provider must hold at the end anyway (dx, d weights, every parameter's gradient): the
+                # part of the peak no implementation can save (the weight gradients alone are 0.8x grouped_mm's peak
+                # on Mixtral at T=4096).
+                grads_gib = sum(g.numel() * g.element_size() for g in grads) / 2**30
+                max_err = float("nan")
+                if not base.endswith("_roof"):
+                    check = [fwd().detach(), *[g.detach() for g in grads]]
+                    max_err = max(rel(a, b) for a, b in zip(check, truth))
+                    status = "ok" if max_err < BF16_TOLERANCE else "MISMATCH"
+                    print(f"  verify {provider} against fp32: max rel err {max_err:.1e} {status}")
+                    if status != "ok" and base == "hetermoe":
+                        raise RuntimeError(
+                            f"hetermoe is off the fp32 truth on {name} T={T}: max rel err {max_err:.2e}"
+                        )
+                del grads
+                t_fwd = do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
+                t_fb = do_bench(fwd_bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
+                t_host = host_ms(fwd)
+            except torch.OutOfMemoryError:
+                print(f"  {provider}: out of memory")
+                torch.cuda.empty_cache()
+                continue
+            except ValueError as err:  # e.g. UnsupportedLayoutError: a family this provider does not cover yet
+                print(f"  {provider}: skipped ({type(err).__name__}: {err})")
+                continue
+            row = dict(
+                meta,
+                shape=name,
+                H=H,
+                I=I,
+                E=E,
+                k=k,
+                T=T,
+                dtype=str(dtype).replace("torch.", ""),
+                provider=provider,
+                fwd_ms=round(t_fwd, 4),
+                fwd_bwd_ms=round(t_fb, 4),
+                fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
+                fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
+                peak_extra_gib=round(peak_extra, 3),
+                grads_gib=round(grads_gib, 3),
+                max_rel_err_vs_fp32=f"{max_err:.1e}",
+                first_call_s=round(first_call_s, 2),
+                fwd_host_ms=round(t_host, 4),
+            )
+            writer.writerow(row)
+            results[provider] = row
+            print(
+                f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
+                f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB "
+                f"(gradients {grads_gib:.2f})  first call {first_call_s:.1f} s  host {t_host:.3f} ms/fwd",
+                flush=True,
+            )
+            if args.profile and base == "hetermoe":
+                print_kernel_times(fwd_bwd)
     del module
     torch.cuda.empty_cache()
     return results
