@@ -76,31 +76,6 @@ def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
 
 
 @triton.jit
-def _glu_grads(dh, gate, up, ACT: tl.constexpr, GATED: tl.constexpr, alpha, limit):
-    """Gradients of the (gated) activation for ``dh = w * g``: ``(dgate, dup, h)``, fp32. Without a gate the
-    activation applies to ``up`` and ``dgate`` is unused (returned as ``dup``)."""
-    if GATED:
-        if ACT == SWIGLU_OAI:
-            gc = tl.minimum(gate, limit)
-            uc = tl.minimum(tl.maximum(up, -limit), limit)
-            s = tl.sigmoid(gc * alpha)
-            glu = gc * s
-            h = (uc + 1.0) * glu
-            dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
-            dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
-        else:
-            a = _act(gate, ACT)
-            h = a * up
-            dgate = dh * up * _act_grad(gate, ACT)
-            dup = dh * a
-    else:
-        h = _act(up, ACT)
-        dup = dh * _act_grad(up, ACT)
-        dgate = dup
-    return dgate, dup, h
-
-
-@triton.jit
 def _grouped(pid, num_m, num_n, GROUP: tl.constexpr):
     """Program id -> (m, n) tile with GROUP consecutive m tiles sharing each n tile (L2 reuse)."""
     per_group = GROUP * num_n
@@ -407,13 +382,26 @@ def _glu_backward_kernel(
         mask = cols < I
         g = tl.load(g_ptr + row * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(up_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        dh = w * g
         if GATED:
             gate = tl.load(gate_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
-        else:
-            gate = up
-        dgate, dup, h = _glu_grads(w * g, gate, up, ACT, GATED, alpha, limit)
-        if GATED:
+            if ACT == SWIGLU_OAI:
+                gc = tl.minimum(gate, limit)
+                uc = tl.minimum(tl.maximum(up, -limit), limit)
+                s = tl.sigmoid(gc * alpha)
+                glu = gc * s
+                h = (uc + 1.0) * glu
+                dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
+                dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+            else:
+                a = _act(gate, ACT)
+                h = a * up
+                dgate = dh * up * _act_grad(gate, ACT)
+                dup = dh * a
             tl.store(dgate_ptr + row * stride_dm + cols * stride_dn, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+        else:
+            h = _act(up, ACT)
+            dup = dh * _act_grad(up, ACT)
         tl.store(dup_ptr + row * stride_dm + cols * stride_dn, dup.to(dup_ptr.dtype.element_ty), mask=mask)
         h_low = h.to(hw_ptr.dtype.element_ty).to(tl.float32)
         tl.store(hw_ptr + row * stride_hm + cols * stride_hn, (w * h_low).to(hw_ptr.dtype.element_ty), mask=mask)
