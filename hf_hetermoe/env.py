@@ -8,6 +8,7 @@
 | ``HETERMOE_VENDOR_WGRAD=0`` | weight gradients in Triton (default: ``torch._grouped_mm``, bf16 on sm_90/100) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
+| ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
 | ``HETERMOE_CE_CHUNK_MB`` | logits per chunk of the fused linear cross-entropy, in MiB (default 2048) |
 | ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
@@ -61,6 +62,16 @@ def split_tail() -> bool:
 
 def one_dot_gate_up() -> bool:
     return _flag("HETERMOE_ONE_DOT_GATE_UP", True)
+
+
+def persistent() -> bool | None:
+    """``HETERMOE_PERSISTENT``: ``None`` (auto: the tuner decides), ``True`` (only) or ``False`` (never)."""
+    value = os.environ.get("HETERMOE_PERSISTENT", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in _TRUE | _FALSE:
+        return value in _TRUE
+    raise ValueError(f"HETERMOE_PERSISTENT={value!r}: use auto, 1 (only persistent tiles) or 0 (none)")
 
 
 def ce_chunk_mb() -> int:

@@ -69,7 +69,16 @@ def gather_gemm(
     act_t = act_out if act_out is not None else out
 
     def launch(cfg: dict) -> None:
-        tk._gather_gemm_kernel[(num_tiles * triton.cdiv(n, cfg["BLOCK_N"]),)](
+        cfg = dict(cfg)
+        tiles = num_tiles * triton.cdiv(n, cfg["BLOCK_N"])
+        if cfg.pop("PERSISTENT", False):
+            # One program per SM (3 under the interpreter, so that each walks several tiles).
+            programs = 3 if _interpreting(a) else tuning.num_sms(a.device)
+            kernel, grid = tk._gather_gemm_persistent_kernel, (max(1, min(programs, tiles)),)
+            extra = dict(E_POW2=triton.next_power_of_2(max(num_experts, 1)))
+        else:
+            kernel, grid, extra = tk._gather_gemm_kernel, (tiles,), {}
+        kernel[grid](
             a,
             a.stride(0),
             a.stride(1),
@@ -110,6 +119,7 @@ def gather_gemm(
             BLOCK_M=block_m,
             SPLIT_TAIL=split_tail,
             ONE_DOT=one_dot,
+            **extra,
             **cfg,
         )
 
@@ -120,18 +130,21 @@ def gather_gemm(
     if one_dot:
         up_offset, rem = divmod(b_up.data_ptr() - b.data_ptr(), b.element_size())
         one_dot = rem == 0 and b_up.stride() == b.stride()
+    persistent = env.persistent()
+    if config is None and _interpreting(a) and persistent:
+        config = {**tuning.INTERPRETER["gemm"], "PERSISTENT": True}
     if config is None:
         key = (
             str(a.dtype).replace("torch.", ""),
             f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
-            f"-bias{int(bias is not None)}",
+            f"-bias{int(bias is not None)}" + ("" if persistent is None else f"-persistent{int(persistent)}"),
             f"a{_layout_key(a)}-b{_layout_key(b)}",
             f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
         )
         config = tuning.choose(
             "gemm",
             key,
-            tuning.GATED_CANDIDATES if gated else tuning.GEMM_CANDIDATES,
+            tuning.with_persistence(tuning.GATED_CANDIDATES if gated else tuning.GEMM_CANDIDATES, persistent),
             launch,
             device=a.device,
             block_m=block_m,
@@ -164,6 +177,30 @@ def combine(
         n,
         TOP_K=top_k,
         HAS_WEIGHTS=weights is not None,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return out
+
+
+def sorted_rows(src: torch.Tensor, routing: Routing, top_k: int) -> torch.Tensor:
+    """``src[order // k]``: the token rows ``[T, N]`` in sorted pair order, ``[S, N]``, written in token order (each
+    source row read once, stored k times; ``index_select`` in sorted order re-reads them once per expert)."""
+    num_tokens, n = src.shape
+    out = src.new_empty(num_tokens * top_k, n)
+    if num_tokens == 0:
+        return out
+    block_n = 64 if _interpreting(src) else min(1024, triton.next_power_of_2(n))
+    tk._sorted_rows_kernel[(num_tokens, triton.cdiv(n, block_n))](
+        src,
+        src.stride(0),
+        src.stride(1),
+        routing.inverse,
+        out,
+        out.stride(0),
+        out.stride(1),
+        n,
+        TOP_K=top_k,
         BLOCK_N=block_n,
         num_warps=4,
     )
@@ -249,11 +286,11 @@ def _vendor_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing, transposed
     return torch._grouped_mm(a.t(), b, offs=ends)
 
 
-def _dw2(dout, hw, routing: Routing, top_k: int, w2, layout: ExpertLayout, tokens) -> torch.Tensor:
-    """``dW2[e] = sum_r dout[tok_r]^T hw_r`` in ``w2``'s layout: vendor grouped GEMM on gathered rows when
-    ``tokens`` (the sorted rows' token ids) is given, else the Triton kernel gathering them itself."""
-    if tokens is not None:
-        return _vendor_wgrad(dout.index_select(0, tokens), hw, routing, layout.is_transposed)
+def _dw2(dout, hw, routing: Routing, top_k: int, w2, layout: ExpertLayout, vendor: bool) -> torch.Tensor:
+    """``dW2[e] = sum_r dout[tok_r]^T hw_r`` in ``w2``'s layout: the vendor grouped GEMM on ``dout``'s rows in
+    sorted order, else the Triton kernel gathering them itself."""
+    if vendor:
+        return _vendor_wgrad(sorted_rows(dout, routing, top_k), hw, routing, layout.is_transposed)
     dw2 = torch.empty_like(w2)
     wgrad(dout, hw, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False)
     return dw2
@@ -434,14 +471,13 @@ def experts_backward(
     # vendor path may free `gu`: then dx and dW1 first, `gu` freed, and dW2's gathered rows take its place.
     del g
     vendor = num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, dgu, hw)
-    tokens = routing.order // top_k if vendor else None
     dw2_last = vendor and release_gu
     db1 = db2 = None
     if b2 is not None:
         db2 = torch.empty_like(b2)
         expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     if not dw2_last:
-        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, tokens)
+        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor)
         del hw
 
     # dx = sum over slots of dgu @ w1[e]   (w1 logical [E, N1, H] read as [E, H, N1]^T)
@@ -451,7 +487,7 @@ def experts_backward(
     del dx_sorted
 
     if vendor:  # x's rows in sorted order take dx_sorted's freed block
-        dw1 = _vendor_wgrad(dgu, x.index_select(0, tokens), routing, layout.is_transposed)
+        dw1 = _vendor_wgrad(dgu, sorted_rows(x, routing, top_k), routing, layout.is_transposed)
     else:
         dw1 = torch.empty_like(w1)
         wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True)
@@ -460,6 +496,6 @@ def experts_backward(
         expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
     if dw2_last:
         gu.untyped_storage().resize_(0)  # dgu (the same storage) has had its last reader queued
-        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, tokens)
+        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor)
     dweights = dw_sorted[routing.inverse.long()].view_as(top_k_weights).to(top_k_weights.dtype)
     return dx, dweights, dw1, dw2, db1, db2

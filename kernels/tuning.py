@@ -38,6 +38,9 @@ GEMM_CANDIDATES: list[dict] = [
     # K such as the down projection's K = I), and a deeper pipeline for the wide tile.
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3, GROUP_M=8),
     dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8),
+    # v2.9: one program per SM looping over the tiles (_gather_gemm_persistent_kernel): no per-tile program launch.
+    dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8, PERSISTENT=True),
+    dict(BLOCK_N=256, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8, PERSISTENT=True),
 ]
 # Two B operands (concatenated gate and up, two accumulators): 128x128 tiles.
 GATED_CANDIDATES: list[dict] = [
@@ -45,6 +48,8 @@ GATED_CANDIDATES: list[dict] = [
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8),
     dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=16),
     dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4, GROUP_M=8),
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4, GROUP_M=8, PERSISTENT=True),
+    dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3, GROUP_M=8, PERSISTENT=True),
 ]
 # Per-expert weight gradient; BLOCK_M rows per step; A_T loads A pre-transposed instead of tl.trans; PREFETCH
 # (default off) loads the next step's row indices one step ahead (see _wgrad_kernel).
@@ -70,11 +75,12 @@ INTERPRETER = {
 }
 
 _SMEM: dict[int, int] = {}
+_SMS: dict[int, int] = {}
 _lock = threading.Lock()
 _memory: dict[str, dict] = {}  # key -> chosen config, this process
 _disk: dict[str, dict] | None = None  # the cache file's contents, read once
 _override: bool | None = None
-VERSION = 2  # bump when the kernels change meaning of a configuration: old cache entries are ignored
+VERSION = 3  # bump when the kernels change meaning of a configuration: old cache entries are ignored
 TUNE_LOG: list[tuple[str, float]] = []  # (key, seconds) of each tuning done in this process
 
 
@@ -99,6 +105,21 @@ def shared_memory_per_block(device: torch.device) -> int:
         props = torch.cuda.get_device_properties(index)
         _SMEM[index] = int(getattr(props, "shared_memory_per_block_optin", 99 * 1024)) - 16 * 1024
     return _SMEM[index]
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``: the grid of the persistent kernels."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def with_persistence(candidates: list[dict], mode: bool | None) -> list[dict]:
+    """``candidates`` as ``HETERMOE_PERSISTENT`` allows: all (``None``), only ``PERSISTENT`` ones, or none of them."""
+    if mode is None:
+        return candidates
+    return [c for c in candidates if bool(c.get("PERSISTENT")) == mode]
 
 
 def operand_bytes(kernel: str, cfg: dict, block_m: int, num_b: int, elem: int) -> int:

@@ -294,9 +294,11 @@ def test_vendor_weight_gradients_match_reference(layout, release_gu, monkeypatch
 
 @requires_triton
 @pytest.mark.triton_interpret
-def test_half_height_tail_tiles_match_full_tiles(monkeypatch):
+@pytest.mark.parametrize("persistent", ["0", "1"], ids=["one_program_per_tile", "persistent"])
+def test_half_height_tail_tiles_match_full_tiles(persistent, monkeypatch):
     """An expert's last tile of at most half the rows runs at half height: same result as the full-height tile,
-    with tiles of both kinds present."""
+    with tiles of both kinds present, in both kernels."""
+    monkeypatch.setenv("HETERMOE_PERSISTENT", persistent)
     triton_ops = _triton_ops()
     layout = LAYOUTS["mixtral"]
     block_m = triton_ops.block_m_for(DEVICE)
@@ -332,3 +334,37 @@ def test_gate_up_one_dot_and_two_dots_match_reference(layout, one_dot, monkeypat
     """Concatenated gate/up in one interleaved dot (default) or two dots: both equal the reference."""
     monkeypatch.setenv("HETERMOE_ONE_DOT_GATE_UP", one_dot)
     _check_triton_vs_reference((19, 24, 20, 5, 2, "random"), layout, torch.float32)
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize(
+    "shape, layout",
+    [
+        (EDGE_SHAPES["full_and_tail_tiles"], "mixtral"),
+        (EDGE_SHAPES["empty_experts"], "mixtral"),
+        ((37, 33, 19, 7, 3, "random"), "gpt_oss"),
+        ((19, 24, 20, 5, 2, "random"), "transposed_gelu_tanh"),
+    ],
+    ids=["full_and_tail_tiles", "empty_experts", "gpt_oss_odd", "transposed"],
+)
+def test_persistent_gathered_matmuls_match_reference(shape, layout, monkeypatch):
+    """HETERMOE_PERSISTENT=1: every gathered matmul from a few programs that each walk several (row tile, N tile)
+    pairs, skipping the unused tile slots, equals the reference (gated one-dot, paired, plain, gathered or not)."""
+    monkeypatch.setenv("HETERMOE_PERSISTENT", "1")
+    _check_triton_vs_reference(shape, LAYOUTS[layout], torch.float32)
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("T, N, E, k", [(13, 70, 5, 3), (6, 16, 4, 4), (0, 16, 3, 2)], ids=["odd", "k=E", "no_tokens"])
+def test_sorted_rows_equal_the_sorted_gather(T, N, E, k):
+    """The vendor weight gradients' operands: token rows written in token order to their k sorted positions equal
+    ``src[order // k]`` (bit for bit: a copy), with a strided source."""
+    triton_ops = _triton_ops()
+    index = torch.rand(T, E, device=DEVICE).topk(k, dim=-1).indices
+    routing = build_routing(index, E, triton_ops.block_m_for(DEVICE))
+    src = torch.randn(N, T, device=DEVICE).t()  # column-major rows
+    got = triton_ops.sorted_rows(src, routing, k)
+    assert got.shape == (T * k, N)
+    assert torch.equal(got, src[routing.order.long() // k])
