@@ -114,25 +114,43 @@ def _gather_gemm_kernel(
     # half-height operands: half the MMA work and A traffic for the same result (the rows past the expert's end
     # are masked either way).
     pid_m, pid_n = _grouped(tl.program_id(0), num_tiles_m, tl.cdiv(N, BLOCK_N), GROUP_M)
+    _gather_gemm_row_tile(
+        a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, b_up_offset,
+        bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn, h_ptr, stride_hm,
+        stride_hn, tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_m, pid_n, N, K, num_experts, alpha, limit,
+        GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL, ONE_DOT,
+    )
+
+
+@triton.jit
+def _gather_gemm_row_tile(
+    a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk, b_up_offset,
+    bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn, h_ptr, stride_hm, stride_hn,
+    tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_m, pid_n, N, K, num_experts, alpha, limit,
+    GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, ONE_DOT: tl.constexpr,
+):
+    """Routing row tile ``pid_m`` times N tile ``pid_n`` (nothing for an unused slot of the tile arrays), at half
+    height when ``SPLIT_TAIL`` and the tile holds at most ``BLOCK_M // 2`` rows."""
     expert = tl.load(tile_expert_ptr + pid_m)
-    if expert >= num_experts:
-        return
-    row_start = tl.load(tile_start_ptr + pid_m)
-    row_end = tl.load(offsets_ptr + expert + 1)
-    if SPLIT_TAIL and row_end - row_start <= BLOCK_M // 2:
-        _gather_gemm_tile(
-            a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-            b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
-            h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
-            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K, ONE_DOT,
-        )
-    else:
-        _gather_gemm_tile(
-            a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-            b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
-            h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
-            GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ONE_DOT,
-        )
+    if expert < num_experts:
+        row_start = tl.load(tile_start_ptr + pid_m)
+        row_end = tl.load(offsets_ptr + expert + 1)
+        if SPLIT_TAIL and row_end - row_start <= BLOCK_M // 2:
+            _gather_gemm_tile(
+                a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+                b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+                h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
+                GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K, ONE_DOT,
+            )
+        else:
+            _gather_gemm_tile(
+                a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+                b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
+                h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
+                GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ONE_DOT,
+            )
 
 
 @triton.jit
@@ -165,23 +183,13 @@ def _gather_gemm_persistent_kernel(
     num_m = _used_row_tiles(offsets_ptr, num_experts, BLOCK_M, E_POW2)
     for tile in range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
         pid_m, pid_n = _grouped(tile, num_m, num_n, GROUP_M)
-        expert = tl.load(tile_expert_ptr + pid_m)
-        row_start = tl.load(tile_start_ptr + pid_m)
-        row_end = tl.load(offsets_ptr + expert + 1)
-        if SPLIT_TAIL and row_end - row_start <= BLOCK_M // 2:
-            _gather_gemm_tile(
-                a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-                b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
-                h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
-                GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K, ONE_DOT,
-            )
-        else:
-            _gather_gemm_tile(
-                a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
-                b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
-                h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
-                GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ONE_DOT,
-            )
+        _gather_gemm_row_tile(
+            a_ptr, stride_am, stride_ak, order_ptr, top_k, b_ptr, b2_ptr, stride_be, stride_bn, stride_bk,
+            b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn, h_ptr,
+            stride_hm, stride_hn, tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_m, pid_n, N, K, num_experts,
+            alpha, limit, GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+            SPLIT_TAIL, ONE_DOT,
+        )
 
 
 @triton.jit
