@@ -87,7 +87,7 @@ def main():
         times = {bn: do_bench(lambda bn=bn: glu(bn), warmup=10, rep=50, return_mode="median") for bn in (256, 1024)}
         print(f"{name:>24} glu bwd  " + "   ".join(
             f"BLOCK_N={bn} {t * 1e3:7.1f} us ({gbytes / t:5.2f} TB/s)" for bn, t in times.items()) +
-            f"   (launch uses {triton_ops.glu_block_n(I)})")
+            f"   (launch uses {triton_ops.row_block_n(g, I)})")
 
 
 if __name__ == "__main__":

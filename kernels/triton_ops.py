@@ -162,8 +162,7 @@ def combine(
     out = y.new_empty(num_tokens, n)
     if num_tokens == 0:
         return out
-    # 1024 columns over 4 warps: 16-byte accesses per thread for 16-bit types (256 gave 4-byte ones).
-    block_n = 64 if _interpreting(y) else min(1024, triton.next_power_of_2(n))
+    block_n = row_block_n(y, n)
     w = weights.reshape(-1) if weights is not None else y
     tk._combine_kernel[(num_tokens, triton.cdiv(n, block_n))](
         y,
@@ -190,7 +189,7 @@ def sorted_rows(src: torch.Tensor, routing: Routing, top_k: int) -> torch.Tensor
     out = src.new_empty(num_tokens * top_k, n)
     if num_tokens == 0:
         return out
-    block_n = 64 if _interpreting(src) else min(1024, triton.next_power_of_2(n))
+    block_n = row_block_n(src, n)
     tk._sorted_rows_kernel[(num_tokens, triton.cdiv(n, block_n))](
         src,
         src.stride(0),
@@ -328,9 +327,11 @@ def _split_tail(block_m: int, num_pairs: int, num_experts: int) -> bool:
     return block_m >= 32 and num_pairs <= 4 * block_m * max(num_experts, 1) and env.split_tail()
 
 
-def glu_block_n(inter: int) -> int:
-    """Columns per step of the glu backward: up to 1024 over 4 warps, i.e. 16-byte accesses for 16-bit types."""
-    return min(1024, triton.next_power_of_2(inter))
+def row_block_n(t: torch.Tensor, n: int) -> int:
+    """Columns per program (or step) of the row kernels (combine, sorted rows, glu backward) over rows of ``n``
+    columns of ``t``: up to 1024 over 4 warps, i.e. 16-byte accesses for 16-bit types (256 gave 4-byte ones); 64
+    under the interpreter."""
+    return 64 if _interpreting(t) else min(1024, triton.next_power_of_2(n))
 
 
 def experts_forward(
@@ -461,7 +462,7 @@ def experts_backward(
             GATED=layout.has_gate,
             ACT=layout.act_code,
             HAS_BIAS=b2 is not None,
-            BLOCK_N=64 if _interpreting(x) else glu_block_n(inter),
+            BLOCK_N=row_block_n(x, inter),
             num_warps=4,
         )
 
