@@ -34,6 +34,7 @@ KERNELS = (
     "wgrad_up_contig", "wgrad_down_contig", "gather_rows",
     # torch._grouped_mm (CUTLASS on sm_90) on the same pre-gathered operands: a vendor reference per matmul
     "fwd_gate_up_grouped_mm", "fwd_down_grouped_mm", "wgrad_up_grouped_mm", "wgrad_down_grouped_mm",
+    "bwd_g_grouped_mm", "bwd_dx_grouped_mm",
 )
 
 
@@ -189,6 +190,10 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16, block_m=N
              lambda: rel(res["dw1"][e0], dgu[rows0].T @ x[tok[rows0]])),
             ("wgrad_down_grouped_mm", flops_down, vendor("dw2", dout_rows.T, h),
              lambda: rel(res["dw2"][e0], dout[tok[rows0]].T @ h[rows0])),
+            ("bwd_g_grouped_mm", flops_down, vendor("g", dout_rows, w2),
+             lambda: rel(res["g"][rows0], dout[tok[rows0]] @ w2[e0])),
+            ("bwd_dx_grouped_mm", flops_up, vendor("dx", dgu, w1),
+             lambda: rel(res["dx"][rows0], dgu[rows0] @ w1[e0])),
         ]
     return out
 
