@@ -23,6 +23,7 @@ import csv
 import datetime
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -201,7 +202,9 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     dout = torch.randn(T, H, device="cuda", dtype=dtype)
     flops_fwd = 6 * T * k * H * I
     truth = fp32_truth(module, x, index, weights, dout)
-    results = {}
+    # Set-up of each provider: first call (compile, tune), check against the truth, peak memory. Timing follows in
+    # rounds over all providers (see below).
+    ready = {}
     for provider in providers:
         if provider == "eager" and T * k > args.eager_max_pairs and E > 8:
             continue
@@ -235,8 +238,6 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                             f"hetermoe is off the fp32 truth on {name} T={T}: max rel err {max_err:.2e}"
                         )
                 del grads
-                t_fwd = do_bench(fwd, warmup=args.warmup, rep=args.rep, return_mode="median")
-                t_fb = do_bench(fwd_bwd, warmup=args.warmup, rep=args.rep, return_mode="median")
                 t_host = host_ms(fwd)
             except torch.OutOfMemoryError:
                 print(f"  {provider}: out of memory")
@@ -245,36 +246,62 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             except ValueError as err:  # e.g. UnsupportedLayoutError: a family this provider does not cover yet
                 print(f"  {provider}: skipped ({type(err).__name__}: {err})")
                 continue
-            row = dict(
-                meta,
-                shape=name,
-                H=H,
-                I=I,
-                E=E,
-                k=k,
-                T=T,
-                dtype=str(dtype).replace("torch.", ""),
-                provider=provider,
-                fwd_ms=round(t_fwd, 4),
-                fwd_bwd_ms=round(t_fb, 4),
-                fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
-                fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
-                peak_extra_gib=round(peak_extra, 3),
-                grads_gib=round(grads_gib, 3),
-                max_rel_err_vs_fp32=f"{max_err:.1e}",
-                first_call_s=round(first_call_s, 2),
-                fwd_host_ms=round(t_host, 4),
-            )
-            writer.writerow(row)
-            results[provider] = row
-            print(
-                f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
-                f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms)  peak extra {peak_extra:.2f} GiB "
-                f"(gradients {grads_gib:.2f})  first call {first_call_s:.1f} s  host {t_host:.3f} ms/fwd",
-                flush=True,
-            )
-            if args.profile and base == "hetermoe":
-                print_kernel_times(fwd_bwd)
+        ready[provider] = dict(
+            base=base, settings=settings, fwd=fwd, fwd_bwd=fwd_bwd, peak_extra=peak_extra, grads_gib=grads_gib,
+            max_err=max_err, first_call_s=first_call_s, t_host=t_host, t_fwd=[], t_fb=[],
+        )
+
+    # Timing in rounds, each round over every provider, starting one provider later each round: a GPU under
+    # sustained load slows down (clocks), so a provider timed late in a fixed order would pay for the ones before
+    # it (3-10% on an H200, benchmarks/NOTES.md v2.9 and v2.10). Each provider's figure is its median over rounds.
+    order = list(ready)
+    for r in range(args.rounds if order else 0):
+        for provider in order[r % len(order):] + order[: r % len(order)]:
+            p = ready[provider]
+            with _toggles(p["settings"]):
+                if not p["base"].endswith("_roof"):
+                    module.config._experts_implementation = p["base"]
+                p["t_fwd"].append(do_bench(p["fwd"], warmup=args.warmup, rep=args.rep, return_mode="median"))
+                p["t_fb"].append(do_bench(p["fwd_bwd"], warmup=args.warmup, rep=args.rep, return_mode="median"))
+
+    results = {}
+    for provider, p in ready.items():
+        t_fwd, t_fb = statistics.median(p["t_fwd"]), statistics.median(p["t_fb"])
+        row = dict(
+            meta,
+            shape=name,
+            H=H,
+            I=I,
+            E=E,
+            k=k,
+            T=T,
+            dtype=str(dtype).replace("torch.", ""),
+            provider=provider,
+            fwd_ms=round(t_fwd, 4),
+            fwd_bwd_ms=round(t_fb, 4),
+            fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
+            fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
+            peak_extra_gib=round(p["peak_extra"], 3),
+            grads_gib=round(p["grads_gib"], 3),
+            max_rel_err_vs_fp32=f"{p['max_err']:.1e}",
+            first_call_s=round(p["first_call_s"], 2),
+            fwd_host_ms=round(p["t_host"], 4),
+            rounds=len(p["t_fb"]),
+            fwd_bwd_tflops_spread="-".join(f"{3 * flops_fwd / t / 1e9:.0f}" for t in (max(p["t_fb"]), min(p["t_fb"]))),
+        )
+        writer.writerow(row)
+        results[provider] = row
+        print(
+            f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
+            f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms; rounds {row['fwd_bwd_tflops_spread']})  "
+            f"peak extra {p['peak_extra']:.2f} GiB (gradients {p['grads_gib']:.2f})  "
+            f"first call {p['first_call_s']:.1f} s  host {p['t_host']:.3f} ms/fwd",
+            flush=True,
+        )
+        if args.profile and p["base"] == "hetermoe":
+            with _toggles(p["settings"]):
+                module.config._experts_implementation = p["base"]
+                print_kernel_times(p["fwd_bwd"])
     del module
     torch.cuda.empty_cache()
     return results
@@ -395,10 +422,15 @@ def main(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--eager-max-pairs", type=int, default=40_000, help="skip eager above this many routed pairs")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    parser.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    parser.add_argument("--rep", type=int, default=50, help="do_bench repetitions per round, ms")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timing rounds over all providers, rotating their order; medians"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--profile", action="store_true", help="print hetermoe's kernels of one fwd+bwd, timed")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1 (got {args.rounds})")
     for provider in args.providers:
         if _variant(provider)[0] not in PROVIDERS:
             parser.error(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)} or hetermoe@VAR=VALUE")
@@ -430,6 +462,7 @@ def main(argv=None):
         *meta,
         *("shape", "H", "I", "E", "k", "T", "dtype", "provider", "fwd_ms", "fwd_bwd_ms", "fwd_tflops"),
         *("fwd_bwd_tflops", "peak_extra_gib", "grads_gib", "max_rel_err_vs_fp32", "first_call_s", "fwd_host_ms"),
+        *("rounds", "fwd_bwd_tflops_spread"),
     ]
     _migrate_header(csv_path, fields)
     new = not csv_path.exists()

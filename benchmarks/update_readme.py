@@ -16,6 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 RESULTS = ROOT / "benchmarks" / "results"
+PROVIDERS = ("eager", "grouped_mm", "hetermoe", "dense_roof", "gemm_roof")  # the table's columns
 
 
 def replace_section(text: str, name: str, body: str) -> str:
@@ -49,12 +50,20 @@ def benchmark_table() -> str:
         if key not in latest or when(r) >= when(latest[key]):
             latest[key] = r
     first = next(iter(latest.values()))
+    shown = [r for (_, _, p), r in latest.items() if p in PROVIDERS]
+    runs = sorted({when(r) for r in shown})
+    rounds = {r.get("rounds") or "1" for r in shown}
+    timing = (
+        f" Timing: median of {rounds.pop()} rounds over all providers, their order rotated each round."
+        if len(rounds) == 1 and "1" not in rounds
+        else ""
+    )
     lines = [
         f"Experts layer only (the three expert matmuls, routing, combine), forward+backward TF/s, bf16, "
         f"{gpu}, torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "
-        f"run {max(when(r) for r in latest.values())}. Reproduce: `python benchmarks/bench_experts.py`; every "
-        "provider is checked against an fp32 truth before timing; full numbers (forward, memory, errors) in "
-        "`benchmarks/results/`.",
+        f"run{'s' if len(runs) > 1 else ''} {', '.join(runs)}. Reproduce: `python benchmarks/bench_experts.py`; "
+        "every provider is checked against an fp32 truth before timing; full numbers (forward, memory, errors) in "
+        f"`benchmarks/results/`.{timing}",
         "",
         "Roofs, same run: `gemm_roof` is the six cuBLAS matmuls of a dense FFN over all `T*k` rows alone (no "
         "activation, no routing): nothing an experts layer does is faster; `dense_roof` is that FFN through "
@@ -65,7 +74,7 @@ def benchmark_table() -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape, T in sorted({(s, t) for s, t, _ in latest}):
-        get = {p: latest.get((shape, T, p)) for p in ("eager", "grouped_mm", "hetermoe", "dense_roof", "gemm_roof")}
+        get = {p: latest.get((shape, T, p)) for p in PROVIDERS}
         some = next(r for r in get.values() if r)
 
         def tf(row, col="fwd_bwd_tflops"):
