@@ -3,9 +3,10 @@
 Each launcher asks ``choose(kernel, key, candidates, launch)`` for a configuration. Without autotuning (the
 default on CPU, under ``HETERMOE_AUTOTUNE=0``, or ``set_autotune(False)``) that is the first candidate that
 fits the device's shared memory: the measured default. With autotuning, the first call of each key times every
-candidate on the call's own inputs and outputs (no extra memory, so tuning cannot run out of memory), keeps the
-fastest, and stores it in a JSON file (``$HETERMOE_CACHE_DIR`` or ``~/.cache/hf_hetermoe``,
-``tuning.json``) that later processes read instead of tuning again.
+candidate on the call's own inputs and outputs (no extra memory, so tuning cannot run out of memory; rounds over
+all candidates, see ``time_candidates``), keeps the fastest, and stores it in a JSON file
+(``$HETERMOE_CACHE_DIR`` or ``~/.cache/hf_hetermoe``, ``tuning.json``) that later processes read instead of tuning
+again.
 
 Keys name the kernel, the device, the dtype, the operand layout and *buckets* of the token count (powers of
 two), never the exact token count, so a new batch size does not retune. Tuning synchronises the device, so it
@@ -15,7 +16,9 @@ is skipped while a CUDA graph is being captured (the default applies there, and 
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -80,7 +83,7 @@ _lock = threading.Lock()
 _memory: dict[str, dict] = {}  # key -> chosen config, this process
 _disk: dict[str, dict] | None = None  # the cache file's contents, read once
 _override: bool | None = None
-VERSION = 3  # bump when the kernels change meaning of a configuration: old cache entries are ignored
+VERSION = 4  # bump when the kernels change meaning of a configuration: old cache entries are ignored
 TUNE_LOG: list[tuple[str, float]] = []  # (key, seconds) of each tuning done in this process
 
 
@@ -180,18 +183,59 @@ def _store_disk(key: str, cfg: dict) -> None:
         pass  # a read-only home must not break training: the choice still holds for this process
 
 
-def _time(launch: Callable[[dict], None], cfg: dict, reps: int = 5) -> float:
-    launch(cfg)  # compiles; a second call warms caches
-    launch(cfg)
+def _out_of_resources(err: Exception) -> bool:
+    """Triton's resource errors (shared memory, registers) differ in type across versions; match them by name."""
+    return "OutOfResources" in type(err).__name__ or "out of resource" in str(err).lower()
+
+
+def _cuda_stopwatch(fn: Callable[[], object]) -> Callable[[], float]:
+    """Run ``fn`` between two CUDA events; the returned reader waits for the end event and gives milliseconds."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        launch(cfg)
-        end.record()
+    start.record()
+    fn()
+    end.record()
+
+    def read() -> float:
         end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        return start.elapsed_time(end)
+
+    return read
+
+
+def time_candidates(
+    launch: Callable[[dict], None],
+    candidates: list[dict],
+    rounds: int = 5,
+    stopwatch: Callable[[Callable[[], object]], Callable[[], float]] = _cuda_stopwatch,
+) -> list[float]:
+    """Median milliseconds of one ``launch(cfg)`` per candidate (``inf`` where it does not compile for lack of
+    shared memory or registers; other errors propagate).
+
+    Every candidate is launched twice first (compile, warm caches), then timed once per round, all candidates in a
+    round, starting one candidate later each round. Under sustained load a GPU at its power limit lowers its clocks
+    within a second (an H200 from 1980 to ~1500 MHz, benchmarks/NOTES.md v2.10), so timing each candidate's
+    repetitions back to back ranks them partly by when they ran; rounds give every candidate every position. On an
+    H200 this picked a tile within 1% of the best for 37 of 48 (kernel, shape) draws, against 26 of 48 back to back.
+    """
+    alive = []
+    for i, cand in enumerate(candidates):
+        try:
+            launch(cand)
+            launch(cand)
+        except Exception as err:  # noqa: BLE001  (only resource errors are skipped)
+            if not _out_of_resources(err):
+                raise
+            continue
+        alive.append(i)
+    marks: dict[int, list[Callable[[], float]]] = {i: [] for i in alive}
+    for r in range(rounds if alive else 0):
+        shift = r % len(alive)
+        for i in alive[shift:] + alive[:shift]:
+            marks[i].append(stopwatch(lambda cfg=candidates[i]: launch(cfg)))
+    times = [math.inf] * len(candidates)
+    for i, reads in marks.items():
+        times[i] = statistics.median(read() for read in reads)
+    return times
 
 
 def choose(
@@ -221,27 +265,20 @@ def choose(
     fitted = [c for i, c in enumerate(fitted) if c not in fitted[:i]]
     if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
         return fitted[0]
-    return select(name, fitted, lambda cfg: _time(launch, cfg))
+    return select(name, fitted, lambda cands: time_candidates(launch, cands))
 
 
-def select(name: str, candidates: list[dict], measure: Callable[[dict], float]) -> dict:
+def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], list[float]]) -> dict:
     """The cached choice for ``name`` (this process, then the disk cache), else the candidate with the smallest
-    ``measure(cfg)`` (milliseconds), remembered in both. Candidates that do not compile (out of shared memory or
-    registers) are skipped; the first candidate is the fallback."""
+    time in ``measure(candidates)`` (milliseconds per candidate, ``inf`` for one that cannot run), remembered in
+    both. When none can run, the first candidate is the fallback."""
     with _lock:
         cfg = _memory.get(name) or _load_disk().get(name)
         if cfg is None:
             began = time.perf_counter()
-            cfg, best_ms = candidates[0], float("inf")
-            for cand in candidates:
-                try:
-                    ms = measure(cand)
-                except Exception as err:  # noqa: BLE001  (Triton's resource errors differ across versions)
-                    if "OutOfResources" not in type(err).__name__ and "out of resource" not in str(err).lower():
-                        raise
-                    continue
-                if ms < best_ms:
-                    cfg, best_ms = cand, ms
+            times = measure(candidates)
+            best = min(range(len(candidates)), key=lambda i: times[i])
+            cfg = candidates[best] if math.isfinite(times[best]) else candidates[0]
             TUNE_LOG.append((name, time.perf_counter() - began))
             _store_disk(name, cfg)
         _memory[name] = cfg

@@ -1,6 +1,8 @@
 """Triton expert kernels against the plain-PyTorch reference, and the reference against transformers'
 eager formulation through autograd. On CPU the kernels run under TRITON_INTERPRET=1 (see conftest)."""
 
+import math
+
 import pytest
 import torch
 from _moe_inputs import LAYOUTS, make_inputs
@@ -167,22 +169,51 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("HETERMOE_CACHE_DIR", str(tmp_path))
     tuning.clear()
     candidates = [dict(BLOCK_N=128), dict(BLOCK_N=64), dict(BLOCK_N=256)]
-    timed = []
+    measured = []
 
-    def measure(cfg):
-        timed.append(cfg["BLOCK_N"])
-        if cfg["BLOCK_N"] == 256:
-            raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
-        return {128: 2.0, 64: 1.0}[cfg["BLOCK_N"]]
+    def measure(cands):
+        measured.append(cands)
+        return [2.0, 1.0, math.inf]  # the last one does not compile
 
     assert tuning.select("k1", candidates, measure) == dict(BLOCK_N=64)
-    assert timed == [128, 64, 256]
+    assert measured == [candidates]
     assert json.loads((tmp_path / "tuning.json").read_text()) == {"k1": dict(BLOCK_N=64)}
     tuning.clear()  # as a new process would start
-    assert tuning.select("k1", candidates, lambda cfg: pytest.fail("tuned again")) == dict(BLOCK_N=64)
-    with pytest.raises(ValueError):  # errors other than resource limits are not swallowed
-        tuning.select("k2", candidates, lambda cfg: (_ for _ in ()).throw(ValueError("bug")))
+    assert tuning.select("k1", candidates, lambda cands: pytest.fail("tuned again")) == dict(BLOCK_N=64)
+    # Nothing runs: the first candidate (the measured default) is the fallback.
+    assert tuning.select("k2", candidates, lambda cands: [math.inf] * 3) == dict(BLOCK_N=128)
     tuning.clear()
+
+
+def test_tuning_times_candidates_in_rotating_rounds():
+    """Each candidate is launched twice untimed, then once per round with every candidate in each round and the
+    starting candidate rotating; the median of its rounds is its time. A candidate out of shared memory gets inf;
+    any other error propagates."""
+    from hf_hetermoe.kernels import tuning
+
+    candidates = [dict(n=0), dict(n=1), dict(n=2), dict(n=3)]
+    launched, timed = [], []
+    fake_ms = {0: [5.0, 1.0, 5.0], 2: [2.0, 2.0, 9.0], 3: [3.0, 3.0, 3.0]}
+
+    def launch(cfg):
+        if cfg["n"] == 1:
+            raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+        launched.append(cfg["n"])
+
+    def stopwatch(fn):
+        before = len(launched)
+        fn()
+        (n,) = launched[before:]
+        timed.append(n)
+        value = fake_ms[n][timed.count(n) - 1]
+        return lambda: value
+
+    times = tuning.time_candidates(launch, candidates, rounds=3, stopwatch=stopwatch)
+    assert times == [5.0, math.inf, 2.0, 3.0]
+    assert launched[:6] == [0, 0, 2, 2, 3, 3]
+    assert timed == [0, 2, 3, 2, 3, 0, 3, 0, 2]
+    with pytest.raises(ValueError):  # errors other than resource limits are not swallowed
+        tuning.time_candidates(lambda cfg: (_ for _ in ()).throw(ValueError("bug")), candidates, stopwatch=stopwatch)
 
 
 def test_tuning_switches_and_buckets(monkeypatch):
