@@ -4,9 +4,10 @@ For a few shapes, times every candidate of ``hf_hetermoe.kernels.tuning`` on eac
 (bf16; GPT-OSS in its interleaved, transposed layout): the forward gate/up gathered matmul with the fused
 activation (``fwd_gate_up``), the down projection (``fwd_down``), the backward's ``g = dout @ w2`` (``bwd_g``)
 and ``dx = dgu @ w1`` (``bwd_dx``), and the two weight gradients (``wgrad_up``: dgu^T x[tok], ``wgrad_down``:
-dout[tok]^T (w h)). Each kernel's output is checked against torch on the first candidate. Prints one line per
-(shape, kernel, candidate), the best per (shape, kernel) last, and writes ``sweep_candidates_<gpu>.csv`` to
-``--out`` (``sweep_tiles_<gpu>.csv`` holds the earlier, v1 sweep of this script).
+dout[tok]^T (w h)). Each kernel's output is checked against torch on the first candidate. Times are medians of
+``--rounds`` rounds over all candidates of a kernel, their order rotated each round (the GPU's clocks drop under
+sustained load). Prints one line per (shape, kernel, candidate), the best per (shape, kernel) last, and writes
+``sweep_candidates_<gpu>.csv`` to ``--out`` (``sweep_tiles_<gpu>.csv`` holds the earlier, v1 sweep of this script).
 
     python benchmarks/sweep_tiles.py --out benchmarks/results
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import statistics
 from pathlib import Path
 
 import torch
@@ -206,6 +208,8 @@ def main(argv=None):
     parser.add_argument("--tokens", type=int, default=None, help="T for every shape (default: each shape's own)")
     parser.add_argument("--block-m", type=int, default=None, help="routing rows per tile (default: block_m_for)")
     parser.add_argument("--tag", default="", help="written to sweep_candidates_<tag>_<gpu>.csv")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds over the candidates, rotating order")
+    parser.add_argument("--rep", type=int, default=20, help="do_bench repetitions per round, ms")
     args = parser.parse_args(argv)
     import triton
     from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
@@ -232,15 +236,24 @@ def main(argv=None):
             one_run = kind == "gather_rows" or kind.endswith("_grouped_mm")
             cands = listed if one_run else [tuning.fit(family, c, limit, args.block_m or 128, num_b) for c in listed]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
+            # First call of each candidate (compile, check the first), then timing in rounds over all candidates,
+            # starting one later each round (the GPU's clocks drop under sustained load, see NOTES.md v2.10).
+            errs, failed, times = {}, {}, {i: [] for i in range(len(cands))}
             for i, cfg in enumerate(cands):
                 try:
                     run(cfg)
-                    err = check() if i == 0 else float("nan")
-                    ms = do_bench(lambda cfg=cfg: run(cfg), warmup=10, rep=40, return_mode="median")
-                    tflops = flops / ms / 1e9
+                    errs[i] = check() if i == 0 else float("nan")
                 except Exception as e:  # noqa: BLE001  (resource errors: report and go on)
-                    print(f"  {name} {kind} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                    ms, tflops, err = float("nan"), float("nan"), float("nan")
+                    failed[i] = f"{type(e).__name__}: {str(e)[:120]}"
+                    print(f"  {name} {kind} {cfg}: {failed[i]}", flush=True)
+            alive = [i for i in range(len(cands)) if i not in failed]
+            for r in range(args.rounds if alive else 0):
+                shift = r % len(alive)
+                for i in alive[shift:] + alive[:shift]:
+                    ms = do_bench(lambda cfg=cands[i]: run(cfg), warmup=5, rep=args.rep, return_mode="median")
+                    times[i].append(ms)
+            for i, cfg in enumerate(cands):
+                ms = statistics.median(times[i]) if times[i] else float("nan")
                 row = dict(
                     date=datetime.date.today().isoformat(),
                     block_m=args.block_m or 128,
@@ -253,8 +266,8 @@ def main(argv=None):
                     candidate=i,
                     config=" ".join(f"{a}={b}" for a, b in cfg.items()),
                     ms=round(ms, 4),
-                    tflops=round(tflops, 1),
-                    rel_err=f"{err:.1e}",
+                    tflops=round(flops / ms / 1e9, 1),
+                    rel_err=f"{errs.get(i, float('nan')):.1e}",
                 )
                 rows.append(row)
                 print(
