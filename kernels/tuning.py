@@ -16,6 +16,7 @@ is skipped while a CUDA graph is being captured (the default applies there, and 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import statistics
@@ -85,6 +86,7 @@ _disk: dict[str, dict] | None = None  # the cache file's contents, read once
 _override: bool | None = None
 VERSION = 4  # bump when the kernels change meaning of a configuration: old cache entries are ignored
 TUNE_LOG: list[tuple[str, float]] = []  # (key, seconds) of each tuning done in this process
+logger = logging.getLogger("hf_hetermoe.tuning")
 
 
 def set_autotune(enabled: bool | None) -> None:
@@ -279,8 +281,13 @@ def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], li
             times = measure(candidates)
             best = min(range(len(candidates)), key=lambda i: times[i])
             cfg = candidates[best] if math.isfinite(times[best]) else candidates[0]
-            TUNE_LOG.append((name, time.perf_counter() - began))
+            seconds = time.perf_counter() - began
+            TUNE_LOG.append((name, seconds))
             _store_disk(name, cfg)
+            logger.info(
+                "tuned %s in %.1f s (compiling and timing %d candidates; once per shape bucket, cached in %s): %s",
+                name, seconds, len(candidates), cache_path(), cfg,
+            )
         _memory[name] = cfg
     return cfg
 

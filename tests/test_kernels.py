@@ -1,6 +1,7 @@
 """Triton expert kernels against the plain-PyTorch reference, and the reference against transformers'
 eager formulation through autograd. On CPU the kernels run under TRITON_INTERPRET=1 (see conftest)."""
 
+import logging
 import math
 
 import pytest
@@ -160,7 +161,7 @@ def test_compile_fullgraph_traces_the_op():
     assert rel_err(g_compiled, g_eager) < 1e-6
 
 
-def test_tuning_cache_round_trip(tmp_path, monkeypatch):
+def test_tuning_cache_round_trip(tmp_path, monkeypatch, caplog):
     """The fastest candidate is kept, written to the cache file, and read back by a fresh process without timing."""
     import json
 
@@ -175,8 +176,10 @@ def test_tuning_cache_round_trip(tmp_path, monkeypatch):
         measured.append(cands)
         return [2.0, 1.0, math.inf]  # the last one does not compile
 
-    assert tuning.select("k1", candidates, measure) == dict(BLOCK_N=64)
+    with caplog.at_level(logging.INFO, logger="hf_hetermoe.tuning"):
+        assert tuning.select("k1", candidates, measure) == dict(BLOCK_N=64)
     assert measured == [candidates]
+    assert "tuned k1" in caplog.text and "BLOCK_N': 64" in caplog.text  # a first step's pause is explained
     assert json.loads((tmp_path / "tuning.json").read_text()) == {"k1": dict(BLOCK_N=64)}
     tuning.clear()  # as a new process would start
     assert tuning.select("k1", candidates, lambda cands: pytest.fail("tuned again")) == dict(BLOCK_N=64)
