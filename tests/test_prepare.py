@@ -215,3 +215,44 @@ def test_prepared_model_survives_deepcopy_and_pickle(model_type):
         torch.testing.assert_close(other(ids, labels=ids).loss, want)
         hetermoe.unprepare(other)
         assert "forward" not in other.__dict__
+
+
+def _enable_checkpointing(model, use_reentrant: bool, offload: bool) -> None:
+    """transformers >= 5.2x names it ``activation_checkpointing_enable`` (with ``offload``); older releases
+    ``gradient_checkpointing_enable``, which Trainer's ``gradient_checkpointing=True`` calls."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if offload and not torch.cuda.is_available():
+        pytest.skip("checkpoint offload keeps the saved activations in pinned host memory: needs CUDA")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+    elif offload:
+        pytest.skip("this transformers has no checkpoint offload")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant:
+        model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
+
+
+@pytest.mark.parametrize(
+    "use_reentrant, offload",
+    [(False, False), (True, False), (False, True)],
+    ids=["non_reentrant", "reentrant", "offload"],
+)
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_activation_checkpointing_matches_unprepared(backend, use_reentrant, offload):
+    """Activation checkpointing (Trainer's ``gradient_checkpointing=True``): the layers' forwards run again in the
+    backward, and the experts' backward consumes the recomputed pre-activations. The prepared model's loss and
+    gradients equal the unprepared one's in each checkpoint mode, over two steps."""
+    base = tiny_model("qwen3_moe").to(DEVICE)
+    prepared = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(backend=backend))
+    for model in (base, prepared):
+        model.train()
+        _enable_checkpointing(model, use_reentrant, offload)
+    for step in range(2):
+        ids = torch.randint(0, base.config.vocab_size, (2, 9), device=DEVICE)
+        want, want_grads = _forward_backward(base, ids)
+        got, got_grads = _forward_backward(prepared, ids)
+        assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6), step
+        assert set(got_grads) == set(want_grads) == {n for n, _ in base.named_parameters()}
+        for name, grad in want_grads.items():
+            assert rel_err(got_grads[name], grad) < 1e-4, (step, name)
