@@ -256,3 +256,39 @@ def test_activation_checkpointing_matches_unprepared(backend, use_reentrant, off
         assert set(got_grads) == set(want_grads) == {n for n, _ in base.named_parameters()}
         for name, grad in want_grads.items():
             assert rel_err(got_grads[name], grad) < 1e-4, (step, name)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # peft -> transformers
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_peft_lora_on_expert_parameters_matches_unprepared(backend):
+    """PEFT LoRA with ``target_parameters`` on the experts' 3-D weights (and ``target_modules`` on attention),
+    prepared after ``get_peft_model``: the experts run through hetermoe on the LoRA-merged weights, and the loss and
+    every LoRA gradient equal the unprepared PEFT model's."""
+    peft = pytest.importorskip("peft")
+    base = tiny_model("qwen3_moe").to(DEVICE)
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    want_model = peft.get_peft_model(base, lora)
+    with torch.no_grad():  # LoRA's B starts at zero; make the adapters matter
+        for name, p in want_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    got_model = hetermoe.prepare(copy.deepcopy(want_model), hetermoe.HeterMoEConfig(backend=backend))
+    assert got_model.base_model.model.config._experts_implementation == "hetermoe"
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), device=DEVICE)
+    results = []
+    for model in (want_model, got_model):
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (want, want_grads), (got, got_grads) = results
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert set(got_grads) == set(want_grads) and any("experts" in n for n in want_grads)
+    for name, grad in want_grads.items():
+        assert grad is not None and got_grads[name] is not None, name
+        assert rel_err(got_grads[name], grad) < 1e-4, name
