@@ -276,6 +276,49 @@ def vendor_wgrad_ok(x: torch.Tensor, *operands: torch.Tensor) -> bool:
     return x.shape[1] % 8 == 0 and all(t.shape[-1] % 8 == 0 and t.dtype == x.dtype for t in operands)
 
 
+def vendor_matmul_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a [S, K] @ b[e]^T`` (``b`` a logical ``[E, N, K]`` view) may go to ``torch._grouped_mm``: bf16 on
+    sm_90 / sm_100, ``a`` row-major, ``b`` row- or column-major per expert, 16-byte aligned rows and bases.
+    ``HETERMOE_VENDOR_MATMUL=0`` turns it off."""
+    if not (hasattr(torch, "_grouped_mm") and a.is_cuda and env.vendor_matmul()):
+        return False
+    if a.dtype != torch.bfloat16 or b.dtype != a.dtype or torch.cuda.get_device_capability(a.device)[0] not in (9, 10):
+        return False
+    _, n, k = b.shape
+    aligned = all(t.data_ptr() % 16 == 0 for t in (a, b)) and n % 8 == 0 and k % 8 == 0
+    a_ok = a.stride(1) == 1 and a.stride(0) % 8 == 0
+    b_ok = b.stride(0) % 8 == 0 and (
+        (b.stride(2) == 1 and b.stride(1) % 8 == 0) or (b.stride(1) == 1 and b.stride(2) % 8 == 0)
+    )
+    return aligned and a_ok and b_ok
+
+
+def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int, *, block_m: int) -> torch.Tensor:
+    """``out[r] = a[r] @ b[e(r)]^T`` for rows ``a [S, K]`` already in sorted order (no gather, bias or activation),
+    ``b`` a logical ``[E, N, K]`` view: the Triton kernel, or the vendor grouped GEMM (``torch._grouped_mm``:
+    CUTLASS with TMA and warp specialisation) where the tuner measured it faster for this shape bucket. On an H200
+    CUTLASS won these matmuls by 3-8% at 16 K tokens on the Mixtral and DeepSeek shapes and lost by 2-37% at 4 K
+    tokens and on the fine-grained shapes (benchmarks/NOTES.md, v2.10)."""
+    n = b.shape[1]
+
+    def triton_run() -> torch.Tensor:
+        out = a.new_empty(a.shape[0], n)
+        gather_gemm(a, b, routing, top_k, gather_a=False, out=out, block_m=block_m)
+        return out
+
+    def vendor_run() -> torch.Tensor:
+        return torch._grouped_mm(a, b.transpose(1, 2), offs=routing.offsets[1:])
+
+    if a.shape[0] == 0 or not vendor_matmul_ok(a, b):
+        return triton_run()
+    key = (
+        str(a.dtype).replace("torch.", ""),
+        f"a{_layout_key(a)}-b{_layout_key(b)}",
+        f"N{n}-K{b.shape[2]}-E{b.shape[0]}-S{tuning.bucket(a.shape[0])}",
+    )
+    return vendor_run() if tuning.prefer_vendor(key, triton_run, vendor_run, device=a.device) else triton_run()
+
+
 def _vendor_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing, transposed: bool) -> torch.Tensor:
     """``out[e] = a_e^T b_e`` over each expert's sorted rows (``a [S, N]``, ``b [S, K]``, both in sorted order),
     returned in the weight's storage layout: ``[E, N, K]``, or ``[E, K, N]`` for weights stored ``[E, in, out]``."""
@@ -362,8 +405,11 @@ def experts_forward(
         )
     else:
         _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m)
-    y = x.new_empty(num_pairs, hidden)
-    gather_gemm(h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m)
+    if b2 is None:
+        y = sorted_matmul(h, w2_logical(w2, layout), routing, top_k, block_m=block_m)
+    else:
+        y = x.new_empty(num_pairs, hidden)
+        gather_gemm(h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m)
     del h  # free before combine allocates `out`
     return combine(y, routing, top_k_weights, num_tokens, top_k), gu
 
@@ -482,8 +528,7 @@ def experts_backward(
         del hw
 
     # dx = sum over slots of dgu @ w1[e]   (w1 logical [E, N1, H] read as [E, H, N1]^T)
-    dx_sorted = x.new_empty(num_pairs, hidden)
-    gather_gemm(dgu, w1l.transpose(1, 2), routing, top_k, gather_a=False, out=dx_sorted, block_m=block_m)
+    dx_sorted = sorted_matmul(dgu, w1l.transpose(1, 2), routing, top_k, block_m=block_m)
     dx = combine(dx_sorted, routing, None, num_tokens, top_k)
     del dx_sorted
 

@@ -270,6 +270,30 @@ def choose(
     return select(name, fitted, lambda cands: time_candidates(launch, cands))
 
 
+def prefer_vendor(
+    key: tuple, triton_run: Callable[[], object], vendor_run: Callable[[], object], *, device: torch.device
+) -> bool:
+    """Whether the vendor kernel (``vendor_run``) beats the tuned Triton kernel (``triton_run``) for ``key``: both
+    timed in rounds on the call's own inputs, the answer cached like a tile choice. Without autotuning, while a
+    CUDA graph is captured, or off CUDA: Triton. Each run returns a fresh output that is dropped at once, so timing
+    holds one output at a time."""
+    if device.type != "cuda":
+        return False
+    name = "|".join(map(str, (f"v{VERSION}", "vendor", torch.cuda.get_device_name(device), *key)))
+    cfg = _memory.get(name)
+    if cfg is None:
+        if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+            return False
+        triton_run()  # tunes the Triton kernel's own tiles first: ``select`` is not re-entrant
+        runs = {False: triton_run, True: vendor_run}
+
+        def measure(cands: list[dict]) -> list[float]:
+            return time_candidates(lambda c: runs[c["VENDOR"]](), cands)
+
+        cfg = select(name, [{"VENDOR": False}, {"VENDOR": True}], measure)
+    return bool(cfg["VENDOR"])
+
+
 def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], list[float]]) -> dict:
     """The cached choice for ``name`` (this process, then the disk cache), else the candidate with the smallest
     time in ``measure(candidates)`` (milliseconds per candidate, ``inf`` for one that cannot run), remembered in

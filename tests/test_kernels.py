@@ -328,6 +328,52 @@ def test_vendor_weight_gradients_match_reference(layout, release_gu, monkeypatch
 
 @requires_triton
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss_no_bias", "transposed_gelu_tanh"])
+def test_vendor_sorted_matmuls_match_reference(layout, monkeypatch):
+    """The down projection and dx through ``torch._grouped_mm`` (taken where the tuner measured CUTLASS faster) equal
+    the reference in each weight storage layout, with an expert that gets no rows. On CPU torch's own grouped matmul
+    stands in for CUTLASS; the operand orientation is what is tested."""
+    triton_ops = _triton_ops()
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    from hf_hetermoe.kernels import tuning
+
+    layout_name, layout = layout, LAYOUTS[layout.replace("_no_bias", "")]
+    calls = []
+    monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b: True)
+    monkeypatch.setattr(tuning, "prefer_vendor", lambda key, t_run, v_run, device: calls.append(key) or True)
+    dtype = KERNEL_DTYPES[-1]  # bf16 on a GPU; the interpreter computes bf16 wrongly, so fp16 on CPU
+    T, H, I, E, k = 19, 32, 16, 5, 2
+    inputs = list(make_inputs(T, H, I, E, k, layout, dtype, DEVICE))
+    if layout_name.endswith("_no_bias"):
+        inputs[5] = inputs[6] = None  # the vendor down projection takes no bias
+    inputs[1][inputs[1] == 3] = 4  # expert 3 gets no rows
+    block_m = triton_ops.block_m_for(DEVICE)
+    routing = build_routing(inputs[1], E, block_m)
+    dout = torch.randn(T, H, device=DEVICE).to(dtype)
+    out_t, _, grads_t = _fwd_bwd(triton_ops, inputs, layout, routing, dout, block_m)
+    out_r, _, grads_r = _fwd_bwd(ref, inputs, layout, routing, dout)
+    assert len(calls) == 2  # the down projection and dx
+    assert rel_err(out_t, out_r) < TOLERANCE[dtype]
+    for name, g_t, g_r in zip(["dx", "d_top_k_weights", "dw1", "dw2", "db1", "db2"], grads_t, grads_r):
+        if g_r is None:
+            assert g_t is None, name
+            continue
+        assert rel_err(g_t, g_r) < TOLERANCE[dtype], name
+
+
+def test_vendor_matmul_choice_is_triton_off_cuda():
+    """Off CUDA (and so in CI) the sorted-row matmuls never ask for the vendor kernel."""
+    from hf_hetermoe.kernels import tuning
+
+    def fail():
+        raise AssertionError("nothing runs off CUDA")
+
+    assert tuning.prefer_vendor(("key",), fail, fail, device=torch.device("cpu")) is False
+
+
+@requires_triton
+@pytest.mark.triton_interpret
 @pytest.mark.parametrize("persistent", ["0", "1"], ids=["one_program_per_tile", "persistent"])
 def test_half_height_tail_tiles_match_full_tiles(persistent, monkeypatch):
     """An expert's last tile of at most half the rows runs at half height: same result as the full-height tile,
