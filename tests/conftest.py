@@ -41,3 +41,19 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+def enable_checkpointing(model, use_reentrant: bool, offload: bool) -> None:
+    """transformers >= 5.2x names it ``activation_checkpointing_enable`` (with ``offload``); older releases
+    ``gradient_checkpointing_enable``, which Trainer's ``gradient_checkpointing=True`` calls."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if offload and not torch.cuda.is_available():
+        pytest.skip("checkpoint offload keeps the saved activations in pinned host memory: needs CUDA")
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
+    elif offload:
+        pytest.skip("this transformers has no checkpoint offload")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if use_reentrant:
+        model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad

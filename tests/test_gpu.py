@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 from _moe_inputs import LAYOUTS, make_inputs
-from conftest import TOLERANCE, rel_err
+from conftest import TOLERANCE, enable_checkpointing, rel_err
 
 import hf_hetermoe as hetermoe
 from hf_hetermoe.kernels import build_routing, moe_experts
@@ -133,13 +133,7 @@ def test_activation_checkpointing_in_bf16_on_gpu(offload):
     base = AutoModelForCausalLM.from_config(config, experts_implementation="eager").to("cuda", torch.bfloat16)
     plain = hetermoe.prepare(base)
     checkpointed = copy.deepcopy(plain)
-    kwargs = {"use_reentrant": False}
-    if hasattr(checkpointed, "activation_checkpointing_enable"):
-        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
-    elif offload:
-        pytest.skip("this transformers has no checkpoint offload")
-    else:
-        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(checkpointed, use_reentrant=False, offload=offload)
     ids = torch.randint(0, 512, (4, 128), device="cuda")
     losses = []
     for m in (plain, checkpointed):

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DEVICE, rel_err
+from conftest import DEVICE, enable_checkpointing, rel_err
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig
 
 import hf_hetermoe as hetermoe
@@ -217,22 +217,6 @@ def test_prepared_model_survives_deepcopy_and_pickle(model_type):
         assert "forward" not in other.__dict__
 
 
-def _enable_checkpointing(model, use_reentrant: bool, offload: bool) -> None:
-    """transformers >= 5.2x names it ``activation_checkpointing_enable`` (with ``offload``); older releases
-    ``gradient_checkpointing_enable``, which Trainer's ``gradient_checkpointing=True`` calls."""
-    kwargs = {"use_reentrant": use_reentrant}
-    if offload and not torch.cuda.is_available():
-        pytest.skip("checkpoint offload keeps the saved activations in pinned host memory: needs CUDA")
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=offload)
-    elif offload:
-        pytest.skip("this transformers has no checkpoint offload")
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if use_reentrant:
-        model.enable_input_require_grads()  # reentrant checkpoints need an input that requires grad
-
-
 @pytest.mark.parametrize(
     "use_reentrant, offload",
     [(False, False), (True, False), (False, True)],
@@ -247,7 +231,7 @@ def test_activation_checkpointing_matches_unprepared(backend, use_reentrant, off
     prepared = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(backend=backend))
     for model in (base, prepared):
         model.train()
-        _enable_checkpointing(model, use_reentrant, offload)
+        enable_checkpointing(model, use_reentrant, offload)
     for step in range(2):
         ids = torch.randint(0, base.config.vocab_size, (2, 9), device=DEVICE)
         want, want_grads = _forward_backward(base, ids)
