@@ -240,6 +240,11 @@ def time_candidates(
     return times
 
 
+def _entry_name(kernel: str, device: torch.device, key: tuple) -> str:
+    """The cache entry of one tuning decision: version, kernel, GPU name and the caller's key."""
+    return "|".join(map(str, (f"v{VERSION}", kernel, torch.cuda.get_device_name(device), *key)))
+
+
 def choose(
     kernel: str,
     key: tuple,
@@ -258,7 +263,7 @@ def choose(
     """
     if device.type != "cuda":
         return INTERPRETER[kernel]
-    name = "|".join(map(str, (f"v{VERSION}", kernel, torch.cuda.get_device_name(device), *key)))
+    name = _entry_name(kernel, device, key)
     cfg = _memory.get(name)
     if cfg is not None:
         return cfg
@@ -279,19 +284,17 @@ def prefer_vendor(
     holds one output at a time."""
     if device.type != "cuda":
         return False
-    name = "|".join(map(str, (f"v{VERSION}", "vendor", torch.cuda.get_device_name(device), *key)))
-    cfg = _memory.get(name)
-    if cfg is None:
+    name = _entry_name("vendor", device, key)
+    if (_memory.get(name) or _load_disk().get(name)) is None:
         if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
             return False
         triton_run()  # tunes the Triton kernel's own tiles first: ``select`` is not re-entrant
-        runs = {False: triton_run, True: vendor_run}
+    runs = {False: triton_run, True: vendor_run}
 
-        def measure(cands: list[dict]) -> list[float]:
-            return time_candidates(lambda c: runs[c["VENDOR"]](), cands)
+    def measure(cands: list[dict]) -> list[float]:
+        return time_candidates(lambda c: runs[c["VENDOR"]](), cands)
 
-        cfg = select(name, [{"VENDOR": False}, {"VENDOR": True}], measure)
-    return bool(cfg["VENDOR"])
+    return bool(select(name, [{"VENDOR": False}, {"VENDOR": True}], measure)["VENDOR"])
 
 
 def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], list[float]]) -> dict:
