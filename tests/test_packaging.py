@@ -43,8 +43,15 @@ def test_repo_root_on_sys_path_does_not_shadow_hf_kernels():
         assert available == "False"  # our folder looks absent
 
 
-def test_cli_lists_subcommands_and_env_runs(monkeypatch):
+def test_cli_lists_subcommands_and_env_runs(monkeypatch, tmp_path):
+    import json
+
+    from hf_hetermoe.kernels import tuning
+
     monkeypatch.setenv("HETERMOE_SPLIT_TAIL", "0")
+    monkeypatch.setenv("HETERMOE_CACHE_DIR", str(tmp_path))
+    current = f"v{tuning.VERSION}|gemm|GPU|key"
+    (tmp_path / "tuning.json").write_text(json.dumps({current: {}, "v1|gemm|GPU|key": {}}))
     from hf_hetermoe.cli import main
     from hf_hetermoe.commands.env import env_info
 
@@ -52,6 +59,7 @@ def test_cli_lists_subcommands_and_env_runs(monkeypatch):
     assert info["hf-hetermoe"] and "mixtral" in info["supported model types"]
     assert "fused_cross_entropy=True" in info["prepare defaults"] and "fused_rms_norm=True" in info["prepare defaults"]
     assert "tuning.json" in info["tuning cache"] and "HETERMOE_SPLIT_TAIL=0" in info["HETERMOE_* set"]
+    assert "(1 tuned choices, 1 of older kernel versions ignored" in info["tuning cache"]
     assert main(["env"]) == 0
     out = subprocess.run([sys.executable, "-m", "hf_hetermoe.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)

@@ -58,19 +58,22 @@ def _prepare_defaults() -> str:
 
 
 def _tuning_cache() -> str:
-    """Where autotuned tiles are cached, and how many choices it holds."""
+    """Where autotuned tiles are cached, and how many choices it holds for this version of the kernels (entries of
+    older versions stay in the file but are ignored)."""
     import json
 
     from ..kernels import tuning
 
     path = tuning.cache_path()
     try:
-        entries = len(json.loads(path.read_text()))
+        names = list(json.loads(path.read_text()))
     except FileNotFoundError:
         return f"{path} (not created yet)"
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, TypeError) as err:
         return f"{path} (unreadable: {type(err).__name__}; it is rebuilt on the next tuning)"
-    return f"{path} ({entries} tuned shapes, autotune {'on' if tuning.autotune_enabled() else 'off'})"
+    current = sum(name.startswith(f"v{tuning.VERSION}|") for name in names)
+    stale = f", {len(names) - current} of older kernel versions ignored" if len(names) > current else ""
+    return f"{path} ({current} tuned choices{stale}, autotune {'on' if tuning.autotune_enabled() else 'off'})"
 
 
 def env_command(args) -> int:
