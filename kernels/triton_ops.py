@@ -263,15 +263,23 @@ def wgrad(
     launch(config)
 
 
+def _vendor_takes(t: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` exists and runs ``t``: a bf16 CUDA tensor on sm_90 / sm_100 (CUTLASS kernels)."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and t.is_cuda
+        and t.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(t.device)[0] in (9, 10)
+    )
+
+
 def vendor_wgrad_ok(x: torch.Tensor, *operands: torch.Tensor) -> bool:
     """Whether the weight gradients go to ``torch._grouped_mm`` (CUTLASS grouped GEMM with TMA and warp
     specialisation) on row-gathered operands instead of the Triton ``wgrad``: on an H100 it ran 1.4-1.7x faster at
     every measured shape (benchmarks/NOTES.md, v2.3), for one ``[S, H]`` gather per gradient. It takes bf16 on
     sm_90 / sm_100 with 16-byte aligned rows; everything else stays in Triton. ``HETERMOE_VENDOR_WGRAD=0`` turns
     it off."""
-    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16 and env.vendor_wgrad()):
-        return False
-    if torch.cuda.get_device_capability(x.device)[0] not in (9, 10):
+    if not (_vendor_takes(x) and env.vendor_wgrad()):
         return False
     return x.shape[1] % 8 == 0 and all(t.shape[-1] % 8 == 0 and t.dtype == x.dtype for t in operands)
 
@@ -280,9 +288,7 @@ def vendor_matmul_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a [S, K] @ b[e]^T`` (``b`` a logical ``[E, N, K]`` view) may go to ``torch._grouped_mm``: bf16 on
     sm_90 / sm_100, ``a`` row-major, ``b`` row- or column-major per expert, 16-byte aligned rows and bases.
     ``HETERMOE_VENDOR_MATMUL=0`` turns it off."""
-    if not (hasattr(torch, "_grouped_mm") and a.is_cuda and env.vendor_matmul()):
-        return False
-    if a.dtype != torch.bfloat16 or b.dtype != a.dtype or torch.cuda.get_device_capability(a.device)[0] not in (9, 10):
+    if not (_vendor_takes(a) and b.dtype == a.dtype and env.vendor_matmul()):
         return False
     _, n, k = b.shape
     aligned = all(t.data_ptr() % 16 == 0 for t in (a, b)) and n % 8 == 0 and k % 8 == 0
