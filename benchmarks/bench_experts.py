@@ -194,6 +194,8 @@ def rel(a, b):
 def bench_one(name, T, providers, dtype, args, writer, meta):
     from triton.testing import do_bench
 
+    from hf_hetermoe.kernels import tuning
+
     family, H, I, E, k = SHAPES[name]
     module = experts_module(family, H, I, E, k, dtype)
     x = torch.randn(T, H, device="cuda", dtype=dtype, requires_grad=True)
@@ -254,9 +256,8 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     # Timing in rounds, each round over every provider, starting one provider later each round: a GPU under
     # sustained load slows down (clocks), so a provider timed late in a fixed order would pay for the ones before
     # it (3-10% on an H200, benchmarks/NOTES.md v2.9 and v2.10). Each provider's figure is its median over rounds.
-    order = list(ready)
-    for r in range(args.rounds if order else 0):
-        for provider in order[r % len(order):] + order[: r % len(order)]:
+    for round_order in tuning.rotating_rounds(list(ready), args.rounds):
+        for provider in round_order:
             p = ready[provider]
             with _toggles(p["settings"]):
                 if not p["base"].endswith("_roof"):

@@ -247,9 +247,8 @@ def main(argv=None):
                     failed[i] = f"{type(e).__name__}: {str(e)[:120]}"
                     print(f"  {name} {kind} {cfg}: {failed[i]}", flush=True)
             alive = [i for i in range(len(cands)) if i not in failed]
-            for r in range(args.rounds if alive else 0):
-                shift = r % len(alive)
-                for i in alive[shift:] + alive[:shift]:
+            for round_order in tuning.rotating_rounds(alive, args.rounds):
+                for i in round_order:
                     ms = do_bench(lambda cfg=cands[i]: run(cfg), warmup=5, rep=args.rep, return_mode="median")
                     times[i].append(ms)
             for i, cfg in enumerate(cands):

@@ -204,6 +204,12 @@ def _cuda_stopwatch(fn: Callable[[], object]) -> Callable[[], float]:
     return read
 
 
+def rotating_rounds(items: list, rounds: int) -> list[list]:
+    """``rounds`` orders of ``items``, each starting one item later than the one before (wrapping around): timed in
+    these, every item runs at every position, so a GPU slowing down under sustained load favours none of them."""
+    return [items[r % len(items):] + items[: r % len(items)] for r in range(rounds)] if items else []
+
+
 def time_candidates(
     launch: Callable[[dict], None],
     candidates: list[dict],
@@ -230,9 +236,8 @@ def time_candidates(
             continue
         alive.append(i)
     marks: dict[int, list[Callable[[], float]]] = {i: [] for i in alive}
-    for r in range(rounds if alive else 0):
-        shift = r % len(alive)
-        for i in alive[shift:] + alive[:shift]:
+    for order in rotating_rounds(alive, rounds):
+        for i in order:
             marks[i].append(stopwatch(lambda cfg=candidates[i]: launch(cfg)))
     times = [math.inf] * len(candidates)
     for i, reads in marks.items():
