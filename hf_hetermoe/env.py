@@ -6,6 +6,7 @@
 | ``HETERMOE_BACKEND`` | ``auto``, ``triton`` or ``reference``, read at import: overrides ``HeterMoEConfig.backend`` |
 | ``HETERMOE_AUTOTUNE=0`` | pin the measured kernel tiles instead of tuning them per shape bucket on first use |
 | ``HETERMOE_VENDOR_WGRAD=0`` | weight gradients in Triton (default: ``torch._grouped_mm``, bf16 on sm_90/100) |
+| ``HETERMOE_GLUON=0`` | no Gluon weight gradient (default: the tuner weighs it against CUTLASS, bf16 on sm_90) |
 | ``HETERMOE_VENDOR_MATMUL=0`` | down projection and dx in Triton (default: the tuner weighs ``torch._grouped_mm``) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
@@ -55,6 +56,10 @@ def autotune() -> bool:
 
 def vendor_wgrad() -> bool:
     return _flag("HETERMOE_VENDOR_WGRAD", True)
+
+
+def gluon() -> bool:
+    return _flag("HETERMOE_GLUON", True)
 
 
 def vendor_matmul() -> bool:

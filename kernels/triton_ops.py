@@ -11,8 +11,8 @@ import torch
 import triton
 
 from .. import env
+from . import gluon_wgrad, tuning
 from . import triton_kernels as tk
-from . import tuning
 from .layout import ExpertLayout, split_gate_up, w1_logical, w2_logical
 from .routing import Routing, block_m_for  # noqa: F401  (re-exported for callers)
 
@@ -328,10 +328,39 @@ def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int
 def _vendor_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing, transposed: bool) -> torch.Tensor:
     """``out[e] = a_e^T b_e`` over each expert's sorted rows (``a [S, N]``, ``b [S, K]``, both in sorted order),
     returned in the weight's storage layout: ``[E, N, K]``, or ``[E, K, N]`` for weights stored ``[E, in, out]``."""
-    ends = routing.offsets[1:]
-    if transposed:
-        return torch._grouped_mm(b.t(), a, offs=ends)
-    return torch._grouped_mm(a.t(), b, offs=ends)
+    return grouped_wgrad(b, a, routing) if transposed else grouped_wgrad(a, b, routing)
+
+
+# Without autotuning, the Gluon kernel takes experts of up to this many rows (bucketed) and CUTLASS the longer
+# ones: on an H200 Gluon won every measured weight gradient up to 1024 rows per expert (+3% to +40%) and lost the
+# two at 4096 (benchmarks/NOTES.md, v2.11).
+GLUON_WGRAD_MAX_ROWS = 2048
+
+
+def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``out[e] = a_e^T b_e`` (``a [S, M]``, ``b [S, N]`` in sorted order, bf16 on sm_90 / sm_100), ``[E, M, N]``:
+    CUTLASS's grouped GEMM (``torch._grouped_mm``), or on sm_90 the warp-specialised Gluon kernel
+    (``gluon_wgrad``), whichever the tuner measured faster for this shape bucket (``HETERMOE_GLUON=0``: CUTLASS)."""
+    num_experts = routing.offsets.numel() - 1
+
+    def cutlass() -> torch.Tensor:
+        return torch._grouped_mm(a.t(), b, offs=routing.offsets[1:])
+
+    configs = gluon_wgrad.candidates(a, b) if env.gluon() else []
+    if not configs or num_experts == 0:
+        return cutlass()
+    rows = tuning.bucket(-(-a.shape[0] // num_experts))
+    candidates = [dict(IMPL="gluon", **c) for c in configs] + [dict(IMPL="cutlass")]
+
+    def run(cfg: dict) -> torch.Tensor:
+        if cfg["IMPL"] == "cutlass":
+            return cutlass()
+        tiles = {k: v for k, v in cfg.items() if k != "IMPL"}
+        return gluon_wgrad.grouped_wgrad(a, b, routing.offsets, config=tiles, num_programs=tuning.num_sms(a.device))
+
+    key = (str(a.dtype).replace("torch.", ""), f"M{a.shape[1]}-N{b.shape[1]}-E{num_experts}-R{rows}")
+    default = candidates[0] if rows <= GLUON_WGRAD_MAX_ROWS else candidates[-1]
+    return run(tuning.choose_impl("wgrad_impl", key, candidates, run, device=a.device, default=default))
 
 
 def _dw2(dout, hw, routing: Routing, top_k: int, w2, layout: ExpertLayout, vendor: bool) -> torch.Tensor:

@@ -302,6 +302,34 @@ def prefer_vendor(
     return bool(select(name, [{"VENDOR": False}, {"VENDOR": True}], measure)["VENDOR"])
 
 
+def choose_impl(
+    kernel: str,
+    key: tuple,
+    candidates: list[dict],
+    run: Callable[[dict], object],
+    *,
+    device: torch.device,
+    default: dict,
+) -> dict:
+    """Which of ``candidates`` (implementations of one operation, each with its own tiles) runs ``key``: the
+    fastest of them timed in rounds on the call's own inputs, cached like a tile choice. ``run(cfg)`` returns a
+    fresh output that is dropped at once. Without autotuning, while a CUDA graph is captured, or off CUDA:
+    ``default``. A cached choice that is no longer among ``candidates`` is ignored."""
+    if device.type != "cuda":
+        return default
+    name = _entry_name(kernel, device, key)
+    cached = _memory.get(name) or _load_disk().get(name)
+    if cached is not None and cached in candidates:
+        return cached
+    if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
+        return default
+    if cached is not None:  # stale entry (the candidate list changed): measure again
+        with _lock:
+            _memory.pop(name, None)
+            _load_disk().pop(name, None)
+    return select(name, candidates, lambda cands: time_candidates(run, cands))
+
+
 def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], list[float]]) -> dict:
     """The cached choice for ``name`` (this process, then the disk cache), else the candidate with the smallest
     time in ``measure(candidates)`` (milliseconds per candidate, ``inf`` for one that cannot run), remembered in

@@ -1,0 +1,356 @@
+"""Grouped weight gradient for Hopper in Gluon: ``out[e] = a_e^T b_e`` over each expert's rows, warp-specialised.
+
+The weight gradients of a fine-grained MoE layer are short-K GEMMs: at 4 K tokens an expert of Qwen3-30B-A3B has
+~256 rows, so every ``[128, 128]`` output tile runs 4 MMA steps and then writes 32 KB. A kernel that computes a
+tile and then stores it (Triton's pipeliner, and CUTLASS's grouped GEMM as ``torch._grouped_mm`` runs it at
+370-390 TF/s) leaves the tensor cores idle during every epilogue. Here the epilogue runs under the next tile's
+MMAs (the "ping-pong" schedule of CUTLASS's Hopper kernels):
+
+- one producer warp streams the operand tiles of every tile this program owns through a ring of shared-memory
+  stages with TMA, tile after tile, as fast as the stages are released;
+- two consumer warpgroups own alternate tiles. Each runs its tile's MMAs (``wgmma``, accumulator in registers),
+  then converts the accumulator and hands it to a TMA store, while the other warpgroup's MMAs run.
+
+Operands are the rows already in sorted order (``a [S, M]``, ``b [S, N]``), so TMA reads them as they are; a tile
+row range that crosses the expert's end is masked on the ``a`` side in registers (the rows past the end belong to
+the next expert and are finite, or lie past ``S`` and read as zeros). The output is ``[E, M, N]``.
+
+Gluon (Triton's explicit dialect: layouts, shared memory, mbarriers, warp specialisation) has no interpreter, so
+this kernel runs on CUDA only; ``available()`` says whether it can run here. See benchmarks/NOTES.md, v2.11.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.4; the API used here is the one of Triton 3.6.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # Triton 3.7+ renamed the TMA copies (the old names raise there); 3.6 has only the old ones.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    _GLUON = False
+
+# Tiles: a [BLOCK_M, BLOCK_N] fp32 accumulator is 128 registers per thread of a 4-warp consumer; four stages of
+# [BLOCK_K, BLOCK_M] + [BLOCK_K, BLOCK_N] bf16 operands (128 KB) and one [BLOCK_M, BLOCK_N] output buffer per
+# consumer (64 KB) fit the 227 KB of an SM's shared memory.
+DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4, CONSUMER_REGS=232, MAXNREG=168)
+# What the tuner weighs (against CUTLASS), default first. On an H200 (v2.11): five stages (224 KB of shared memory)
+# won half the shapes by 1-4%; 64x256 tiles lost to 128x128 on every shape with M a multiple of 128.
+CONFIGS: list[dict] = [
+    DEFAULT_CONFIG,
+    dict(DEFAULT_CONFIG, STAGES=5),
+    dict(DEFAULT_CONFIG, BLOCK_M=64, BLOCK_N=256),
+]
+
+
+def available(a: torch.Tensor) -> bool:
+    """Whether the Gluon kernel runs ``a``: Gluon importable, a CUDA tensor of an sm_90 GPU (wgmma, TMA)."""
+    return _GLUON and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
+
+
+def supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``grouped_wgrad(a, b, ...)`` takes these operands: bf16 or fp16 of the same dtype, row-major
+    contiguous with 16-byte aligned rows and bases (TMA)."""
+    if not available(a) or a.dtype not in (torch.bfloat16, torch.float16) or b.dtype != a.dtype:
+        return False
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[0]:
+        return False
+    m, n = a.shape[1], b.shape[1]
+    return (
+        a.is_contiguous()
+        and b.is_contiguous()
+        and all(t.data_ptr() % 16 == 0 for t in (a, b))
+        and m % 8 == 0
+        and n % 8 == 0
+    )
+
+
+def candidates(a: torch.Tensor, b: torch.Tensor) -> list[dict]:
+    """The ``CONFIGS`` that take these operands (none off sm_90 or without Gluon)."""
+    return list(CONFIGS) if supported(a, b) else []
+
+
+if _GLUON:
+
+    @gluon.jit
+    def _tile_rows(t, offsets_ptr, tiles_n, tiles_per_expert):
+        """Tile ``t``'s expert, row/column tile indices, first sorted row and row count."""
+        e = t // tiles_per_expert
+        r = t % tiles_per_expert
+        start = gl.load(offsets_ptr + e)
+        rows = gl.load(offsets_ptr + e + 1) - start
+        return e, r // tiles_n, r % tiles_n, start, rows
+
+    @gluon.jit
+    def _producer(
+        a_desc,
+        b_desc,
+        c_desc,
+        a_bufs,
+        b_bufs,
+        c_bufs,
+        ready,
+        empty,
+        turn,
+        offsets_ptr,
+        num_tiles,
+        tiles_n,
+        tiles_per_expert,
+    ):
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        pid = gl.program_id(0)
+        programs = gl.num_programs(0)
+        step = 0
+        for j in range(gl.cdiv(num_tiles - pid, programs)):
+            e, tm, tn, start, rows = _tile_rows(pid + j * programs, offsets_ptr, tiles_n, tiles_per_expert)
+            for kk in range(gl.cdiv(rows, BLOCK_K)):
+                s = step % STAGES
+                # Stages start free: the first pass waits on the phase before the barrier's initial one.
+                mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                row = start + kk * BLOCK_K
+                _tma_load(a_desc, [row, tm * BLOCK_M], ready.index(s), a_bufs.index(s))
+                _tma_load(b_desc, [row, tn * BLOCK_N], ready.index(s), b_bufs.index(s))
+                step += 1
+
+    @gluon.jit
+    def _consume(
+        a_desc,
+        b_desc,
+        c_desc,
+        a_bufs,
+        b_bufs,
+        c_bufs,
+        ready,
+        empty,
+        turn,
+        offsets_ptr,
+        num_tiles,
+        tiles_n,
+        tiles_per_expert,
+        WHICH: gl.constexpr,
+    ):
+        BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
+        BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
+        STAGES: gl.constexpr = a_bufs.type.shape[0]
+        dtype: gl.constexpr = a_desc.dtype
+        mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        a_regs_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+        c_tile = c_bufs.index(WHICH)  # [1, BLOCK_M, BLOCK_N]: one expert's tile of the [E, M, N] output
+        c_buf = c_tile.reshape([BLOCK_M, BLOCK_N])
+        pid = gl.program_id(0)
+        programs = gl.num_programs(0)
+        step = 0
+        for j in range(gl.cdiv(num_tiles - pid, programs)):
+            e, tm, tn, start, rows = _tile_rows(pid + j * programs, offsets_ptr, tiles_n, tiles_per_expert)
+            if j % 2 == WHICH:
+                # Take turns: this tile's MMAs start once the other warpgroup's tile j - 1 has finished its MMAs
+                # (its epilogue then runs under ours). Without the turns a warpgroup could run ahead by more than
+                # the ring's depth and wait on a stage's barrier phase of the previous round.
+                if j > 0:
+                    mbarrier.wait(turn.index(1 - WHICH), ((j - 1) // 2) & 1)
+                acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
+                full = rows // BLOCK_K
+                for kk in range(full):
+                    s = (step + kk) % STAGES
+                    mbarrier.wait(ready.index(s), ((step + kk) // STAGES) & 1)
+                    acc = warpgroup_mma(a_bufs.index(s).permute((1, 0)), b_bufs.index(s), acc, is_async=True)
+                    # One MMA in flight: the previous step's is done, so its stage goes back to the producer.
+                    acc = warpgroup_mma_wait(1, deps=(acc,))
+                    mbarrier.arrive(empty.index((step + kk + STAGES - 1) % STAGES), pred=kk > 0)
+                acc = warpgroup_mma_wait(0, deps=(acc,))
+                mbarrier.arrive(empty.index((step + full + STAGES - 1) % STAGES), pred=full > 0)
+                rem = rows - full * BLOCK_K
+                if rem > 0:
+                    # The last stage holds rows past the expert's end: zero them in a's registers.
+                    s = (step + full) % STAGES
+                    mbarrier.wait(ready.index(s), ((step + full) // STAGES) & 1)
+                    a_regs = a_bufs.index(s).permute((1, 0)).load(a_regs_layout)
+                    k_idx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_regs_layout))
+                    a_regs = gl.where(gl.expand_dims(k_idx, 0) < rem, a_regs, gl.zeros_like(a_regs))
+                    acc = warpgroup_mma(a_regs, b_bufs.index(s), acc)
+                    mbarrier.arrive(empty.index(s))
+                mbarrier.arrive(turn.index(WHICH))
+                # The previous tile's store has left c_buf by now (a whole tile of MMAs ago).
+                tma.store_wait(0)
+                c_buf.store(acc.to(dtype))
+                fence_async_shared()
+                _tma_store(c_desc, [e, tm * BLOCK_M, tn * BLOCK_N], c_tile)
+            step += gl.cdiv(rows, BLOCK_K)
+        tma.store_wait(0)
+
+    @gluon.jit
+    def _consumer0(
+        a_desc,
+        b_desc,
+        c_desc,
+        a_bufs,
+        b_bufs,
+        c_bufs,
+        ready,
+        empty,
+        turn,
+        offsets_ptr,
+        num_tiles,
+        tiles_n,
+        tiles_per_expert,
+    ):
+        _consume(
+            a_desc,
+            b_desc,
+            c_desc,
+            a_bufs,
+            b_bufs,
+            c_bufs,
+            ready,
+            empty,
+            turn,
+            offsets_ptr,
+            num_tiles,
+            tiles_n,
+            tiles_per_expert,
+            0,
+        )
+
+    @gluon.jit
+    def _consumer1(
+        a_desc,
+        b_desc,
+        c_desc,
+        a_bufs,
+        b_bufs,
+        c_bufs,
+        ready,
+        empty,
+        turn,
+        offsets_ptr,
+        num_tiles,
+        tiles_n,
+        tiles_per_expert,
+    ):
+        _consume(
+            a_desc,
+            b_desc,
+            c_desc,
+            a_bufs,
+            b_bufs,
+            c_bufs,
+            ready,
+            empty,
+            turn,
+            offsets_ptr,
+            num_tiles,
+            tiles_n,
+            tiles_per_expert,
+            1,
+        )
+
+    @gluon.jit
+    def _grouped_wgrad_kernel(
+        a_desc,
+        b_desc,
+        c_desc,
+        offsets_ptr,
+        num_tiles,
+        tiles_n,
+        tiles_per_expert,
+        STAGES: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
+    ):
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+        c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        args = (
+            a_desc,
+            b_desc,
+            c_desc,
+            a_bufs,
+            b_bufs,
+            c_bufs,
+            ready,
+            empty,
+            turn,
+            offsets_ptr,
+            num_tiles,
+            tiles_n,
+            tiles_per_expert,
+        )
+        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1], [CONSUMER_REGS, 24])
+
+
+def _descriptors(a, b, out, cfg):
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    dt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
+    a_desc = TensorDescriptor.from_tensor(a, [bk, bm], gl.NVMMASharedLayout.get_default_for([bk, bm], dt))
+    b_desc = TensorDescriptor.from_tensor(b, [bk, bn], gl.NVMMASharedLayout.get_default_for([bk, bn], dt))
+    # Three dimensions: TMA clips each tile at its expert's last row, so M need not be a multiple of BLOCK_M.
+    c_desc = TensorDescriptor.from_tensor(out, [1, bm, bn], gl.NVMMASharedLayout.get_default_for([1, bm, bn], dt))
+    return a_desc, b_desc, c_desc
+
+
+def grouped_wgrad(
+    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None, num_programs: int = 0
+) -> torch.Tensor:
+    """``out[e] = a[offsets[e]:offsets[e+1]]^T @ b[offsets[e]:offsets[e+1]]``, ``[E, M, N]`` in ``a``'s dtype
+    (fp32 accumulation). ``a [S, M]`` and ``b [S, N]`` hold rows in sorted order; ``offsets [E + 1]`` int32 on the
+    device (never read on the host). Experts with no rows get zeros. Check ``supported(a, b)`` first."""
+    cfg = dict(DEFAULT_CONFIG, **(config or {}))
+    if not supported(a, b):
+        raise ValueError(
+            "grouped_wgrad takes bf16/fp16 CUDA operands of an sm_90 GPU, row-major with 16-byte aligned rows (widths "
+            f"multiples of 8); got a {tuple(a.shape)} {a.dtype}, b {tuple(b.shape)} {b.dtype} on {a.device}. Use "
+            "the CUTLASS or Triton weight gradient instead."
+        )
+    num_experts = offsets.numel() - 1
+    m, n = a.shape[1], b.shape[1]
+    out = a.new_empty(num_experts, m, n)
+    tiles_n = -(-n // cfg["BLOCK_N"])
+    tiles_per_expert = -(-m // cfg["BLOCK_M"]) * tiles_n
+    num_tiles = num_experts * tiles_per_expert
+    if num_tiles == 0:
+        return out
+    if not num_programs:
+        num_programs = torch.cuda.get_device_properties(a.device).multi_processor_count
+    grid = (min(num_programs, num_tiles),)
+    a_desc, b_desc, c_desc = _descriptors(a, b, out, cfg)
+    _grouped_wgrad_kernel[grid](
+        a_desc,
+        b_desc,
+        c_desc,
+        offsets,
+        num_tiles,
+        tiles_n,
+        tiles_per_expert,
+        STAGES=cfg["STAGES"],
+        CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        num_warps=4,
+        maxnreg=cfg["MAXNREG"],
+    )
+    return out
