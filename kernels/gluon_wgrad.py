@@ -144,7 +144,7 @@ if _GLUON:
         num_tiles,
         tiles_n,
         tiles_per_expert,
-        WHICH: gl.constexpr,
+        which,
     ):
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
@@ -155,19 +155,19 @@ if _GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
         )
         a_regs_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
-        c_tile = c_bufs.index(WHICH)  # [1, BLOCK_M, BLOCK_N]: one expert's tile of the [E, M, N] output
+        c_tile = c_bufs.index(which)  # [1, BLOCK_M, BLOCK_N]: one expert's tile of the [E, M, N] output
         c_buf = c_tile.reshape([BLOCK_M, BLOCK_N])
         pid = gl.program_id(0)
         programs = gl.num_programs(0)
         step = 0
         for j in range(gl.cdiv(num_tiles - pid, programs)):
             e, tm, tn, start, rows = _tile_rows(pid + j * programs, offsets_ptr, tiles_n, tiles_per_expert)
-            if j % 2 == WHICH:
+            if j % 2 == which:
                 # Take turns: this tile's MMAs start once the other warpgroup's tile j - 1 has finished its MMAs
                 # (its epilogue then runs under ours). Without the turns a warpgroup could run ahead by more than
                 # the ring's depth and wait on a stage's barrier phase of the previous round.
                 if j > 0:
-                    mbarrier.wait(turn.index(1 - WHICH), ((j - 1) // 2) & 1)
+                    mbarrier.wait(turn.index(1 - which), ((j - 1) // 2) & 1)
                 acc = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, mma_layout)
                 full = rows // BLOCK_K
                 for kk in range(full):
@@ -189,7 +189,7 @@ if _GLUON:
                     a_regs = gl.where(gl.expand_dims(k_idx, 0) < rem, a_regs, gl.zeros_like(a_regs))
                     acc = warpgroup_mma(a_regs, b_bufs.index(s), acc)
                     mbarrier.arrive(empty.index(s))
-                mbarrier.arrive(turn.index(WHICH))
+                mbarrier.arrive(turn.index(which))
                 # The previous tile's store has left c_buf by now (a whole tile of MMAs ago).
                 tma.store_wait(0)
                 c_buf.store(acc.to(dtype))
@@ -197,72 +197,6 @@ if _GLUON:
                 _tma_store(c_desc, [e, tm * BLOCK_M, tn * BLOCK_N], c_tile)
             step += gl.cdiv(rows, BLOCK_K)
         tma.store_wait(0)
-
-    @gluon.jit
-    def _consumer0(
-        a_desc,
-        b_desc,
-        c_desc,
-        a_bufs,
-        b_bufs,
-        c_bufs,
-        ready,
-        empty,
-        turn,
-        offsets_ptr,
-        num_tiles,
-        tiles_n,
-        tiles_per_expert,
-    ):
-        _consume(
-            a_desc,
-            b_desc,
-            c_desc,
-            a_bufs,
-            b_bufs,
-            c_bufs,
-            ready,
-            empty,
-            turn,
-            offsets_ptr,
-            num_tiles,
-            tiles_n,
-            tiles_per_expert,
-            0,
-        )
-
-    @gluon.jit
-    def _consumer1(
-        a_desc,
-        b_desc,
-        c_desc,
-        a_bufs,
-        b_bufs,
-        c_bufs,
-        ready,
-        empty,
-        turn,
-        offsets_ptr,
-        num_tiles,
-        tiles_n,
-        tiles_per_expert,
-    ):
-        _consume(
-            a_desc,
-            b_desc,
-            c_desc,
-            a_bufs,
-            b_bufs,
-            c_bufs,
-            ready,
-            empty,
-            turn,
-            offsets_ptr,
-            num_tiles,
-            tiles_n,
-            tiles_per_expert,
-            1,
-        )
 
     @gluon.jit
     def _grouped_wgrad_kernel(
@@ -302,7 +236,13 @@ if _GLUON:
             tiles_n,
             tiles_per_expert,
         )
-        gl.warp_specialize([(_consumer0, args), (_consumer1, args), (_producer, args)], [4, 1], [CONSUMER_REGS, 24])
+        # The default partition (this program's 4 warps) and a 4-warp worker are the two consumers; ``which`` (0 / 1)
+        # arrives as a runtime value, as every argument of a partition does.
+        gl.warp_specialize(
+            [(_consume, args + (gl.to_tensor(0),)), (_consume, args + (gl.to_tensor(1),)), (_producer, args)],
+            [4, 1],
+            [CONSUMER_REGS, 24],
+        )
 
 
 def _descriptors(a, b, out, cfg):
