@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .tuning import num_sms
+
 try:  # Gluon ships with Triton >= 3.4; the API used here is the one of Triton 3.6.
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -276,9 +278,7 @@ def grouped_wgrad(
     num_tiles = num_experts * tiles_per_expert
     if num_tiles == 0:
         return out
-    if not num_programs:
-        num_programs = torch.cuda.get_device_properties(a.device).multi_processor_count
-    grid = (min(num_programs, num_tiles),)
+    grid = (min(num_programs or num_sms(a.device), num_tiles),)
     a_desc, b_desc, c_desc = _descriptors(a, b, out, cfg)
     _grouped_wgrad_kernel[grid](
         a_desc,

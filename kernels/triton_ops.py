@@ -356,7 +356,7 @@ def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing) -> torch.T
         if cfg["IMPL"] == "cutlass":
             return cutlass()
         tiles = {k: v for k, v in cfg.items() if k != "IMPL"}
-        return gluon_wgrad.grouped_wgrad(a, b, routing.offsets, config=tiles, num_programs=tuning.num_sms(a.device))
+        return gluon_wgrad.grouped_wgrad(a, b, routing.offsets, config=tiles)
 
     key = (str(a.dtype).replace("torch.", ""), f"M{a.shape[1]}-N{b.shape[1]}-E{num_experts}-R{rows}")
     default = candidates[0] if rows <= GLUON_WGRAD_MAX_ROWS else candidates[-1]

@@ -284,22 +284,20 @@ def prefer_vendor(
     key: tuple, triton_run: Callable[[], object], vendor_run: Callable[[], object], *, device: torch.device
 ) -> bool:
     """Whether the vendor kernel (``vendor_run``) beats the tuned Triton kernel (``triton_run``) for ``key``: both
-    timed in rounds on the call's own inputs, the answer cached like a tile choice. Without autotuning, while a
-    CUDA graph is captured, or off CUDA: Triton. Each run returns a fresh output that is dropped at once, so timing
-    holds one output at a time."""
-    if device.type != "cuda":
-        return False
-    name = _entry_name("vendor", device, key)
-    if (_memory.get(name) or _load_disk().get(name)) is None:
-        if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
-            return False
-        triton_run()  # tunes the Triton kernel's own tiles first: ``select`` is not re-entrant
+    timed in rounds on the call's own inputs, the answer cached like a tile choice (``choose_impl``). Without
+    autotuning, while a CUDA graph is captured, or off CUDA: Triton. Each run returns a fresh output that is dropped
+    at once, so timing holds one output at a time."""
     runs = {False: triton_run, True: vendor_run}
-
-    def measure(cands: list[dict]) -> list[float]:
-        return time_candidates(lambda c: runs[c["VENDOR"]](), cands)
-
-    return bool(select(name, [{"VENDOR": False}, {"VENDOR": True}], measure)["VENDOR"])
+    choice = choose_impl(
+        "vendor",
+        key,
+        [{"VENDOR": False}, {"VENDOR": True}],
+        lambda c: runs[c["VENDOR"]](),
+        device=device,
+        default={"VENDOR": False},
+        warm=triton_run,  # tunes the Triton kernel's own tiles first: ``select`` is not re-entrant
+    )
+    return bool(choice["VENDOR"])
 
 
 def choose_impl(
@@ -310,11 +308,13 @@ def choose_impl(
     *,
     device: torch.device,
     default: dict,
+    warm: Callable[[], object] | None = None,
 ) -> dict:
     """Which of ``candidates`` (implementations of one operation, each with its own tiles) runs ``key``: the
     fastest of them timed in rounds on the call's own inputs, cached like a tile choice. ``run(cfg)`` returns a
     fresh output that is dropped at once. Without autotuning, while a CUDA graph is captured, or off CUDA:
-    ``default``. A cached choice that is no longer among ``candidates`` is ignored."""
+    ``default``. A cached choice that is no longer among ``candidates`` is ignored. ``warm()``, if given, runs once
+    before timing: a candidate that tunes choices of its own must make them first (``select`` is not re-entrant)."""
     if device.type != "cuda":
         return default
     name = _entry_name(kernel, device, key)
@@ -327,6 +327,8 @@ def choose_impl(
         with _lock:
             _memory.pop(name, None)
             _load_disk().pop(name, None)
+    if warm is not None:
+        warm()
     return select(name, candidates, lambda cands: time_candidates(run, cands))
 
 
