@@ -59,7 +59,13 @@ def vendor_wgrad() -> bool:
 
 
 def gluon() -> bool:
+    """``HETERMOE_GLUON``: the Gluon kernels for Hopper (weight gradients and row matmuls) may run."""
     return _flag("HETERMOE_GLUON", True)
+
+
+def gluon_gemm() -> bool:
+    """``HETERMOE_GLUON_GEMM``: the Gluon row matmuls may run (the weight gradients keep ``HETERMOE_GLUON``)."""
+    return gluon() and _flag("HETERMOE_GLUON_GEMM", True)
 
 
 def vendor_matmul() -> bool:

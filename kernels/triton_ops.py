@@ -11,7 +11,7 @@ import torch
 import triton
 
 from .. import env
-from . import gluon_wgrad, tuning
+from . import gluon_gemm, gluon_wgrad, tuning
 from . import triton_kernels as tk
 from .layout import ExpertLayout, split_gate_up, w1_logical, w2_logical
 from .routing import Routing, block_m_for  # noqa: F401  (re-exported for callers)
@@ -133,15 +133,19 @@ def gather_gemm(
     persistent = env.persistent()
     if config is None and _interpreting(a) and persistent:
         config = {**tuning.INTERPRETER["gemm"], "PERSISTENT": True}
-    if config is None:
-        key = (
-            str(a.dtype).replace("torch.", ""),
-            f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
-            f"-bias{int(bias is not None)}" + ("" if persistent is None else f"-persistent{int(persistent)}"),
-            f"a{_layout_key(a)}-b{_layout_key(b)}",
-            f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
-        )
-        config = tuning.choose(
+    if config is not None:
+        launch(config)
+        return
+    key = (
+        str(a.dtype).replace("torch.", ""),
+        f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
+        f"-bias{int(bias is not None)}" + ("" if persistent is None else f"-persistent{int(persistent)}"),
+        f"a{_layout_key(a)}-b{_layout_key(b)}",
+        f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
+    )
+
+    def triton_launch() -> None:
+        cfg = tuning.choose(
             "gemm",
             key,
             tuning.with_persistence(tuning.GATED_CANDIDATES if gated else tuning.GEMM_CANDIDATES, persistent),
@@ -151,7 +155,54 @@ def gather_gemm(
             num_b=2 if gated else 1,
             elem=a.element_size(),
         )
-    launch(config)
+        launch(cfg)
+
+    gluon_configs = _gluon_gemm_configs(a, b, b_up, bias, act_out, act, block_m, paired)
+    if not gluon_configs:
+        triton_launch()
+        return
+
+    def run(cfg: dict) -> None:
+        if cfg["IMPL"] == "triton":
+            triton_launch()
+            return
+        gluon_gemm.gather_gemm(
+            a,
+            b,
+            routing.offsets,
+            routing.tile_expert,
+            routing.tile_start,
+            order=routing.order if gather_a else None,
+            top_k=top_k,
+            b_up=b_up,
+            out=out,
+            out_up=out_up,
+            act_out=act_out,
+            act=act,
+            config={k: v for k, v in cfg.items() if k != "IMPL"},
+        )
+
+    candidates = [dict(IMPL="gluon", **c) for c in gluon_configs] + [dict(IMPL="triton")]
+    choice = tuning.choose_impl(
+        "gemm_impl", key, candidates, run, device=a.device, default=candidates[0], warm=triton_launch
+    )
+    run(choice)
+
+
+def _gluon_gemm_configs(a, b, b_up, bias, act_out, act, block_m, paired) -> list[dict]:
+    """The ``gluon_gemm.CONFIGS`` that may run this row matmul (none off sm_90, with ``HETERMOE_GLUON=0``, biases,
+    interleaved gate/up columns, an ungated activation, or gate and up not in one storage)."""
+    gated = b_up is not None
+    if not env.gluon_gemm() or paired or block_m != 128 or (act_out is not None and not gated):
+        return []
+    if not gluon_gemm.supported(a, b, gated=gated, act=act, bias=bias is not None):
+        return []
+    if gated:
+        same = b_up.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and b_up.stride() == b.stride()
+        delta, rem = divmod(b_up.data_ptr() - b.data_ptr(), b.element_size() * b.stride(1))
+        if not same or rem or delta < b.shape[1]:
+            return []
+    return list(gluon_gemm.CONFIGS)
 
 
 def combine(
