@@ -133,19 +133,15 @@ def gather_gemm(
     persistent = env.persistent()
     if config is None and _interpreting(a) and persistent:
         config = {**tuning.INTERPRETER["gemm"], "PERSISTENT": True}
-    if config is not None:
-        launch(config)
-        return
-    key = (
-        str(a.dtype).replace("torch.", ""),
-        f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
-        f"-bias{int(bias is not None)}" + ("" if persistent is None else f"-persistent{int(persistent)}"),
-        f"a{_layout_key(a)}-b{_layout_key(b)}",
-        f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
-    )
-
-    def triton_launch() -> None:
-        cfg = tuning.choose(
+    if config is None:
+        key = (
+            str(a.dtype).replace("torch.", ""),
+            f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
+            f"-bias{int(bias is not None)}" + ("" if persistent is None else f"-persistent{int(persistent)}"),
+            f"a{_layout_key(a)}-b{_layout_key(b)}",
+            f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
+        )
+        config = tuning.choose(
             "gemm",
             key,
             tuning.with_persistence(tuning.GATED_CANDIDATES if gated else tuning.GEMM_CANDIDATES, persistent),
@@ -155,54 +151,7 @@ def gather_gemm(
             num_b=2 if gated else 1,
             elem=a.element_size(),
         )
-        launch(cfg)
-
-    gluon_configs = _gluon_gemm_configs(a, b, b_up, bias, act_out, act, block_m, paired)
-    if not gluon_configs:
-        triton_launch()
-        return
-
-    def run(cfg: dict) -> None:
-        if cfg["IMPL"] == "triton":
-            triton_launch()
-            return
-        gluon_gemm.gather_gemm(
-            a,
-            b,
-            routing.offsets,
-            routing.tile_expert,
-            routing.tile_start,
-            order=routing.order if gather_a else None,
-            top_k=top_k,
-            b_up=b_up,
-            out=out,
-            out_up=out_up,
-            act_out=act_out,
-            act=act,
-            config={k: v for k, v in cfg.items() if k != "IMPL"},
-        )
-
-    candidates = [dict(IMPL="gluon", **c) for c in gluon_configs] + [dict(IMPL="triton")]
-    choice = tuning.choose_impl(
-        "gemm_impl", key, candidates, run, device=a.device, default=candidates[0], warm=triton_launch
-    )
-    run(choice)
-
-
-def _gluon_gemm_configs(a, b, b_up, bias, act_out, act, block_m, paired) -> list[dict]:
-    """The ``gluon_gemm.CONFIGS`` that may run this row matmul (none off sm_90, with ``HETERMOE_GLUON=0``, biases,
-    interleaved gate/up columns, an ungated activation, or gate and up not in one storage)."""
-    gated = b_up is not None
-    if not env.gluon_gemm() or paired or block_m != 128 or (act_out is not None and not gated):
-        return []
-    if not gluon_gemm.supported(a, b, gated=gated, act=act, bias=bias is not None):
-        return []
-    if gated:
-        same = b_up.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and b_up.stride() == b.stride()
-        delta, rem = divmod(b_up.data_ptr() - b.data_ptr(), b.element_size() * b.stride(1))
-        if not same or rem or delta < b.shape[1]:
-            return []
-    return list(gluon_gemm.CONFIGS)
+    launch(config)
 
 
 def combine(
@@ -352,10 +301,14 @@ def vendor_matmul_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int, *, block_m: int) -> torch.Tensor:
     """``out[r] = a[r] @ b[e(r)]^T`` for rows ``a [S, K]`` already in sorted order (no gather, bias or activation),
-    ``b`` a logical ``[E, N, K]`` view: the Triton kernel, or the vendor grouped GEMM (``torch._grouped_mm``:
-    CUTLASS with TMA and warp specialisation) where the tuner measured it faster for this shape bucket. On an H200
-    CUTLASS won these matmuls by 3-8% at 16 K tokens on the Mixtral and DeepSeek shapes and lost by 2-37% at 4 K
-    tokens and on the fine-grained shapes (benchmarks/NOTES.md, v2.10)."""
+    ``b`` a logical ``[E, N, K]`` view. Three implementations, the tuner picks per shape bucket:
+
+    - on sm_90, the warp-specialised Gluon kernel (``gluon_gemm``: TMA loads, the epilogue under the other consumer's
+      MMAs). On an H200 it ran the down projection 15-23% and dx 11-14% faster than our Triton kernel at
+      Qwen3-30B-A3B T=4096 / 16384, and lost on Mixtral's 4096 rows per expert (benchmarks/NOTES.md, v2.12);
+    - our Triton kernel;
+    - the vendor grouped GEMM (``torch._grouped_mm``: CUTLASS), which won by 3-8% at 16 K tokens on the Mixtral and
+      DeepSeek shapes before the Gluon kernel existed (v2.10)."""
     n = b.shape[1]
 
     def triton_run() -> torch.Tensor:
@@ -363,17 +316,43 @@ def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int
         gather_gemm(a, b, routing, top_k, gather_a=False, out=out, block_m=block_m)
         return out
 
-    def vendor_run() -> torch.Tensor:
-        return torch._grouped_mm(a, b.transpose(1, 2), offs=routing.offsets[1:])
+    def run(cfg: dict) -> torch.Tensor:
+        if cfg["IMPL"] == "triton":
+            return triton_run()
+        if cfg["IMPL"] == "cutlass":
+            return torch._grouped_mm(a, b.transpose(1, 2), offs=routing.offsets[1:])
+        out = a.new_empty(a.shape[0], n)
+        tiles = {k: v for k, v in cfg.items() if k != "IMPL"}
+        gluon_gemm.sorted_matmul(a, b, routing.offsets, routing.tile_expert, routing.tile_start, out=out, config=tiles)
+        return out
 
-    if a.shape[0] == 0 or not vendor_matmul_ok(a, b):
+    if a.shape[0] == 0:
+        return triton_run()
+    gluon = env.gluon_gemm() and block_m == gluon_gemm.BLOCK_M and gluon_gemm.supported(a, b)
+    candidates = [dict(IMPL="gluon", **c) for c in (gluon_gemm.CONFIGS if gluon else [])] + [dict(IMPL="triton")]
+    if vendor_matmul_ok(a, b):
+        candidates.append(dict(IMPL="cutlass"))
+    if len(candidates) == 1:
         return triton_run()
     key = (
         str(a.dtype).replace("torch.", ""),
+        "+".join(dict.fromkeys(c["IMPL"] for c in candidates)),  # a toggle changes the question, not the answer
         f"a{_layout_key(a)}-b{_layout_key(b)}",
         f"N{n}-K{b.shape[2]}-E{b.shape[0]}-S{tuning.bucket(a.shape[0])}",
     )
-    return vendor_run() if tuning.prefer_vendor(key, triton_run, vendor_run, device=a.device) else triton_run()
+    # ``warm``: the Triton kernel tunes its own tiles first (``select`` is not re-entrant).
+    rows = tuning.bucket(-(-a.shape[0] // max(b.shape[0], 1)))
+    default = candidates[0] if rows <= GLUON_GEMM_MAX_ROWS else dict(IMPL="triton")
+    choice = tuning.choose_impl(
+        "sorted_matmul", key, candidates, run, device=a.device, default=default, warm=triton_run
+    )
+    return run(choice)
+
+
+# Without autotuning, the Gluon kernel takes experts of up to this many rows (bucketed) and Triton the longer ones:
+# on an H200 Gluon won every measured down projection and dx up to 2048 rows per expert (-1% to +23%) and lost
+# Mixtral's at 4096 (benchmarks/NOTES.md, v2.12).
+GLUON_GEMM_MAX_ROWS = 2048
 
 
 def _vendor_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing, transposed: bool) -> torch.Tensor:

@@ -280,26 +280,6 @@ def choose(
     return select(name, fitted, lambda cands: time_candidates(launch, cands))
 
 
-def prefer_vendor(
-    key: tuple, triton_run: Callable[[], object], vendor_run: Callable[[], object], *, device: torch.device
-) -> bool:
-    """Whether the vendor kernel (``vendor_run``) beats the tuned Triton kernel (``triton_run``) for ``key``: both
-    timed in rounds on the call's own inputs, the answer cached like a tile choice (``choose_impl``). Without
-    autotuning, while a CUDA graph is captured, or off CUDA: Triton. Each run returns a fresh output that is dropped
-    at once, so timing holds one output at a time."""
-    runs = {False: triton_run, True: vendor_run}
-    choice = choose_impl(
-        "vendor",
-        key,
-        [{"VENDOR": False}, {"VENDOR": True}],
-        lambda c: runs[c["VENDOR"]](),
-        device=device,
-        default={"VENDOR": False},
-        warm=triton_run,  # tunes the Triton kernel's own tiles first: ``select`` is not re-entrant
-    )
-    return bool(choice["VENDOR"])
-
-
 def choose_impl(
     kernel: str,
     key: tuple,

@@ -341,7 +341,12 @@ def test_vendor_sorted_matmuls_match_reference(layout, monkeypatch):
     layout_name, layout = layout, LAYOUTS[layout.replace("_no_bias", "")]
     calls = []
     monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b: True)
-    monkeypatch.setattr(tuning, "prefer_vendor", lambda key, t_run, v_run, device: calls.append(key) or True)
+
+    def take_cutlass(kernel, key, candidates, run, *, device, default, warm=None):
+        calls.append(key)
+        return next(c for c in candidates if c["IMPL"] == "cutlass")
+
+    monkeypatch.setattr(tuning, "choose_impl", take_cutlass)
     dtype = KERNEL_DTYPES[-1]  # bf16 on a GPU; the interpreter computes bf16 wrongly, so fp16 on CPU
     T, H, I, E, k = 19, 32, 16, 5, 2
     inputs = list(make_inputs(T, H, I, E, k, layout, dtype, DEVICE))
@@ -362,14 +367,29 @@ def test_vendor_sorted_matmuls_match_reference(layout, monkeypatch):
         assert rel_err(g_t, g_r) < TOLERANCE[dtype], name
 
 
-def test_vendor_matmul_choice_is_triton_off_cuda():
-    """Off CUDA (and so in CI) the sorted-row matmuls never ask for the vendor kernel."""
-    from hf_hetermoe.kernels import tuning
+@requires_triton
+@pytest.mark.triton_interpret
+def test_sorted_matmul_is_triton_off_cuda(monkeypatch):
+    """Off CUDA (and so in CI) the sorted-row matmuls run our Triton kernel: never the vendor's, whatever it
+    would take, and never the Gluon kernel (sm_90 only)."""
+    triton_ops = _triton_ops()
 
-    def fail():
-        raise AssertionError("nothing runs off CUDA")
+    def fail(*args, **kwargs):
+        raise AssertionError("the vendor kernel never runs off CUDA")
 
-    assert tuning.prefer_vendor(("key",), fail, fail, device=torch.device("cpu")) is False
+    monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b: True)
+    monkeypatch.setattr(torch, "_grouped_mm", fail, raising=False)
+    dtype = KERNEL_DTYPES[-1]
+    num_pairs, k, n, num_experts = 40, 32, 48, 3
+    index = torch.randint(0, num_experts, (num_pairs, 1), device=DEVICE)
+    block_m = triton_ops.block_m_for(torch.device(DEVICE))
+    routing = build_routing(index, num_experts, block_m)
+    a = torch.randn(num_pairs, k, device=DEVICE).to(dtype)
+    b = torch.randn(num_experts, n, k, device=DEVICE).to(dtype)
+    out = triton_ops.sorted_matmul(a, b, routing, 1, block_m=block_m)
+    bounds = routing.offsets.tolist()
+    want = torch.cat([a[s:t].float() @ b[e].float().T for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:]))])
+    assert rel_err(out, want) < TOLERANCE[dtype]
 
 
 @requires_triton
