@@ -6,8 +6,9 @@
 | ``HETERMOE_BACKEND`` | ``auto``, ``triton`` or ``reference``, read at import: overrides ``HeterMoEConfig.backend`` |
 | ``HETERMOE_AUTOTUNE=0`` | pin the measured kernel tiles instead of tuning them per shape bucket on first use |
 | ``HETERMOE_VENDOR_WGRAD=0`` | weight gradients in Triton (default: ``torch._grouped_mm``, bf16 on sm_90/100) |
-| ``HETERMOE_GLUON=0`` | no Gluon weight gradient (default: the tuner weighs it against CUTLASS, bf16 on sm_90) |
-| ``HETERMOE_VENDOR_MATMUL=0`` | down projection and dx in Triton (default: the tuner weighs ``torch._grouped_mm``) |
+| ``HETERMOE_GLUON=0`` | no Gluon kernel at all (default: the tuner weighs them, bf16/fp16 on sm_90) |
+| ``HETERMOE_GLUON_GEMM=0`` | no Gluon kernel for the down projection and dx (the weight gradients keep theirs) |
+| ``HETERMOE_VENDOR_MATMUL=0`` | no ``torch._grouped_mm`` for the down projection and dx (default: tuner weighs it) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
@@ -59,12 +60,12 @@ def vendor_wgrad() -> bool:
 
 
 def gluon() -> bool:
-    """``HETERMOE_GLUON``: the Gluon kernels for Hopper (weight gradients and row matmuls) may run."""
+    """``HETERMOE_GLUON``: the Gluon kernels for Hopper (weight gradients, sorted-row matmuls) may run."""
     return _flag("HETERMOE_GLUON", True)
 
 
 def gluon_gemm() -> bool:
-    """``HETERMOE_GLUON_GEMM``: the Gluon row matmuls may run (the weight gradients keep ``HETERMOE_GLUON``)."""
+    """``HETERMOE_GLUON_GEMM``: the Gluon sorted-row matmuls may run (the weight gradients keep ``HETERMOE_GLUON``)."""
     return gluon() and _flag("HETERMOE_GLUON_GEMM", True)
 
 
