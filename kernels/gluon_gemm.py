@@ -33,6 +33,8 @@ try:  # Gluon ships with Triton >= 3.4; the API used here is the one of Triton 3
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.language.core import _aggregate as aggregate
 
+    from .gluon_wgrad import ring_barriers  # defined when Gluon imports
+
     # Triton 3.7+ renamed the TMA copies (the old names raise there); 3.6 has only the old ones.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _GLUON = True
@@ -263,14 +265,7 @@ if _GLUON:
     ):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
+        ready, empty, turn = ring_barriers(STAGES)
         args = (
             a_desc,
             b_desc,

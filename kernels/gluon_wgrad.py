@@ -87,6 +87,21 @@ def candidates(a: torch.Tensor, b: torch.Tensor) -> list[dict]:
 if _GLUON:
 
     @gluon.jit
+    def ring_barriers(STAGES: gl.constexpr):
+        """The mbarriers of the ping-pong schedule (also ``gluon_gemm``'s): ``ready`` / ``empty`` per ring stage
+        (the producer's TMA bytes landed / the consumer's MMAs are done with it) and one ``turn`` per consumer
+        warpgroup (its tile's MMAs are done, the other may start)."""
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(turn.index(i), count=1)
+        return ready, empty, turn
+
+    @gluon.jit
     def _tile_rows(t, offsets_ptr, tiles_n, tiles_per_expert):
         """Tile ``t``'s expert, row/column tile indices, first sorted row and row count."""
         e = t // tiles_per_expert
@@ -215,14 +230,7 @@ if _GLUON:
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
         c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2] + c_desc.block_type.shape, c_desc.layout)
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
+        ready, empty, turn = ring_barriers(STAGES)
         args = (
             a_desc,
             b_desc,

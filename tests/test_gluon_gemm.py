@@ -3,20 +3,15 @@ refused off Hopper, and on an sm_90 GPU its results against an fp32 reference: K
 of 0, 1, 127, 128 and 129 rows, more tiles than programs."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _gluon_compile import HOPPER_SHARED_LIMIT, compile_report_in_child
 
 from hf_hetermoe.kernels import gluon_gemm
 from hf_hetermoe.kernels.routing import build_routing
 
 requires_gluon = pytest.mark.skipif(not gluon_gemm._GLUON, reason="this Triton has no Gluon")
-# The largest dynamic shared memory a program may opt into on an H100 / H200 (227 KiB).
-HOPPER_SHARED_LIMIT = 232448
 
 
 def _compile_for_hopper(cfg: dict, kmajor: bool):
@@ -80,13 +75,7 @@ def test_compiles_for_hopper_without_a_gpu():
     """Every configuration compiles for sm_90 with the installed Triton, for both weight orders, fits an H100's
     shared memory, and is what it claims to be: warpgroup MMAs, TMA and register reallocation between the
     partitions. In a fresh interpreter without TRITON_INTERPRET (see test_gluon_wgrad)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parent
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = compile_report_in_child(__file__)
     assert len(report) == 2 * len(gluon_gemm.CONFIGS)
     for item in report:
         assert item["shared"] <= HOPPER_SHARED_LIMIT, item

@@ -4,19 +4,14 @@ GPU its results against an fp32 reference."""
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from _gluon_compile import HOPPER_SHARED_LIMIT, compile_report_in_child
 
 from hf_hetermoe.kernels import gluon_wgrad, tuning
 
 requires_gluon = pytest.mark.skipif(not gluon_wgrad._GLUON, reason="this Triton has no Gluon")
-# The largest dynamic shared memory a program may opt into on an H100 / H200 (227 KiB).
-HOPPER_SHARED_LIMIT = 232448
 
 
 def _compile_for_hopper(cfg: dict):
@@ -66,13 +61,7 @@ def test_compiles_for_hopper_without_a_gpu():
     memory, and is what it claims to be: warpgroup MMAs, TMA and register reallocation between the partitions.
     In a fresh interpreter without TRITON_INTERPRET: the interpreter the CPU suite runs in patches Triton's language
     while kernels run, which a real compilation must not meet."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run(
-        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = compile_report_in_child(__file__)
     assert len(report) == len(gluon_wgrad.CONFIGS)
     for cfg, item in zip(gluon_wgrad.CONFIGS, report):
         assert item["shared"] <= HOPPER_SHARED_LIMIT, (cfg, item)
