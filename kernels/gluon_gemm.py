@@ -24,9 +24,11 @@ benchmarks/NOTES.md, v2.12 (and git history for the code).
 
 import torch
 
+from . import gluon_wgrad
 from .tuning import num_sms
 
 try:  # Gluon ships with Triton >= 3.4; the API used here is the one of Triton 3.6.
+    import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
@@ -52,8 +54,9 @@ CONFIGS: list[dict] = [DEFAULT_CONFIG, dict(DEFAULT_CONFIG, STAGES=4)]
 
 
 def available(a: torch.Tensor) -> bool:
-    """Whether the Gluon kernels run ``a``: Gluon importable, a CUDA tensor of an sm_90 GPU (wgmma, TMA)."""
-    return _GLUON and a.is_cuda and torch.cuda.get_device_capability(a.device)[0] == 9
+    """Whether this kernel runs ``a``: as ``gluon_wgrad.available`` (a CUDA tensor of an sm_90 GPU), with the
+    aggregates this module needs importable too."""
+    return _GLUON and gluon_wgrad.available(a)
 
 
 def _b_major(b: torch.Tensor) -> str | None:
@@ -352,7 +355,7 @@ def sorted_matmul(
         B_KMAJOR=_b_major(b) == "k",
         BLOCK_N=cfg["BLOCK_N"],
         GROUP_M=cfg["GROUP_M"],
-        E_POW2=max(1, 1 << (num_experts - 1).bit_length()),
+        E_POW2=triton.next_power_of_2(max(num_experts, 1)),
         STAGES=cfg["STAGES"],
         CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"],

@@ -9,6 +9,31 @@ from pathlib import Path
 
 # The largest dynamic shared memory a program may opt into on an H100 / H200 (227 KiB).
 HOPPER_SHARED_LIMIT = 232448
+# What a warp-specialised Hopper kernel of ours must hold in its PTX: warpgroup MMAs, TMA, register reallocation
+# between the partitions, mbarrier waits.
+HOPPER_INSTRUCTIONS = ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg", "mbarrier.try_wait")
+
+
+def compile_for_hopper(fn, values: dict, constants: dict, maxnreg: int, aligned: tuple = ()):
+    """Gluon kernel ``fn`` compiled for sm_90 (nothing is launched): runtime arguments typed from ``values`` (CPU
+    tensors, descriptors, ints), ``constants`` as constexprs, the ``aligned`` arguments specialised as 16-divisible
+    as the launcher's would be."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    signature = {name: "constexpr" if name in constants else mangle_type(values[name]) for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()}, attrs)
+    options = dict(num_warps=4, maxnreg=maxnreg, enable_fp_fusion=True)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def hopper_report(kernel) -> dict:
+    """A compiled kernel's shared memory and which of ``HOPPER_INSTRUCTIONS`` its PTX lacks."""
+    ptx = kernel.asm["ptx"]
+    return dict(shared=kernel.metadata.shared, missing=[i for i in HOPPER_INSTRUCTIONS if i not in ptx])
 
 
 def compile_report_in_child(test_file: str) -> list[dict]:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from _gluon_compile import HOPPER_SHARED_LIMIT, compile_report_in_child
+from _gluon_compile import HOPPER_SHARED_LIMIT, compile_for_hopper, compile_report_in_child, hopper_report
 
 from hf_hetermoe.kernels import gluon_gemm
 from hf_hetermoe.kernels.routing import build_routing
@@ -17,11 +17,6 @@ requires_gluon = pytest.mark.skipif(not gluon_gemm._GLUON, reason="this Triton h
 def _compile_for_hopper(cfg: dict, kmajor: bool):
     """``_sorted_matmul_kernel`` compiled for sm_90 from CPU tensors (nothing is launched), specialised as the
     launcher's arguments would be (16-divisible pointers, strides and sizes)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     e, n, k, s = 4, 256, 512, 1024
     a = torch.empty(s, k, dtype=torch.bfloat16)
     b = torch.empty(e, n, k, dtype=torch.bfloat16) if kmajor else torch.empty(e, k, n, dtype=torch.bfloat16).mT
@@ -49,25 +44,13 @@ def _compile_for_hopper(cfg: dict, kmajor: bool):
         CONSUMER_REGS=cfg["CONSUMER_REGS"],
         PRODUCER_REGS=cfg["PRODUCER_REGS"],
     )
-    fn = gluon_gemm._sorted_matmul_kernel
-    signature = {name: "constexpr" if name in constants else mangle_type(values[name]) for name in fn.arg_names}
-    aligned = [n for n in values if n.endswith("_ptr") or n in ("stride_cm", "N", "K")]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()}, attrs)
-    options = dict(num_warps=4, maxnreg=cfg["MAXNREG"], enable_fp_fusion=True)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    aligned = tuple(n for n in values if n.endswith("_ptr") or n in ("stride_cm", "N", "K"))
+    return compile_for_hopper(gluon_gemm._sorted_matmul_kernel, values, constants, cfg["MAXNREG"], aligned)
 
 
 def _compile_report() -> list[dict]:
     """Per configuration and weight order: shared memory and which of the expected instructions the PTX holds."""
-    report = []
-    for cfg in gluon_gemm.CONFIGS:
-        for kmajor in (True, False):
-            kernel = _compile_for_hopper(cfg, kmajor)
-            ptx = kernel.asm["ptx"]
-            wanted = ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg", "mbarrier.try_wait")
-            report.append(dict(shared=kernel.metadata.shared, missing=[i for i in wanted if i not in ptx]))
-    return report
+    return [hopper_report(_compile_for_hopper(cfg, kmajor)) for cfg in gluon_gemm.CONFIGS for kmajor in (True, False)]
 
 
 @requires_gluon

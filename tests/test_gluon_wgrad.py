@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from _gluon_compile import HOPPER_SHARED_LIMIT, compile_report_in_child
+from _gluon_compile import HOPPER_SHARED_LIMIT, compile_for_hopper, compile_report_in_child, hopper_report
 
 from hf_hetermoe.kernels import gluon_wgrad, tuning
 
@@ -16,11 +16,6 @@ requires_gluon = pytest.mark.skipif(not gluon_wgrad._GLUON, reason="this Triton 
 
 def _compile_for_hopper(cfg: dict):
     """``_grouped_wgrad_kernel`` compiled for sm_90 from CPU tensors' descriptors (nothing is launched)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     s, m, n, e = 512, 256, 384, 4
     a = torch.empty(s, m, dtype=torch.bfloat16)
     b = torch.empty(s, n, dtype=torch.bfloat16)
@@ -37,22 +32,12 @@ def _compile_for_hopper(cfg: dict):
         tiles_per_expert=6,
     )
     constants = dict(STAGES=cfg["STAGES"], CONSUMER_REGS=cfg["CONSUMER_REGS"])
-    fn = gluon_wgrad._grouped_wgrad_kernel
-    signature = {name: "constexpr" if name in constants else mangle_type(values[name]) for name in fn.arg_names}
-    source = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in constants.items()})
-    options = dict(num_warps=4, maxnreg=cfg["MAXNREG"], enable_fp_fusion=True)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_for_hopper(gluon_wgrad._grouped_wgrad_kernel, values, constants, cfg["MAXNREG"])
 
 
 def _compile_report() -> list[dict]:
     """Per configuration: shared memory and which of the expected instructions the PTX holds."""
-    report = []
-    for cfg in gluon_wgrad.CONFIGS:
-        kernel = _compile_for_hopper(cfg)
-        ptx = kernel.asm["ptx"]
-        wanted = ("wgmma.mma_async", "cp.async.bulk.tensor", "setmaxnreg", "mbarrier.try_wait")
-        report.append(dict(shared=kernel.metadata.shared, missing=[i for i in wanted if i not in ptx]))
-    return report
+    return [hopper_report(_compile_for_hopper(cfg)) for cfg in gluon_wgrad.CONFIGS]
 
 
 @requires_gluon
