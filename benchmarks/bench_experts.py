@@ -385,9 +385,18 @@ def plot(csv_path: Path, png_path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = list(csv.DictReader(open(csv_path)))
-    latest = max(r.get("run") or r["date"] for r in rows)
-    rows = [r for r in rows if (r.get("run") or r["date"]) == latest]
+    def when(r: dict) -> str:
+        return r.get("run") or r["date"]
+
+    # The newest measurement of each (shape, T, provider), as the README's table: a sweep split over several
+    # runs (one device call per group of shapes) is drawn whole.
+    newest: dict = {}
+    for r in csv.DictReader(open(csv_path)):
+        key = (r["shape"], r["T"], r["provider"])
+        if key not in newest or when(r) >= when(newest[key]):
+            newest[key] = r
+    rows = list(newest.values())
+    runs = sorted({when(r) for r in rows})
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
@@ -405,7 +414,7 @@ def plot(csv_path: Path, png_path: Path):
         ax.set_ylabel("fwd+bwd TF/s")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{rows[0]['gpu']}, bf16, {latest}", fontsize=9)
+    fig.suptitle(f"{rows[0]['gpu']}, bf16, run{'s' if len(runs) > 1 else ''} {', '.join(runs)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
 

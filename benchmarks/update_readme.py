@@ -33,25 +33,41 @@ def supported_models() -> str:
 
 
 def benchmark_table() -> str:
+    """One table per GPU (the GPU of the newest run first), each from the newest measurement of every (shape, T,
+    provider) on that GPU."""
     rows = []
     for path in sorted(RESULTS.glob("experts_*.csv")):
         with open(path, newline="") as f:
             rows += list(csv.DictReader(f))
     if not rows:
         return "No GPU results committed yet: run `python benchmarks/bench_experts.py` on a GPU.\n"
-    def when(r):
-        return r.get("run") or r["date"]
+    newest_run = {}
+    for r in rows:
+        newest_run[r["gpu"]] = max(newest_run.get(r["gpu"], ""), _when(r))
+    gpus = sorted(newest_run, key=newest_run.get, reverse=True)
+    lines = [
+        "Roofs, same run: `gemm_roof` is the six cuBLAS matmuls of a dense FFN over all `T*k` rows alone (no "
+        "activation, no routing): nothing an experts layer does is faster; `dense_roof` is that FFN through "
+        "autograd, with its activation kernels.",
+    ]
+    for gpu in gpus:
+        lines += ["", *_gpu_table([r for r in rows if r["gpu"] == gpu], gpu)]
+    return "\n".join(lines) + "\n"
 
-    gpu = max(rows, key=when)["gpu"]
-    rows = [r for r in rows if r["gpu"] == gpu]
+
+def _when(r: dict) -> str:
+    return r.get("run") or r["date"]
+
+
+def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
     latest = {}
     for r in rows:  # newest measurement of each (shape, T, provider)
         key = (r["shape"], int(r["T"]), r["provider"])
-        if key not in latest or when(r) >= when(latest[key]):
+        if key not in latest or _when(r) >= _when(latest[key]):
             latest[key] = r
     first = next(iter(latest.values()))
     shown = [r for (_, _, p), r in latest.items() if p in PROVIDERS]
-    runs = sorted({when(r) for r in shown})
+    runs = sorted({_when(r) for r in shown})
     rounds = {r.get("rounds") or "1" for r in shown}
     timing = (
         f" Timing: median of {rounds.pop()} rounds over all providers, their order rotated each round."
@@ -64,10 +80,6 @@ def benchmark_table() -> str:
         f"run{'s' if len(runs) > 1 else ''} {', '.join(runs)}. Reproduce: `python benchmarks/bench_experts.py`; "
         "every provider is checked against an fp32 truth before timing; full numbers (forward, memory, errors) in "
         f"`benchmarks/results/`.{timing}",
-        "",
-        "Roofs, same run: `gemm_roof` is the six cuBLAS matmuls of a dense FFN over all `T*k` rows alone (no "
-        "activation, no routing): nothing an experts layer does is faster; `dense_roof` is that FFN through "
-        "autograd, with its activation kernels.",
         "",
         "| shape (H, I, E, k) | T | eager | grouped_mm (v5 default) | hetermoe | hetermoe / grouped_mm "
         "| hetermoe forward | peak extra memory, hetermoe / grouped_mm | cuBLAS GEMMs alone | dense FFN |",
@@ -90,7 +102,7 @@ def benchmark_table() -> str:
             f"| {dims} | {T} | {tf(get['eager'])} | {tf(get['grouped_mm'])} | {tf(get['hetermoe'])} | {ratio} "
             f"| {tf(get['hetermoe'], 'fwd_tflops')} | {mem} | {tf(get['gemm_roof'])} | {tf(get['dense_roof'])} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv=None) -> int:
