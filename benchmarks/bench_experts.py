@@ -384,19 +384,12 @@ def plot(csv_path: Path, png_path: Path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from update_readme import newest_rows, run_of  # this directory
 
-    def when(r: dict) -> str:
-        return r.get("run") or r["date"]
-
-    # The newest measurement of each (shape, T, provider), as the README's table: a sweep split over several
-    # runs (one device call per group of shapes) is drawn whole.
-    newest: dict = {}
-    for r in csv.DictReader(open(csv_path)):
-        key = (r["shape"], r["T"], r["provider"])
-        if key not in newest or when(r) >= when(newest[key]):
-            newest[key] = r
-    rows = list(newest.values())
-    runs = sorted({when(r) for r in rows})
+    # As the README's table: a sweep split over several runs (one device call per group of shapes) is drawn whole.
+    with open(csv_path, newline="") as f:
+        rows = list(newest_rows(list(csv.DictReader(f))).values())
+    runs = sorted({run_of(r) for r in rows})
     shapes = sorted({r["shape"] for r in rows})
     fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 3.5), squeeze=False)
     for ax, shape in zip(axes[0], shapes):

@@ -43,7 +43,7 @@ def benchmark_table() -> str:
         return "No GPU results committed yet: run `python benchmarks/bench_experts.py` on a GPU.\n"
     newest_run = {}
     for r in rows:
-        newest_run[r["gpu"]] = max(newest_run.get(r["gpu"], ""), _when(r))
+        newest_run[r["gpu"]] = max(newest_run.get(r["gpu"], ""), run_of(r))
     gpus = sorted(newest_run, key=newest_run.get, reverse=True)
     lines = [
         "Roofs, same run: `gemm_roof` is the six cuBLAS matmuls of a dense FFN over all `T*k` rows alone (no "
@@ -55,19 +55,26 @@ def benchmark_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _when(r: dict) -> str:
+def run_of(r: dict) -> str:
+    """A results row's run (its timestamp; older files have only the date)."""
     return r.get("run") or r["date"]
 
 
-def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
-    latest = {}
-    for r in rows:  # newest measurement of each (shape, T, provider)
+def newest_rows(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
+    """The newest measurement of each (shape, T, provider): what the README's table and the results plot show."""
+    newest = {}
+    for r in rows:
         key = (r["shape"], int(r["T"]), r["provider"])
-        if key not in latest or _when(r) >= _when(latest[key]):
-            latest[key] = r
+        if key not in newest or run_of(r) >= run_of(newest[key]):
+            newest[key] = r
+    return newest
+
+
+def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
+    latest = newest_rows(rows)
     first = next(iter(latest.values()))
     shown = [r for (_, _, p), r in latest.items() if p in PROVIDERS]
-    runs = sorted({_when(r) for r in shown})
+    runs = sorted({run_of(r) for r in shown})
     rounds = {r.get("rounds") or "1" for r in shown}
     timing = (
         f" Timing: median of {rounds.pop()} rounds over all providers, their order rotated each round."
