@@ -47,6 +47,9 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 # Tiles: a [BLOCK_M, BLOCK_N] fp32 accumulator is 128 registers per thread of a 4-warp consumer; four stages of
 # [BLOCK_K, BLOCK_M] + [BLOCK_K, BLOCK_N] bf16 operands (128 KB) and one [BLOCK_M, BLOCK_N] output buffer per
 # consumer (64 KB) fit the 227 KB of an SM's shared memory.
+# Rows per slice of an expert's last, partial K step: wgmma's K for 16-bit types, so only the slices holding rows are
+# loaded and multiplied (at 256 +- 16 rows per expert, four full steps of 64 waste ~12% of the MMAs; slices ~3%).
+SLICE = 16
 DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, STAGES=4, CONSUMER_REGS=232, MAXNREG=168)
 # What the tuner weighs (against CUTLASS), default first. On an H200 (v2.11): five stages (224 KB of shared memory)
 # won half the shapes by 1-4%; 64x256 tiles lost to 128x128 on every shape with M a multiple of 128.
@@ -114,6 +117,8 @@ if _GLUON:
     def _producer(
         a_desc,
         b_desc,
+        a_slice_desc,
+        b_slice_desc,
         c_desc,
         a_bufs,
         b_bufs,
@@ -131,12 +136,15 @@ if _GLUON:
         BLOCK_N: gl.constexpr = b_desc.block_type.shape[1]
         STAGES: gl.constexpr = a_bufs.type.shape[0]
         nbytes: gl.constexpr = a_desc.block_type.nbytes + b_desc.block_type.nbytes
+        SLICE: gl.constexpr = a_slice_desc.block_type.shape[0]
+        slice_nbytes: gl.constexpr = a_slice_desc.block_type.nbytes + b_slice_desc.block_type.nbytes
         pid = gl.program_id(0)
         programs = gl.num_programs(0)
         step = 0
         for j in range(gl.cdiv(num_tiles - pid, programs)):
             e, tm, tn, start, rows = _tile_rows(pid + j * programs, offsets_ptr, tiles_n, tiles_per_expert)
-            for kk in range(gl.cdiv(rows, BLOCK_K)):
+            full = rows // BLOCK_K
+            for kk in range(full):
                 s = step % STAGES
                 # Stages start free: the first pass waits on the phase before the barrier's initial one.
                 mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)
@@ -145,11 +153,30 @@ if _GLUON:
                 _tma_load(a_desc, [row, tm * BLOCK_M], ready.index(s), a_bufs.index(s))
                 _tma_load(b_desc, [row, tn * BLOCK_N], ready.index(s), b_bufs.index(s))
                 step += 1
+            rem = rows - full * BLOCK_K
+            if rem > 0:
+                # The last, partial step: only the SLICE-row slices that hold the expert's rows.
+                s = step % STAGES
+                mbarrier.wait(empty.index(s), ((step // STAGES) & 1) ^ 1)
+                slices = gl.cdiv(rem, SLICE)
+                for q in gl.static_range(BLOCK_K // SLICE):  # the byte count must be a constant
+                    if slices == q + 1:
+                        mbarrier.expect(ready.index(s), (q + 1) * slice_nbytes)
+                row = start + full * BLOCK_K
+                for q in gl.static_range(BLOCK_K // SLICE):
+                    if q < slices:
+                        a_dst = a_bufs.index(s).slice(q * SLICE, SLICE)
+                        b_dst = b_bufs.index(s).slice(q * SLICE, SLICE)
+                        _tma_load(a_slice_desc, [row + q * SLICE, tm * BLOCK_M], ready.index(s), a_dst)
+                        _tma_load(b_slice_desc, [row + q * SLICE, tn * BLOCK_N], ready.index(s), b_dst)
+                step += 1
 
     @gluon.jit
     def _consume(
         a_desc,
         b_desc,
+        a_slice_desc,
+        b_slice_desc,
         c_desc,
         a_bufs,
         b_bufs,
@@ -172,6 +199,7 @@ if _GLUON:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
         )
         a_regs_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
+        SLICE: gl.constexpr = a_slice_desc.block_type.shape[0]
         c_tile = c_bufs.index(which)  # [1, BLOCK_M, BLOCK_N]: one expert's tile of the [E, M, N] output
         c_buf = c_tile.reshape([BLOCK_M, BLOCK_N])
         pid = gl.program_id(0)
@@ -198,13 +226,17 @@ if _GLUON:
                 mbarrier.arrive(empty.index((step + full + STAGES - 1) % STAGES), pred=full > 0)
                 rem = rows - full * BLOCK_K
                 if rem > 0:
-                    # The last stage holds rows past the expert's end: zero them in a's registers.
+                    # The expert's last, partial step: the producer loaded only the SLICE-row slices that hold its
+                    # rows, and only those are multiplied. Rows past the expert's end in the last slice belong to the
+                    # next expert: zero them in a's registers.
                     s = (step + full) % STAGES
                     mbarrier.wait(ready.index(s), ((step + full) // STAGES) & 1)
-                    a_regs = a_bufs.index(s).permute((1, 0)).load(a_regs_layout)
-                    k_idx = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_regs_layout))
-                    a_regs = gl.where(gl.expand_dims(k_idx, 0) < rem, a_regs, gl.zeros_like(a_regs))
-                    acc = warpgroup_mma(a_regs, b_bufs.index(s), acc)
+                    for q in gl.static_range(BLOCK_K // SLICE):
+                        if q * SLICE < rem:
+                            a_regs = a_bufs.index(s).slice(q * SLICE, SLICE).permute((1, 0)).load(a_regs_layout)
+                            k_idx = q * SLICE + gl.arange(0, SLICE, layout=gl.SliceLayout(0, a_regs_layout))
+                            a_regs = gl.where(gl.expand_dims(k_idx, 0) < rem, a_regs, gl.zeros_like(a_regs))
+                            acc = warpgroup_mma(a_regs, b_bufs.index(s).slice(q * SLICE, SLICE), acc)
                     mbarrier.arrive(empty.index(s))
                 mbarrier.arrive(turn.index(which))
                 # The previous tile's store has left c_buf by now (a whole tile of MMAs ago).
@@ -219,6 +251,8 @@ if _GLUON:
     def _grouped_wgrad_kernel(
         a_desc,
         b_desc,
+        a_slice_desc,
+        b_slice_desc,
         c_desc,
         offsets_ptr,
         num_tiles,
@@ -234,6 +268,8 @@ if _GLUON:
         args = (
             a_desc,
             b_desc,
+            a_slice_desc,
+            b_slice_desc,
             c_desc,
             a_bufs,
             b_bufs,
@@ -258,11 +294,16 @@ if _GLUON:
 def _descriptors(a, b, out, cfg):
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     dt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
-    a_desc = TensorDescriptor.from_tensor(a, [bk, bm], gl.NVMMASharedLayout.get_default_for([bk, bm], dt))
-    b_desc = TensorDescriptor.from_tensor(b, [bk, bn], gl.NVMMASharedLayout.get_default_for([bk, bn], dt))
+    a_layout = gl.NVMMASharedLayout.get_default_for([bk, bm], dt)
+    b_layout = gl.NVMMASharedLayout.get_default_for([bk, bn], dt)
+    a_desc = TensorDescriptor.from_tensor(a, [bk, bm], a_layout)
+    b_desc = TensorDescriptor.from_tensor(b, [bk, bn], b_layout)
+    # An expert's last, partial step loads only the slices of SLICE rows that hold its rows, into the same stages.
+    a_slice_desc = TensorDescriptor.from_tensor(a, [SLICE, bm], a_layout)
+    b_slice_desc = TensorDescriptor.from_tensor(b, [SLICE, bn], b_layout)
     # Three dimensions: TMA clips each tile at its expert's last row, so M need not be a multiple of BLOCK_M.
     c_desc = TensorDescriptor.from_tensor(out, [1, bm, bn], gl.NVMMASharedLayout.get_default_for([1, bm, bn], dt))
-    return a_desc, b_desc, c_desc
+    return a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc
 
 
 def grouped_wgrad(
@@ -287,10 +328,12 @@ def grouped_wgrad(
     if num_tiles == 0:
         return out
     grid = (min(num_programs or num_sms(a.device), num_tiles),)
-    a_desc, b_desc, c_desc = _descriptors(a, b, out, cfg)
+    a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc = _descriptors(a, b, out, cfg)
     _grouped_wgrad_kernel[grid](
         a_desc,
         b_desc,
+        a_slice_desc,
+        b_slice_desc,
         c_desc,
         offsets,
         num_tiles,

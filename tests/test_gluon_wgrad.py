@@ -21,10 +21,12 @@ def _compile_for_hopper(cfg: dict):
     b = torch.empty(s, n, dtype=torch.bfloat16)
     out = torch.empty(e, m, n, dtype=torch.bfloat16)
     offsets = torch.zeros(e + 1, dtype=torch.int32)
-    a_desc, b_desc, c_desc = gluon_wgrad._descriptors(a, b, out, cfg)
+    a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc = gluon_wgrad._descriptors(a, b, out, cfg)
     values = dict(
         a_desc=a_desc,
         b_desc=b_desc,
+        a_slice_desc=a_slice_desc,
+        b_slice_desc=b_slice_desc,
         c_desc=c_desc,
         offsets_ptr=offsets,
         num_tiles=24,
