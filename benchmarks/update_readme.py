@@ -51,8 +51,17 @@ def benchmark_table() -> str:
         "autograd, with its activation kernels.",
     ]
     for gpu in gpus:
-        lines += ["", *_gpu_table([r for r in rows if r["gpu"] == gpu], gpu)]
+        # Sustained and burst figures are never mixed in one table; sustained (what training keeps) first.
+        for timing in ("sustained", "burst"):
+            shown = [r for r in rows if r["gpu"] == gpu and timing_of(r) == timing]
+            if shown:
+                lines += ["", *_gpu_table(shown, gpu)]
     return "\n".join(lines) + "\n"
+
+
+def timing_of(r: dict) -> str:
+    """How a results row was timed: ``sustained`` or ``burst`` (rows from before the column are burst)."""
+    return (r.get("timing") or "burst").split()[0]
 
 
 def run_of(r: dict) -> str:
@@ -77,10 +86,25 @@ def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
     runs = sorted({run_of(r) for r in shown})
     rounds = {r.get("rounds") or "1" for r in shown}
     timing = (
-        f" Timing: median of {rounds.pop()} rounds over all providers, their order rotated each round."
+        f" Timing: median of {rounds.pop()} rounds over all providers, their order rotated each round"
         if len(rounds) == 1 and "1" not in rounds
-        else ""
+        else " Timing:"
     )
+    windows = {(r.get("timing") or "burst 25ms+50ms").split()[-1] for r in shown}
+    # "1s+1s" -> "1 s", "1 s"; "25ms+50ms" -> "25 ms", "50 ms"
+    window = re.sub(r"(\d)([a-z]+)", r"\1 \2", windows.pop()) if len(windows) == 1 else None
+    if timing_of(first) == "sustained":
+        warm, timed = window.split("+") if window else ("a while", "a window")
+        timing += (
+            f"; **sustained**: each provider runs back to back for {warm}, then is timed over {timed} (mean per "
+            "call), at the power-limited clocks a training run keeps."
+        )
+    else:
+        warm, timed = window.split("+") if window else ("short", "short")
+        timing += (
+            f"; **burst** (`triton.testing.do_bench`, {warm} warm-up, {timed} timed): bursts catch boost clocks that "
+            "sustained load does not keep, so power-limited rows read high (benchmarks/NOTES.md, v2.15)."
+        )
     lines = [
         f"Experts layer only (the three expert matmuls, routing, combine), forward+backward TF/s, bf16, "
         f"{gpu}, torch {first['torch']}, triton {first['triton']}, transformers {first['transformers']}, "

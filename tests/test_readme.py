@@ -1,5 +1,6 @@
 """The README's generated sections match their sources (the registry, the committed benchmark results)."""
 
+import csv
 import importlib.util
 from pathlib import Path
 
@@ -21,3 +22,31 @@ def test_readme_names_the_two_commands_ci_runs():
     readme = (ROOT / "README.md").read_text()
     assert "bash dev.sh demo" in readme and "bash dev.sh test" in readme
     assert "bash dev.sh test" in (ROOT / ".ci" / "run").read_text().replace("dev.sh test -p", "dev.sh test")
+
+
+def test_sustained_and_burst_rows_never_share_a_table(tmp_path, monkeypatch):
+    """Each GPU gets one table per timing mode, sustained first; rows from before the ``timing`` column are burst;
+    each table says how it was timed."""
+    module = _update_readme()
+    base = dict(gpu="GPU X", torch="t", triton="tr", transformers="tf", H="8", I="4", E="2", k="1", rounds="2")
+    base.update(shape="s", T="16", peak_extra_gib="1")
+
+    def row(run, timing, provider, tflops):
+        return dict(base, run=run, timing=timing, provider=provider, fwd_bwd_tflops=tflops, fwd_tflops=tflops)
+
+    rows = [
+        row("2026-01-01T00:00:00", "", "hetermoe", "300"),
+        row("2026-01-01T00:00:00", "", "grouped_mm", "100"),
+        row("2026-01-02T00:00:00", "sustained 1s+1s", "hetermoe", "250"),
+        row("2026-01-02T00:00:00", "sustained 1s+1s", "grouped_mm", "100"),
+    ]
+    with open(tmp_path / "experts_gpu_x.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setattr(module, "RESULTS", tmp_path)
+    text = module.benchmark_table()
+    sustained, burst = text.index("**sustained**"), text.index("**burst**")
+    assert sustained < burst
+    assert "for 1 s, then is timed over 1 s" in text
+    assert "| 250 | 2.50x |" in text[:burst] and "| 300 | 3.00x |" in text[burst:]
