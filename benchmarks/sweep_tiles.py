@@ -6,7 +6,8 @@ activation (``fwd_gate_up``), the down projection (``fwd_down``), the backward's
 and ``dx = dgu @ w1`` (``bwd_dx``), and the two weight gradients (``wgrad_up``: dgu^T x[tok], ``wgrad_down``:
 dout[tok]^T (w h)). Each kernel's output is checked against torch on the first candidate. Times are medians of
 ``--rounds`` rounds over all candidates of a kernel, their order rotated each round (the GPU's clocks drop under
-sustained load). Prints one line per (shape, kernel, candidate), the best per (shape, kernel) last, and writes
+sustained load); ``--timing sustained`` or ``both`` times each candidate back to back at its sustained clocks.
+Prints one line per (shape, kernel, candidate), the best per (shape, kernel) last, and writes
 ``sweep_candidates_<gpu>.csv`` to ``--out`` (``sweep_tiles_<gpu>.csv`` holds the earlier, v1 sweep of this script).
 
     python benchmarks/sweep_tiles.py --out benchmarks/results
@@ -210,9 +211,19 @@ def main(argv=None):
     parser.add_argument("--tag", default="", help="written to sweep_candidates_<tag>_<gpu>.csv")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds over the candidates, rotating order")
     parser.add_argument("--rep", type=int, default=20, help="do_bench repetitions per round, ms")
+    parser.add_argument(
+        "--timing",
+        default="burst",
+        choices=("burst", "sustained", "both"),
+        help="burst: do_bench medians (as the tuner's short timings); sustained: each candidate back to back for "
+        "--sustain-warmup s, then timed over --sustain s (bench_experts.sustained_ms), the clocks a training run "
+        "keeps at the power limit; both: the two, in the same rounds (columns tflops and tflops_sustained)",
+    )
+    parser.add_argument("--sustain-warmup", type=float, default=0.5, help="sustained timing: untimed warm-up, s")
+    parser.add_argument("--sustain", type=float, default=0.5, help="sustained timing: timed window per round, s")
     args = parser.parse_args(argv)
     import triton
-    from bench_experts import gpu_slug  # benchmarks/ is on sys.path when run as a script
+    from bench_experts import gpu_slug, sustained_ms  # benchmarks/ is on sys.path when run as a script
     from triton.testing import do_bench
 
     from hf_hetermoe.kernels import tuning
@@ -238,7 +249,8 @@ def main(argv=None):
             cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
             # First call of each candidate (compile, check the first), then timing in rounds over all candidates,
             # starting one later each round (the GPU's clocks drop under sustained load, see NOTES.md v2.10).
-            errs, failed, times = {}, {}, {i: [] for i in range(len(cands))}
+            errs, failed = {}, {}
+            times, sustained = {i: [] for i in range(len(cands))}, {i: [] for i in range(len(cands))}
             for i, cfg in enumerate(cands):
                 try:
                     run(cfg)
@@ -249,10 +261,15 @@ def main(argv=None):
             alive = [i for i in range(len(cands)) if i not in failed]
             for round_order in tuning.rotating_rounds(alive, args.rounds):
                 for i in round_order:
-                    ms = do_bench(lambda cfg=cands[i]: run(cfg), warmup=5, rep=args.rep, return_mode="median")
-                    times[i].append(ms)
+                    if args.timing != "sustained":
+                        ms = do_bench(lambda cfg=cands[i]: run(cfg), warmup=5, rep=args.rep, return_mode="median")
+                        times[i].append(ms)
+                    if args.timing != "burst":
+                        ms = sustained_ms(lambda cfg=cands[i]: run(cfg), args.sustain_warmup, args.sustain)
+                        sustained[i].append(ms)
             for i, cfg in enumerate(cands):
                 ms = statistics.median(times[i]) if times[i] else float("nan")
+                ms_s = statistics.median(sustained[i]) if sustained[i] else float("nan")
                 row = dict(
                     date=datetime.date.today().isoformat(),
                     block_m=args.block_m or 128,
@@ -266,11 +283,13 @@ def main(argv=None):
                     config=" ".join(f"{a}={b}" for a, b in cfg.items()),
                     ms=round(ms, 4),
                     tflops=round(flops / ms / 1e9, 1),
+                    tflops_sustained=round(flops / ms_s / 1e9, 1),
                     rel_err=f"{errs.get(i, float('nan')):.1e}",
                 )
                 rows.append(row)
                 print(
-                    f"{name:>16} {kind:>11} #{i} {row['config']:<80} {row['tflops']:6.1f} TF/s  err {row['rel_err']}",
+                    f"{name:>16} {kind:>11} #{i} {row['config']:<80} {row['tflops']:6.1f} TF/s burst "
+                    f"{row['tflops_sustained']:6.1f} sustained  err {row['rel_err']}",
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)
@@ -282,14 +301,15 @@ def main(argv=None):
     print(f"wrote {path}")
     for name in args.shapes:
         for kind in args.kernels:
-            mine = [r for r in rows if r["shape"] == name and r["kernel"] == kind and r["tflops"] == r["tflops"]]
-            if mine:
-                best = max(mine, key=lambda r: r["tflops"])
-                first = mine[0]["tflops"] if mine[0]["candidate"] == 0 else float("nan")
-                print(
-                    f"best {name:>16} {kind:>11}: {best['tflops']:6.1f} TF/s (#{best['candidate']} {best['config']}); "
-                    f"default #0 {first} TF/s"
-                )
+            for col in ("tflops", "tflops_sustained"):
+                mine = [r for r in rows if r["shape"] == name and r["kernel"] == kind and r[col] == r[col]]
+                if mine:
+                    best = max(mine, key=lambda r: r[col])
+                    first = mine[0][col] if mine[0]["candidate"] == 0 else float("nan")
+                    print(
+                        f"best {col:<16} {name:>16} {kind:>11}: {best[col]:6.1f} TF/s (#{best['candidate']} "
+                        f"{best['config']}); default #0 {first} TF/s"
+                    )
 
 
 if __name__ == "__main__":
