@@ -95,7 +95,14 @@ def main(argv=None):
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps after two warm-up steps")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps, back to back")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=8,
+        help="untimed steps first (after the compiling one): at the GPU's power limit the clocks settle over about a "
+        "second of load, and a timing that starts earlier reads high (benchmarks/NOTES.md, v2.15)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny widths (smoke test)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -138,7 +145,8 @@ def main(argv=None):
         began = time.perf_counter()
         first_loss = step().item()  # the first call compiles (and autotunes) the kernels
         first_s = time.perf_counter() - began
-        step()
+        for _ in range(max(args.warmup_steps, 1)):
+            step()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -159,6 +167,8 @@ def main(argv=None):
             seq=args.seq,
             variant=variant,
             optimizer=args.optimizer,
+            warmup_steps=max(args.warmup_steps, 1),
+            steps=args.steps,
             first_loss=round(first_loss, 4),
             first_step_s=round(first_s, 2),
             step_ms=round(seconds * 1e3, 2),
@@ -187,8 +197,9 @@ def main(argv=None):
 
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train_step_{gpu_slug(gpu)}.csv"
-    # rows from before the optimizer column ran foreach AdamW
-    append_rows(path, list(results.values()), list(a), old_defaults={"optimizer": "foreach"})
+    # rows from before the optimizer / steps columns ran foreach AdamW, one warm-up step and 5 timed ones
+    old_defaults = {"optimizer": "foreach", "warmup_steps": "1", "steps": "5"}
+    append_rows(path, list(results.values()), list(a), old_defaults=old_defaults)
     print(f"wrote {path}")
 
 
