@@ -119,6 +119,7 @@ def main(argv=None):
     )
     parser.add_argument("--profile", action="store_true", help="print each variant's top kernels of one step")
     args = parser.parse_args(argv)
+    warmup_steps = max(args.warmup_steps, 1)  # at least the one step that follows the compiling one
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -145,7 +146,7 @@ def main(argv=None):
         began = time.perf_counter()
         first_loss = step().item()  # the first call compiles (and autotunes) the kernels
         first_s = time.perf_counter() - began
-        for _ in range(max(args.warmup_steps, 1)):
+        for _ in range(warmup_steps):
             step()
         if cuda:
             torch.cuda.synchronize()
@@ -167,7 +168,7 @@ def main(argv=None):
             seq=args.seq,
             variant=variant,
             optimizer=args.optimizer,
-            warmup_steps=max(args.warmup_steps, 1),
+            warmup_steps=warmup_steps,
             steps=args.steps,
             first_loss=round(first_loss, 4),
             first_step_s=round(first_s, 2),

@@ -53,15 +53,17 @@ def benchmark_table() -> str:
     for gpu in gpus:
         # Sustained and burst figures are never mixed in one table; sustained (what training keeps) first.
         for timing in ("sustained", "burst"):
-            shown = [r for r in rows if r["gpu"] == gpu and timing_of(r) == timing]
+            shown = [r for r in rows if r["gpu"] == gpu and timing_of(r)[0] == timing]
             if shown:
                 lines += ["", *_gpu_table(shown, gpu)]
     return "\n".join(lines) + "\n"
 
 
-def timing_of(r: dict) -> str:
-    """How a results row was timed: ``sustained`` or ``burst`` (rows from before the column are burst)."""
-    return (r.get("timing") or "burst").split()[0]
+def timing_of(r: dict) -> tuple[str, str]:
+    """How a results row was timed: (``sustained`` or ``burst``, its window, e.g. ``1s+1s``). Rows from before the
+    column were timed burst, with do_bench's 25 ms warm-up and 50 ms."""
+    mode, window = (r.get("timing") or "burst 25ms+50ms").split()
+    return mode, window
 
 
 def run_of(r: dict) -> str:
@@ -90,10 +92,10 @@ def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
         if len(rounds) == 1 and "1" not in rounds
         else " Timing:"
     )
-    windows = {(r.get("timing") or "burst 25ms+50ms").split()[-1] for r in shown}
+    windows = {timing_of(r)[1] for r in shown}
     # "1s+1s" -> "1 s", "1 s"; "25ms+50ms" -> "25 ms", "50 ms"
     window = re.sub(r"(\d)([a-z]+)", r"\1 \2", windows.pop()) if len(windows) == 1 else None
-    if timing_of(first) == "sustained":
+    if timing_of(first)[0] == "sustained":
         warm, timed = window.split("+") if window else ("a while", "a window")
         timing += (
             f"; **sustained**: each provider runs back to back for {warm}, then is timed over {timed} (mean per "
