@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -89,6 +90,35 @@ def persistent() -> bool | None:
     if value in _TRUE | _FALSE:
         return value in _TRUE
     raise ValueError(f"HETERMOE_PERSISTENT={value!r}: use auto, 1 (only persistent tiles) or 0 (none)")
+
+
+class Toggles(NamedTuple):
+    """The kernel toggles above, read together: the experts operator reads them once per forward and once per backward
+    and hands them to its launchers, whose cached launch decisions are keyed on them (``kernels.tuning.remembered``).
+    A toggle changed between calls takes effect at the next call, as when each launch read its own."""
+
+    autotune: bool
+    vendor_wgrad: bool
+    gluon: bool
+    gluon_gemm: bool
+    vendor_matmul: bool
+    split_tail: bool
+    one_dot_gate_up: bool
+    persistent: bool | None
+
+
+def toggles() -> Toggles:
+    """Every kernel toggle, read now."""
+    return Toggles(
+        autotune(),
+        vendor_wgrad(),
+        gluon(),
+        gluon_gemm(),
+        vendor_matmul(),
+        split_tail(),
+        one_dot_gate_up(),
+        persistent(),
+    )
 
 
 def ce_chunk_mb() -> int:

@@ -35,7 +35,7 @@ try:  # Gluon ships with Triton >= 3.4; the API used here is the one of Triton 3
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.language.core import _aggregate as aggregate
 
-    from .gluon_wgrad import ring_barriers  # defined when Gluon imports
+    from .gluon_wgrad import ring_barriers, smem_layout  # defined when Gluon imports
 
     # Triton 3.7+ renamed the TMA copies (the old names raise there); 3.6 has only the old ones.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -302,13 +302,12 @@ def _descriptors(a: torch.Tensor, b: torch.Tensor, cfg: dict):
     """TMA descriptors: ``a [S, K]`` in ``[BLOCK_M, BLOCK_K]`` boxes; ``b`` over its storage, ``[E, N, K]`` in
     ``[1, BLOCK_N, BLOCK_K]`` boxes when K-contiguous, else ``[E, K, N]`` in ``[1, BLOCK_K, BLOCK_N]`` boxes."""
     bn, bk = cfg["BLOCK_N"], cfg["BLOCK_K"]
-    dt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
-    a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, bk], gl.NVMMASharedLayout.get_default_for([BLOCK_M, bk], dt))
+    a_desc = TensorDescriptor.from_tensor(a, [BLOCK_M, bk], smem_layout((BLOCK_M, bk), a.dtype))
     if _b_major(b) == "k":
-        block = [1, bn, bk]
+        block = (1, bn, bk)
     else:
-        b, block = b.transpose(1, 2), [1, bk, bn]
-    return a_desc, TensorDescriptor.from_tensor(b, block, gl.NVMMASharedLayout.get_default_for(block, dt))
+        b, block = b.transpose(1, 2), (1, bk, bn)
+    return a_desc, TensorDescriptor.from_tensor(b, list(block), smem_layout(block, a.dtype))
 
 
 def sorted_matmul(
@@ -321,13 +320,15 @@ def sorted_matmul(
     out: torch.Tensor,
     config: dict | None = None,
     num_programs: int = 0,
+    check: bool = True,
 ) -> None:
     """``out[r] = a[r] @ b[e(r)]^T`` for rows ``a [S, K]`` in sorted order, over the routing's row tiles of
     ``BLOCK_M`` rows (``tile_expert``, ``tile_start``, ``offsets``: int32 on the device, never read on the host).
     ``b`` is a logical ``[E, N, K]`` view; ``out [S, N]`` has ``a``'s dtype and contiguous rows. Check
-    ``supported`` first."""
+    ``supported`` first; ``check=False`` skips checking it again (a caller that already did, for operands of the same
+    shapes, strides and alignment)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    if not supported(a, b):
+    if check and not supported(a, b):
         raise ValueError(
             "gluon_gemm.sorted_matmul takes bf16/fp16 CUDA operands of an sm_90 GPU: a [S, K] with contiguous 16-byte "
             f"aligned rows, b a TMA-readable [E, N, K] view; got a {tuple(a.shape)} {a.dtype}, b {tuple(b.shape)} "

@@ -21,6 +21,8 @@ this kernel runs on CUDA only; ``available()`` says whether it can run here. See
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .tuning import num_sms
@@ -58,6 +60,13 @@ CONFIGS: list[dict] = [
     dict(DEFAULT_CONFIG, STAGES=5),
     dict(DEFAULT_CONFIG, BLOCK_M=64, BLOCK_N=256),
 ]
+
+
+@functools.cache
+def smem_layout(block: tuple[int, ...], dtype: torch.dtype):
+    """The NVMMA shared-memory layout of a TMA box of ``block`` elements of ``dtype`` (bf16 / fp16), made once:
+    ``get_default_for`` costs ~12 us of host time per call, and a launch needs two to five of them."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
 
 
 def available(a: torch.Tensor) -> bool:
@@ -293,27 +302,33 @@ if _GLUON:
 
 def _descriptors(a, b, out, cfg):
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    dt = gl.bfloat16 if a.dtype == torch.bfloat16 else gl.float16
-    a_layout = gl.NVMMASharedLayout.get_default_for([bk, bm], dt)
-    b_layout = gl.NVMMASharedLayout.get_default_for([bk, bn], dt)
+    a_layout = smem_layout((bk, bm), a.dtype)
+    b_layout = smem_layout((bk, bn), a.dtype)
     a_desc = TensorDescriptor.from_tensor(a, [bk, bm], a_layout)
     b_desc = TensorDescriptor.from_tensor(b, [bk, bn], b_layout)
     # An expert's last, partial step loads only the slices of SLICE rows that hold its rows, into the same stages.
     a_slice_desc = TensorDescriptor.from_tensor(a, [SLICE, bm], a_layout)
     b_slice_desc = TensorDescriptor.from_tensor(b, [SLICE, bn], b_layout)
     # Three dimensions: TMA clips each tile at its expert's last row, so M need not be a multiple of BLOCK_M.
-    c_desc = TensorDescriptor.from_tensor(out, [1, bm, bn], gl.NVMMASharedLayout.get_default_for([1, bm, bn], dt))
+    c_desc = TensorDescriptor.from_tensor(out, [1, bm, bn], smem_layout((1, bm, bn), a.dtype))
     return a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc
 
 
 def grouped_wgrad(
-    a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *, config: dict | None = None, num_programs: int = 0
+    a: torch.Tensor,
+    b: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    config: dict | None = None,
+    num_programs: int = 0,
+    check: bool = True,
 ) -> torch.Tensor:
     """``out[e] = a[offsets[e]:offsets[e+1]]^T @ b[offsets[e]:offsets[e+1]]``, ``[E, M, N]`` in ``a``'s dtype
     (fp32 accumulation). ``a [S, M]`` and ``b [S, N]`` hold rows in sorted order; ``offsets [E + 1]`` int32 on the
-    device (never read on the host). Experts with no rows get zeros. Check ``supported(a, b)`` first."""
+    device (never read on the host). Experts with no rows get zeros. Check ``supported(a, b)`` first; ``check=False``
+    skips checking it again (a caller that already did, for operands of the same shapes, strides and alignment)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
-    if not supported(a, b):
+    if check and not supported(a, b):
         raise ValueError(
             "grouped_wgrad takes bf16/fp16 CUDA operands of an sm_90 GPU, row-major with 16-byte aligned rows (widths "
             f"multiples of 8); got a {tuple(a.shape)} {a.dtype}, b {tuple(b.shape)} {b.dtype} on {a.device}. Use "

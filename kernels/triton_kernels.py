@@ -446,7 +446,7 @@ def _glu_backward_kernel(
     gate_ptr, up_ptr, stride_pm, stride_pn,  # saved pre-activations (gate, up halves) [S, I]
     dgate_ptr, dup_ptr, stride_dm, stride_dn,  # their gradients, same layout
     hw_ptr, stride_hm, stride_hn,  # recomputed activation times the routing weight [S, I]: B of dW2
-    order_ptr, w_ptr, dw_ptr,  # w routing weights by flat pair; dw [S] fp32 in sorted order
+    order_ptr, w_ptr, dw_ptr,  # w routing weights by flat pair; dw their gradient [T * k], also by flat pair
     dout_ptr, stride_om, stride_on, bias2_ptr, stride_b2e, stride_b2n, expert_ptr, top_k,  # bias term of dw
     I, H, alpha, limit,
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -494,4 +494,5 @@ def _glu_backward_kernel(
             d = tl.load(dout_ptr + token * stride_om + cols * stride_on, mask=mask, other=0.0).to(tl.float32)
             b = tl.load(bias2_ptr + expert * stride_b2e + cols * stride_b2n, mask=mask, other=0.0).to(tl.float32)
             dot += d * b
-    tl.store(dw_ptr + row, tl.sum(dot, axis=0))
+    # Straight to the pair's slot in the routing weights' dtype: ``order`` is a permutation, so each is written once.
+    tl.store(dw_ptr + flat, tl.sum(dot, axis=0).to(dw_ptr.dtype.element_ty))

@@ -26,6 +26,14 @@ def _layout_key(t: torch.Tensor) -> str:
     return "c" if t.stride(-1) == 1 else "r" if t.stride(-2) == 1 else "s"
 
 
+def _sig(t: torch.Tensor | None) -> tuple | None:
+    """What a launch decision may read of an operand: shape, strides, dtype, device and 16-byte alignment of its
+    base (part of ``tuning.remembered`` keys)."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 stays exact unless the user opted into TF32 for matmuls, as torch itself does.
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -54,13 +62,15 @@ def gather_gemm(
     block_m: int,
     paired: bool = False,
     config: dict | None = None,
+    toggles: env.Toggles | None = None,
 ) -> None:
     """ESMM: ``out[r] = a[row(r)] @ b[e(r)]^T (+ bias)``, with ``b`` a logical ``[E, N, K]`` view.
 
     With ``b_up`` the gate (``b``) and up (``b_up``) products are computed together and ``act_out`` receives
     the gated activation; without it and with ``act_out``, ``act_out = act(out)``, or with ``paired`` (``b`` the
     interleaved gate/up matrix, ``[E, 2I, K]``) the gated activation of adjacent column pairs. ``config`` pins
-    the tiles (a ``tuning.GEMM_CANDIDATES`` entry); by default ``tuning.choose`` picks them.
+    the tiles (a ``tuning.GEMM_CANDIDATES`` entry); by default ``tuning.choose`` picks them. ``toggles``:
+    ``env.toggles()`` as the caller read them (read here when not given).
     """
     num_experts, n, k = b.shape
     gated = b_up is not None
@@ -68,7 +78,7 @@ def gather_gemm(
     num_tiles = routing.tile_expert.numel()
     act_t = act_out if act_out is not None else out
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict, split_tail: bool, one_dot: bool, up_offset: int) -> None:
         cfg = dict(cfg)
         tiles = num_tiles * triton.cdiv(n, cfg["BLOCK_N"])
         if cfg.pop("PERSISTENT", False):
@@ -123,35 +133,53 @@ def gather_gemm(
             **cfg,
         )
 
-    split_tail = _split_tail(block_m, routing.order.numel(), num_experts)
+    toggles = toggles or env.toggles()
     # One interleaved dot for gate and up: they must be views of one storage with identical strides (split_gate_up).
-    up_offset = 0
-    one_dot = gated and env.one_dot_gate_up() and b_up.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-    if one_dot:
-        up_offset, rem = divmod(b_up.data_ptr() - b.data_ptr(), b.element_size())
-        one_dot = rem == 0 and b_up.stride() == b.stride()
-    persistent = env.persistent()
-    if config is None and _interpreting(a) and persistent:
-        config = {**tuning.INTERPRETER["gemm"], "PERSISTENT": True}
-    if config is None:
-        key = (
-            str(a.dtype).replace("torch.", ""),
-            f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
-            f"-bias{int(bias is not None)}" + ("" if persistent is None else f"-persistent{int(persistent)}"),
-            f"a{_layout_key(a)}-b{_layout_key(b)}",
-            f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
+    same_storage = gated and b_up.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    up_delta = b_up.data_ptr() - b.data_ptr() if same_storage else 0
+
+    def decide() -> tuple[dict, bool, bool, int]:
+        split_tail = _split_tail(block_m, routing.order.numel(), num_experts, toggles)
+        up_offset = 0
+        one_dot = same_storage and toggles.one_dot_gate_up
+        if one_dot:
+            up_offset, rem = divmod(up_delta, b.element_size())
+            one_dot = rem == 0 and b_up.stride() == b.stride()
+        cfg = config
+        if cfg is None and _interpreting(a) and toggles.persistent:
+            cfg = {**tuning.INTERPRETER["gemm"], "PERSISTENT": True}
+        if cfg is None:
+            key = (
+                str(a.dtype).replace("torch.", ""),
+                f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
+                f"-bias{int(bias is not None)}"
+                + ("" if toggles.persistent is None else f"-persistent{int(toggles.persistent)}"),
+                f"a{_layout_key(a)}-b{_layout_key(b)}",
+                f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
+            )
+            cfg = tuning.choose(
+                "gemm",
+                key,
+                tuning.with_persistence(
+                    tuning.GATED_CANDIDATES if gated else tuning.GEMM_CANDIDATES, toggles.persistent
+                ),
+                lambda c: launch(c, split_tail, one_dot, up_offset),
+                device=a.device,
+                block_m=block_m,
+                num_b=2 if gated else 1,
+                elem=a.element_size(),
+            )
+        return cfg, split_tail, one_dot, up_offset
+
+    if config is not None:
+        decision = decide()
+    else:
+        signature = (
+            "gather_gemm", _sig(a), _sig(b), _sig(b_up), up_delta, bias is None, bias_up is None, act, gather_a,
+            paired, block_m, routing.order.numel(), num_tiles, toggles,
         )
-        config = tuning.choose(
-            "gemm",
-            key,
-            tuning.with_persistence(tuning.GATED_CANDIDATES if gated else tuning.GEMM_CANDIDATES, persistent),
-            launch,
-            device=a.device,
-            block_m=block_m,
-            num_b=2 if gated else 1,
-            elem=a.element_size(),
-        )
-    launch(config)
+        decision = tuning.remembered(signature, decide, a.device)
+    launch(*decision)
 
 
 def combine(
@@ -216,6 +244,7 @@ def wgrad(
     gather_a: bool,
     gather_b: bool,
     config: dict | None = None,
+    toggles: env.Toggles | None = None,
 ) -> None:
     """ESTMM: ``out[e] = sum_{r in e} a[ra(r)]^T b[rb(r)]`` into a logical ``[E, N, K]`` view.
 
@@ -253,13 +282,21 @@ def wgrad(
     if num_experts == 0:
         return
     if config is None:
-        key = (
-            str(a.dtype).replace("torch.", ""),
-            f"gather{int(gather_a)}{int(gather_b)}",
-            f"a{_layout_key(a)}-b{_layout_key(b)}-c{_layout_key(out)}",
-            f"N{n}-K{k}-R{tuning.bucket(-(-routing.order.numel() // num_experts))}",
-        )
-        config = tuning.choose("wgrad", key, tuning.WGRAD_CANDIDATES, launch, device=a.device, elem=a.element_size())
+
+        def decide() -> dict:
+            key = (
+                str(a.dtype).replace("torch.", ""),
+                f"gather{int(gather_a)}{int(gather_b)}",
+                f"a{_layout_key(a)}-b{_layout_key(b)}-c{_layout_key(out)}",
+                f"N{n}-K{k}-R{tuning.bucket(-(-routing.order.numel() // num_experts))}",
+            )
+            return tuning.choose(
+                "wgrad", key, tuning.WGRAD_CANDIDATES, launch, device=a.device, elem=a.element_size()
+            )
+
+        toggles = toggles or env.toggles()
+        signature = ("wgrad", _sig(a), _sig(b), _sig(out), gather_a, gather_b, routing.order.numel(), toggles)
+        config = tuning.remembered(signature, decide, a.device)
     launch(config)
 
 
@@ -299,7 +336,15 @@ def vendor_matmul_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     return aligned and a_ok and b_ok
 
 
-def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int, *, block_m: int) -> torch.Tensor:
+def sorted_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    routing: Routing,
+    top_k: int,
+    *,
+    block_m: int,
+    toggles: env.Toggles | None = None,
+) -> torch.Tensor:
     """``out[r] = a[r] @ b[e(r)]^T`` for rows ``a [S, K]`` already in sorted order (no gather, bias or activation),
     ``b`` a logical ``[E, N, K]`` view. Three implementations, the tuner picks per shape bucket:
 
@@ -310,10 +355,11 @@ def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int
     - the vendor grouped GEMM (``torch._grouped_mm``: CUTLASS), which won by 3-8% at 16 K tokens on the Mixtral and
       DeepSeek shapes before the Gluon kernel existed (v2.10)."""
     n = b.shape[1]
+    toggles = toggles or env.toggles()
 
     def triton_run() -> torch.Tensor:
         out = a.new_empty(a.shape[0], n)
-        gather_gemm(a, b, routing, top_k, gather_a=False, out=out, block_m=block_m)
+        gather_gemm(a, b, routing, top_k, gather_a=False, out=out, block_m=block_m, toggles=toggles)
         return out
 
     def run(cfg: dict) -> torch.Tensor:
@@ -323,30 +369,35 @@ def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int
             return torch._grouped_mm(a, b.transpose(1, 2), offs=routing.offsets[1:])
         out = a.new_empty(a.shape[0], n)
         tiles = {k: v for k, v in cfg.items() if k != "IMPL"}
-        gluon_gemm.sorted_matmul(a, b, routing.offsets, routing.tile_expert, routing.tile_start, out=out, config=tiles)
+        gluon_gemm.sorted_matmul(
+            a, b, routing.offsets, routing.tile_expert, routing.tile_start, out=out, config=tiles, check=False
+        )
         return out
+
+    def decide() -> dict:
+        gluon = toggles.gluon_gemm and block_m == gluon_gemm.BLOCK_M and gluon_gemm.supported(a, b)
+        candidates = [dict(IMPL="gluon", **c) for c in (gluon_gemm.CONFIGS if gluon else [])] + [dict(IMPL="triton")]
+        if vendor_matmul_ok(a, b):
+            candidates.append(dict(IMPL="cutlass"))
+        if len(candidates) == 1:
+            return candidates[0]
+        key = (
+            str(a.dtype).replace("torch.", ""),
+            "+".join(dict.fromkeys(c["IMPL"] for c in candidates)),  # a toggle changes the question, not the answer
+            f"a{_layout_key(a)}-b{_layout_key(b)}",
+            f"N{n}-K{b.shape[2]}-E{b.shape[0]}-S{tuning.bucket(a.shape[0])}",
+        )
+        # ``warm``: the Triton kernel tunes its own tiles first (``select`` is not re-entrant).
+        rows = tuning.bucket(-(-a.shape[0] // max(b.shape[0], 1)))
+        default = candidates[0] if rows <= GLUON_GEMM_MAX_ROWS else dict(IMPL="triton")
+        return tuning.choose_impl(
+            "sorted_matmul", key, candidates, run, device=a.device, default=default, warm=triton_run
+        )
 
     if a.shape[0] == 0:
         return triton_run()
-    gluon = env.gluon_gemm() and block_m == gluon_gemm.BLOCK_M and gluon_gemm.supported(a, b)
-    candidates = [dict(IMPL="gluon", **c) for c in (gluon_gemm.CONFIGS if gluon else [])] + [dict(IMPL="triton")]
-    if vendor_matmul_ok(a, b):
-        candidates.append(dict(IMPL="cutlass"))
-    if len(candidates) == 1:
-        return triton_run()
-    key = (
-        str(a.dtype).replace("torch.", ""),
-        "+".join(dict.fromkeys(c["IMPL"] for c in candidates)),  # a toggle changes the question, not the answer
-        f"a{_layout_key(a)}-b{_layout_key(b)}",
-        f"N{n}-K{b.shape[2]}-E{b.shape[0]}-S{tuning.bucket(a.shape[0])}",
-    )
-    # ``warm``: the Triton kernel tunes its own tiles first (``select`` is not re-entrant).
-    rows = tuning.bucket(-(-a.shape[0] // max(b.shape[0], 1)))
-    default = candidates[0] if rows <= GLUON_GEMM_MAX_ROWS else dict(IMPL="triton")
-    choice = tuning.choose_impl(
-        "sorted_matmul", key, candidates, run, device=a.device, default=default, warm=triton_run
-    )
-    return run(choice)
+    signature = ("sorted_matmul", _sig(a), _sig(b), block_m, toggles)
+    return run(tuning.remembered(signature, decide, a.device))
 
 
 # Without autotuning, the Gluon kernel takes experts of up to this many rows (bucketed) and Triton the longer ones:
@@ -355,10 +406,14 @@ def sorted_matmul(a: torch.Tensor, b: torch.Tensor, routing: Routing, top_k: int
 GLUON_GEMM_MAX_ROWS = 2048
 
 
-def _vendor_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing, transposed: bool) -> torch.Tensor:
+def _vendor_wgrad(
+    a: torch.Tensor, b: torch.Tensor, routing: Routing, transposed: bool, toggles: env.Toggles | None = None
+) -> torch.Tensor:
     """``out[e] = a_e^T b_e`` over each expert's sorted rows (``a [S, N]``, ``b [S, K]``, both in sorted order),
     returned in the weight's storage layout: ``[E, N, K]``, or ``[E, K, N]`` for weights stored ``[E, in, out]``."""
-    return grouped_wgrad(b, a, routing) if transposed else grouped_wgrad(a, b, routing)
+    if transposed:
+        return grouped_wgrad(b, a, routing, toggles=toggles)
+    return grouped_wgrad(a, b, routing, toggles=toggles)
 
 
 # Without autotuning, the Gluon kernel takes experts of up to this many rows (bucketed) and CUTLASS the longer
@@ -367,39 +422,47 @@ def _vendor_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing, transposed
 GLUON_WGRAD_MAX_ROWS = 2048
 
 
-def grouped_wgrad(a: torch.Tensor, b: torch.Tensor, routing: Routing) -> torch.Tensor:
+def grouped_wgrad(
+    a: torch.Tensor, b: torch.Tensor, routing: Routing, *, toggles: env.Toggles | None = None
+) -> torch.Tensor:
     """``out[e] = a_e^T b_e`` (``a [S, M]``, ``b [S, N]`` in sorted order, bf16 on sm_90 / sm_100), ``[E, M, N]``:
     CUTLASS's grouped GEMM (``torch._grouped_mm``), or on sm_90 the warp-specialised Gluon kernel
     (``gluon_wgrad``), whichever the tuner measured faster for this shape bucket (``HETERMOE_GLUON=0``: CUTLASS)."""
     num_experts = routing.offsets.numel() - 1
+    toggles = toggles or env.toggles()
 
     def cutlass() -> torch.Tensor:
         return torch._grouped_mm(a.t(), b, offs=routing.offsets[1:])
-
-    configs = gluon_wgrad.candidates(a, b) if env.gluon() else []
-    if not configs or num_experts == 0:
-        return cutlass()
-    rows = tuning.bucket(-(-a.shape[0] // num_experts))
-    candidates = [dict(IMPL="gluon", **c) for c in configs] + [dict(IMPL="cutlass")]
 
     def run(cfg: dict) -> torch.Tensor:
         if cfg["IMPL"] == "cutlass":
             return cutlass()
         tiles = {k: v for k, v in cfg.items() if k != "IMPL"}
-        return gluon_wgrad.grouped_wgrad(a, b, routing.offsets, config=tiles)
+        return gluon_wgrad.grouped_wgrad(a, b, routing.offsets, config=tiles, check=False)
 
-    key = (str(a.dtype).replace("torch.", ""), f"M{a.shape[1]}-N{b.shape[1]}-E{num_experts}-R{rows}")
-    default = candidates[0] if rows <= GLUON_WGRAD_MAX_ROWS else candidates[-1]
-    return run(tuning.choose_impl("wgrad_impl", key, candidates, run, device=a.device, default=default))
+    def decide() -> dict:
+        configs = gluon_wgrad.candidates(a, b) if toggles.gluon else []
+        if not configs or num_experts == 0:
+            return dict(IMPL="cutlass")
+        rows = tuning.bucket(-(-a.shape[0] // num_experts))
+        candidates = [dict(IMPL="gluon", **c) for c in configs] + [dict(IMPL="cutlass")]
+        key = (str(a.dtype).replace("torch.", ""), f"M{a.shape[1]}-N{b.shape[1]}-E{num_experts}-R{rows}")
+        default = candidates[0] if rows <= GLUON_WGRAD_MAX_ROWS else candidates[-1]
+        return tuning.choose_impl("wgrad_impl", key, candidates, run, device=a.device, default=default)
+
+    signature = ("grouped_wgrad", _sig(a), _sig(b), num_experts, toggles)
+    return run(tuning.remembered(signature, decide, a.device))
 
 
-def _dw2(dout, hw, routing: Routing, top_k: int, w2, layout: ExpertLayout, vendor: bool) -> torch.Tensor:
+def _dw2(
+    dout, hw, routing: Routing, top_k: int, w2, layout: ExpertLayout, vendor: bool, toggles: env.Toggles | None = None
+) -> torch.Tensor:
     """``dW2[e] = sum_r dout[tok_r]^T hw_r`` in ``w2``'s layout: the vendor grouped GEMM on ``dout``'s rows in
     sorted order, else the Triton kernel gathering them itself."""
     if vendor:
-        return _vendor_wgrad(sorted_rows(dout, routing, top_k), hw, routing, layout.is_transposed)
+        return _vendor_wgrad(sorted_rows(dout, routing, top_k), hw, routing, layout.is_transposed, toggles)
     dw2 = torch.empty_like(w2)
-    wgrad(dout, hw, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False)
+    wgrad(dout, hw, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False, toggles=toggles)
     return dw2
 
 
@@ -428,11 +491,11 @@ def expert_colsum(
     )
 
 
-def _split_tail(block_m: int, num_pairs: int, num_experts: int) -> bool:
+def _split_tail(block_m: int, num_pairs: int, num_experts: int, toggles: env.Toggles) -> bool:
     """Half-height tail tiles (``SPLIT_TAIL``) where experts average at most 4 row tiles, so that a partial last tile
     is a sizeable share of the work. Measured on an H200 (benchmarks/NOTES.md, v2.8): forward +3.5% at Qwen3-30B-A3B
     T=4096; at 16 or more tiles per expert the two-branch kernel ran 1-3% slower. tl.dot needs 16 rows."""
-    return block_m >= 32 and num_pairs <= 4 * block_m * max(num_experts, 1) and env.split_tail()
+    return block_m >= 32 and num_pairs <= 4 * block_m * max(num_experts, 1) and toggles.split_tail
 
 
 def row_block_n(t: torch.Tensor, n: int) -> int:
@@ -457,6 +520,7 @@ def experts_forward(
     num_tokens, hidden = x.shape
     top_k = top_k_weights.shape[-1]
     num_pairs = routing.order.numel()
+    toggles = env.toggles()  # once per call: the launchers' cached decisions are keyed on them
     w1l = w1_logical(w1, layout)
     inter = w1l.shape[1] // 2 if layout.has_gate else w1l.shape[1]
     gu = x.new_empty(num_pairs, w1l.shape[1])
@@ -466,20 +530,23 @@ def experts_forward(
         # (two stride-2 operands waste half of every loaded sector: GPT-OSS ran its forward at ~50 TF/s).
         gather_gemm(
             x, w1l, routing, top_k, gather_a=True, bias=b1, out=gu, act_out=h, layout=layout, block_m=block_m,
-            paired=True,
+            paired=True, toggles=toggles,
         )
     else:
-        _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m)
+        _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, toggles)
     if b2 is None:
-        y = sorted_matmul(h, w2_logical(w2, layout), routing, top_k, block_m=block_m)
+        y = sorted_matmul(h, w2_logical(w2, layout), routing, top_k, block_m=block_m, toggles=toggles)
     else:
         y = x.new_empty(num_pairs, hidden)
-        gather_gemm(h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m)
+        gather_gemm(
+            h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m,
+            toggles=toggles,
+        )
     del h  # free before combine allocates `out`
     return combine(y, routing, top_k_weights, num_tokens, top_k), gu
 
 
-def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m) -> None:
+def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, toggles) -> None:
     w_gate, w_up = _halves(w1l, 1, layout)
     gu_gate, gu_up = _halves(gu, 1, layout)
     b_gate, b_up = _halves(b1, 1, layout) if b1 is not None else (None, None)
@@ -497,6 +564,7 @@ def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m) ->
         act_out=h,
         layout=layout,
         block_m=block_m,
+        toggles=toggles,
     )
 
 
@@ -525,18 +593,20 @@ def experts_backward(
     top_k = top_k_weights.shape[-1]
     num_pairs = routing.order.numel()
     weights_flat = top_k_weights.reshape(-1)
+    toggles = env.toggles()  # once per call: the launchers' cached decisions are keyed on them
     w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
     inter = w2l.shape[2]
 
     # g = dout[tok] @ w2[e]   (w2 logical [E, H, I] read as [E, I, H]^T)
     g = x.new_empty(num_pairs, inter)
-    gather_gemm(dout, w2l.transpose(1, 2), routing, top_k, gather_a=True, out=g, block_m=block_m)
+    gather_gemm(dout, w2l.transpose(1, 2), routing, top_k, gather_a=True, out=g, block_m=block_m, toggles=toggles)
 
     # The glu kernel works in place, element by element: each program reads a row's g, gate and up before it
     # writes the same positions, so dgu overwrites gu (nothing reads gu after it) and hw (routing weight times
     # the recomputed activation, the B operand of dW2) overwrites g.
     dgu, hw = gu, g
-    dw_sorted = torch.empty(num_pairs, dtype=torch.float32, device=x.device)
+    # The routing weights' gradient, written by the glu kernel straight into each pair's slot.
+    dweights = torch.empty(top_k_weights.shape, dtype=top_k_weights.dtype, device=x.device)
     gu_gate, gu_up = _halves(gu, 1, layout)
     dgu_gate, dgu_up = _halves(dgu, 1, layout)
     if num_pairs:
@@ -557,7 +627,7 @@ def experts_backward(
             hw.stride(1),
             routing.order,
             weights_flat,
-            dw_sorted,
+            dweights,
             dout,
             dout.stride(0),
             dout.stride(1),
@@ -589,24 +659,23 @@ def experts_backward(
         db2 = torch.empty_like(b2)
         expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     if not dw2_last:
-        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor)
+        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles)
         del hw
 
     # dx = sum over slots of dgu @ w1[e]   (w1 logical [E, N1, H] read as [E, H, N1]^T)
-    dx_sorted = sorted_matmul(dgu, w1l.transpose(1, 2), routing, top_k, block_m=block_m)
+    dx_sorted = sorted_matmul(dgu, w1l.transpose(1, 2), routing, top_k, block_m=block_m, toggles=toggles)
     dx = combine(dx_sorted, routing, None, num_tokens, top_k)
     del dx_sorted
 
     if vendor:  # x's rows in sorted order take dx_sorted's freed block
-        dw1 = _vendor_wgrad(dgu, sorted_rows(x, routing, top_k), routing, layout.is_transposed)
+        dw1 = _vendor_wgrad(dgu, sorted_rows(x, routing, top_k), routing, layout.is_transposed, toggles)
     else:
         dw1 = torch.empty_like(w1)
-        wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True)
+        wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, toggles=toggles)
     if b1 is not None:
         db1 = torch.empty_like(b1)
         expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
     if dw2_last:
         gu.untyped_storage().resize_(0)  # dgu (the same storage) has had its last reader queued
-        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor)
-    dweights = dw_sorted[routing.inverse.long()].view_as(top_k_weights).to(top_k_weights.dtype)
+        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles)
     return dx, dweights, dw1, dw2, db1, db2

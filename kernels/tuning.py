@@ -86,6 +86,9 @@ _lock = threading.Lock()
 _memory: dict[str, dict] = {}  # key -> chosen config, this process
 _disk: dict[str, dict] | None = None  # the cache file's contents, read once
 _override: bool | None = None
+_decisions: dict[tuple, object] = {}  # launcher decisions by everything they depend on (``remembered``)
+_DECISIONS_MAX = 4096  # distinct call signatures kept; past that the table starts over (varying shapes)
+_device_names: dict[int, str] = {}
 VERSION = 5  # bump when the kernels change meaning of a configuration: old cache entries are ignored
 TUNE_LOG: list[tuple[str, float]] = []  # (key, seconds) of each tuning done in this process
 logger = logging.getLogger("hf_hetermoe.tuning")
@@ -95,6 +98,7 @@ def set_autotune(enabled: bool | None) -> None:
     """Turn autotuning on or off for this process (``None``: back to ``HETERMOE_AUTOTUNE``, default on)."""
     global _override
     _override = enabled
+    forget_decisions()
 
 
 def autotune_enabled() -> bool:
@@ -247,9 +251,38 @@ def time_candidates(
     return times
 
 
+def device_name(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_names:
+        _device_names[index] = torch.cuda.get_device_name(index)
+    return _device_names[index]
+
+
 def _entry_name(kernel: str, device: torch.device, key: tuple) -> str:
     """The cache entry of one tuning decision: version, kernel, GPU name and the caller's key."""
-    return "|".join(map(str, (f"v{VERSION}", kernel, torch.cuda.get_device_name(device), *key)))
+    return "|".join(map(str, (f"v{VERSION}", kernel, device_name(device), *key)))
+
+
+def remembered(key: tuple, decide: Callable[[], object], device: torch.device):
+    """``decide()``, made once per ``key`` in this process: a launcher's whole decision (which implementation, which
+    tiles, which variant) for one call signature.
+
+    ``key`` must hold everything the decision reads: the kernel, the operands' shapes, strides, dtypes and
+    alignment, the device, the toggles (``env.toggles()``). Then a repeated call costs one dictionary look-up, where
+    deciding again (candidate lists, support checks, the tuning cache's string keys) cost 50-150 us of host time per
+    launch on an H200's host, enough to leave the GPU waiting at 4 K tokens (benchmarks/NOTES.md, v2.16).
+
+    Not remembered: decisions off CUDA (the interpreter's are cheap) and while a CUDA graph is captured (the default
+    applies there, untuned). ``clear``, ``set_autotune`` and ``forget_decisions`` forget them all."""
+    hit = _decisions.get(key)
+    if hit is not None:
+        return hit
+    value = decide()
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        if len(_decisions) >= _DECISIONS_MAX:
+            _decisions.clear()
+        _decisions[key] = value
+    return value
 
 
 def choose(
@@ -336,9 +369,15 @@ def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], li
     return cfg
 
 
+def forget_decisions() -> None:
+    """Forget the launchers' remembered decisions (``remembered``); the tuned choices stay."""
+    _decisions.clear()
+
+
 def clear() -> None:
     """Forget this process's choices and the cache file's contents read so far (tests; a new cache dir)."""
     global _disk
     with _lock:
         _memory.clear()
+        _decisions.clear()
         _disk = None

@@ -43,6 +43,17 @@ def _seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_launch_decisions():
+    """Each test decides its launches anew: a decision remembered by an earlier test (``tuning.remembered``) would
+    bypass what a test monkeypatches (a tuner stand-in, a support check)."""
+    from hf_hetermoe.kernels import tuning
+
+    tuning.forget_decisions()
+    yield
+    tuning.forget_decisions()
+
+
 def enable_checkpointing(model, use_reentrant: bool, offload: bool) -> None:
     """transformers >= 5.2x names it ``activation_checkpointing_enable`` (with ``offload``); older releases
     ``gradient_checkpointing_enable``, which Trainer's ``gradient_checkpointing=True`` calls."""
