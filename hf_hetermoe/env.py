@@ -9,6 +9,7 @@
 | ``HETERMOE_GLUON=0`` | no Gluon kernel at all (default: the tuner weighs them, bf16/fp16 on sm_90) |
 | ``HETERMOE_GLUON_GEMM=0`` | no Gluon kernel for the down projection and dx (the weight gradients keep theirs) |
 | ``HETERMOE_VENDOR_MATMUL=0`` | no ``torch._grouped_mm`` for the down projection and dx (default: tuner weighs it) |
+| ``HETERMOE_VENDOR_GATE_UP=0`` | no ``torch._grouped_mm`` + activation pass for gate/up (default: tuner weighs it) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
@@ -74,6 +75,10 @@ def vendor_matmul() -> bool:
     return _flag("HETERMOE_VENDOR_MATMUL", True)
 
 
+def vendor_gate_up() -> bool:
+    return _flag("HETERMOE_VENDOR_GATE_UP", True)
+
+
 def split_tail() -> bool:
     return _flag("HETERMOE_SPLIT_TAIL", True)
 
@@ -102,6 +107,7 @@ class Toggles(NamedTuple):
     gluon: bool
     gluon_gemm: bool
     vendor_matmul: bool
+    vendor_gate_up: bool
     split_tail: bool
     one_dot_gate_up: bool
     persistent: bool | None
@@ -115,6 +121,7 @@ def toggles() -> Toggles:
         gluon(),
         gluon_gemm(),
         vendor_matmul(),
+        vendor_gate_up(),
         split_tail(),
         one_dot_gate_up(),
         persistent(),

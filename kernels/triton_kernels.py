@@ -441,6 +441,29 @@ def _expert_colsum_kernel(
 
 
 @triton.jit
+def _act_forward_kernel(
+    gate_ptr, up_ptr, stride_pm, stride_pn,  # pre-activations [S, I] (gate, up halves; gate unused without GATED)
+    h_ptr, stride_hm, stride_hn,  # activation [S, I]
+    I, alpha, limit,
+    GATED: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # The activation as a pass of its own, after a gate/up matmul that does not fuse it (the vendor grouped GEMM).
+    # It reads the rounded pre-activations, as the fused epilogue does, so both give the same h.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    for n0 in range(0, I, BLOCK_N):
+        cols = n0 + offs
+        mask = cols < I
+        up = tl.load(up_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        if GATED:
+            gate = tl.load(gate_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+            h = _glu(gate, up, ACT, alpha, limit)
+        else:
+            h = _act(up, ACT)
+        tl.store(h_ptr + row * stride_hm + cols * stride_hn, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _glu_backward_kernel(
     g_ptr, stride_gm, stride_gn,  # g = dout[tok] @ w2[e]: [S, I] unweighted
     gate_ptr, up_ptr, stride_pm, stride_pn,  # saved pre-activations (gate, up halves) [S, I]

@@ -521,19 +521,7 @@ def experts_forward(
     top_k = top_k_weights.shape[-1]
     num_pairs = routing.order.numel()
     toggles = env.toggles()  # once per call: the launchers' cached decisions are keyed on them
-    w1l = w1_logical(w1, layout)
-    inter = w1l.shape[1] // 2 if layout.has_gate else w1l.shape[1]
-    gu = x.new_empty(num_pairs, w1l.shape[1])
-    h = x.new_empty(num_pairs, inter)
-    if layout.has_gate and not layout.is_concatenated:
-        # Interleaved gate/up: one contiguous operand, the activation pairs adjacent columns in the epilogue
-        # (two stride-2 operands waste half of every loaded sector: GPT-OSS ran its forward at ~50 TF/s).
-        gather_gemm(
-            x, w1l, routing, top_k, gather_a=True, bias=b1, out=gu, act_out=h, layout=layout, block_m=block_m,
-            paired=True, toggles=toggles,
-        )
-    else:
-        _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, toggles)
+    gu, h = gate_up(x, w1_logical(w1, layout), b1, routing, top_k, layout, block_m, toggles)
     if b2 is None:
         y = sorted_matmul(h, w2_logical(w2, layout), routing, top_k, block_m=block_m, toggles=toggles)
     else:
@@ -544,6 +532,97 @@ def experts_forward(
         )
     del h  # free before combine allocates `out`
     return combine(y, routing, top_k_weights, num_tokens, top_k), gu
+
+
+def gate_up(
+    x: torch.Tensor,
+    w1l: torch.Tensor,
+    b1: torch.Tensor | None,
+    routing: Routing,
+    top_k: int,
+    layout: ExpertLayout,
+    block_m: int,
+    toggles: env.Toggles | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's first matmul and its activation: pre-activations ``gu [S, N1]`` and ``h [S, I]`` for the rows of
+    ``x [T, H]`` in sorted pair order, ``w1l`` the logical ``[E, N1, H]`` view. Two implementations, the tuner picks
+    per shape bucket:
+
+    - our Triton kernel: gathers ``x``'s rows itself, the activation in its epilogue (the default);
+    - CUTLASS's grouped GEMM (``torch._grouped_mm``, bf16 on sm_90 / sm_100, no bias) on ``x``'s rows copied to sorted
+      order, then the activation as a pass of its own. On Mixtral's shape at T=16384 the gated Triton kernel took
+      13.1 ms where cuBLAS takes 11.4 for the same FLOPs (benchmarks/NOTES.md, v2.16). ``HETERMOE_VENDOR_GATE_UP=0``
+      keeps it out."""
+    num_pairs = routing.order.numel()
+    n1 = w1l.shape[1]
+    inter = n1 // 2 if layout.has_gate else n1
+    toggles = toggles or env.toggles()
+
+    def triton_run() -> tuple[torch.Tensor, torch.Tensor]:
+        gu, h = x.new_empty(num_pairs, n1), x.new_empty(num_pairs, inter)
+        if layout.has_gate and not layout.is_concatenated:
+            # Interleaved gate/up: one contiguous operand, the activation pairs adjacent columns in the epilogue
+            # (two stride-2 operands waste half of every loaded sector: GPT-OSS ran its forward at ~50 TF/s).
+            gather_gemm(
+                x, w1l, routing, top_k, gather_a=True, bias=b1, out=gu, act_out=h, layout=layout, block_m=block_m,
+                paired=True, toggles=toggles,
+            )
+        else:
+            _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, toggles)
+        return gu, h
+
+    def vendor_run() -> tuple[torch.Tensor, torch.Tensor]:
+        gu = torch._grouped_mm(sorted_rows(x, routing, top_k), w1l.transpose(1, 2), offs=routing.offsets[1:])
+        h = x.new_empty(num_pairs, inter)
+        activation(gu, h, layout)
+        return gu, h
+
+    def run(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return vendor_run() if cfg["IMPL"] == "cutlass" else triton_run()
+
+    def decide() -> dict:
+        triton_only = dict(IMPL="triton")
+        if b1 is not None or num_pairs == 0 or not toggles.vendor_gate_up or not vendor_matmul_ok(x, w1l):
+            return triton_only
+        key = (
+            str(x.dtype).replace("torch.", ""),
+            f"act{layout.act_code}-gated{int(layout.has_gate)}{'p' if not layout.is_concatenated else ''}",
+            f"a{_layout_key(x)}-b{_layout_key(w1l)}",
+            f"N{n1}-K{w1l.shape[2]}-E{w1l.shape[0]}-S{tuning.bucket(num_pairs)}",
+        )
+        candidates = [triton_only, dict(IMPL="cutlass")]
+        # ``warm``: the Triton kernel tunes its own tiles first (``select`` is not re-entrant).
+        return tuning.choose_impl(
+            "gate_up", key, candidates, run, device=x.device, default=triton_only, warm=triton_run
+        )
+
+    signature = ("gate_up", _sig(x), _sig(w1l), b1 is None, layout, block_m, num_pairs, toggles)
+    return run(tuning.remembered(signature, decide, x.device))
+
+
+def activation(gu: torch.Tensor, h: torch.Tensor, layout: ExpertLayout) -> None:
+    """``h = act(gate) * up`` (or ``act(gu)`` without a gate) from the pre-activations ``gu [S, N1]``, in ``layout``'s
+    column order (gate/up halves, or interleaved pairs)."""
+    num_pairs, inter = h.shape
+    if num_pairs == 0:
+        return
+    gate, up = _halves(gu, 1, layout)
+    tk._act_forward_kernel[(num_pairs,)](
+        gate,
+        up,
+        up.stride(0),
+        up.stride(1),
+        h,
+        h.stride(0),
+        h.stride(1),
+        inter,
+        layout.alpha,
+        layout.limit,
+        GATED=layout.has_gate,
+        ACT=layout.act_code,
+        BLOCK_N=row_block_n(h, inter),
+        num_warps=4,
+    )
 
 
 def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, toggles) -> None:

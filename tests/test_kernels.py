@@ -369,9 +369,9 @@ def test_vendor_weight_gradients_match_reference(layout, release_gu, monkeypatch
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("layout", ["mixtral", "gpt_oss_no_bias", "transposed_gelu_tanh"])
 def test_vendor_sorted_matmuls_match_reference(layout, monkeypatch):
-    """The down projection and dx through ``torch._grouped_mm`` (taken where the tuner measured CUTLASS faster) equal
-    the reference in each weight storage layout, with an expert that gets no rows. On CPU torch's own grouped matmul
-    stands in for CUTLASS; the operand orientation is what is tested."""
+    """Gate/up (then the activation pass), the down projection and dx through ``torch._grouped_mm`` (taken where the
+    tuner measured CUTLASS faster) equal the reference in each weight storage layout, with an expert that gets no
+    rows. On CPU torch's own grouped matmul stands in for CUTLASS; the operand orientation is what is tested."""
     triton_ops = _triton_ops()
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
@@ -382,8 +382,7 @@ def test_vendor_sorted_matmuls_match_reference(layout, monkeypatch):
     monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b: True)
 
     def take_cutlass(kernel, key, candidates, run, *, device, default, warm=None):
-        if kernel == "sorted_matmul":  # on sm_90 the weight gradients ask too (Gluon or CUTLASS)
-            calls.append(key)
+        calls.append(kernel)  # on sm_90 the weight gradients ask too (Gluon or CUTLASS)
         return next(c for c in candidates if c["IMPL"] == "cutlass")
 
     monkeypatch.setattr(tuning, "choose_impl", take_cutlass)
@@ -398,7 +397,9 @@ def test_vendor_sorted_matmuls_match_reference(layout, monkeypatch):
     dout = torch.randn(T, H, device=DEVICE).to(dtype)
     out_t, _, grads_t = _fwd_bwd(triton_ops, inputs, layout, routing, dout, block_m)
     out_r, _, grads_r = _fwd_bwd(ref, inputs, layout, routing, dout)
-    assert len(calls) == 2  # the down projection and dx
+    assert calls.count("sorted_matmul") == 2  # the down projection and dx
+    # Gate/up through CUTLASS and the activation pass, where there is no bias.
+    assert calls.count("gate_up") == (1 if inputs[5] is None else 0)
     assert rel_err(out_t, out_r) < TOLERANCE[dtype]
     for name, g_t, g_r in zip(["dx", "d_top_k_weights", "dw1", "dw2", "db1", "db2"], grads_t, grads_r):
         if g_r is None:
