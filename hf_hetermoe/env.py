@@ -8,8 +8,8 @@
 | ``HETERMOE_VENDOR_WGRAD=0`` | weight gradients in Triton (default: ``torch._grouped_mm``, bf16 on sm_90/100) |
 | ``HETERMOE_GLUON=0`` | no Gluon kernel at all (default: the tuner weighs them, bf16/fp16 on sm_90) |
 | ``HETERMOE_GLUON_GEMM=0`` | no Gluon kernel for the down projection and dx (the weight gradients keep theirs) |
-| ``HETERMOE_VENDOR_MATMUL=0`` | no ``torch._grouped_mm`` for the down projection and dx (default: tuner weighs it) |
-| ``HETERMOE_VENDOR_GATE_UP=0`` | no ``torch._grouped_mm`` + activation pass for gate/up (default: tuner weighs it) |
+| ``HETERMOE_VENDOR_MATMUL=0`` | no ``torch._grouped_mm`` for gate/up, the down projection and dx (default: tuned) |
+| ``HETERMOE_VENDOR_GATE_UP=0`` | no ``torch._grouped_mm`` + activation pass for gate/up only (default: tuned) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |

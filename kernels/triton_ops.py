@@ -310,22 +310,22 @@ def _vendor_takes(t: torch.Tensor) -> bool:
     )
 
 
-def vendor_wgrad_ok(x: torch.Tensor, *operands: torch.Tensor) -> bool:
+def vendor_wgrad_ok(x: torch.Tensor, *operands: torch.Tensor, toggles: env.Toggles | None = None) -> bool:
     """Whether the weight gradients go to ``torch._grouped_mm`` (CUTLASS grouped GEMM with TMA and warp
     specialisation) on row-gathered operands instead of the Triton ``wgrad``: on an H100 it ran 1.4-1.7x faster at
     every measured shape (benchmarks/NOTES.md, v2.3), for one ``[S, H]`` gather per gradient. It takes bf16 on
     sm_90 / sm_100 with 16-byte aligned rows; everything else stays in Triton. ``HETERMOE_VENDOR_WGRAD=0`` turns
-    it off."""
-    if not (_vendor_takes(x) and env.vendor_wgrad()):
+    it off (``toggles``: ``env.toggles()`` as the caller read them)."""
+    if not (_vendor_takes(x) and (toggles or env.toggles()).vendor_wgrad):
         return False
     return x.shape[1] % 8 == 0 and all(t.shape[-1] % 8 == 0 and t.dtype == x.dtype for t in operands)
 
 
-def vendor_matmul_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+def vendor_matmul_ok(a: torch.Tensor, b: torch.Tensor, toggles: env.Toggles | None = None) -> bool:
     """Whether ``a [S, K] @ b[e]^T`` (``b`` a logical ``[E, N, K]`` view) may go to ``torch._grouped_mm``: bf16 on
     sm_90 / sm_100, ``a`` row-major, ``b`` row- or column-major per expert, 16-byte aligned rows and bases.
-    ``HETERMOE_VENDOR_MATMUL=0`` turns it off."""
-    if not (_vendor_takes(a) and b.dtype == a.dtype and env.vendor_matmul()):
+    ``HETERMOE_VENDOR_MATMUL=0`` turns it off (``toggles``: ``env.toggles()`` as the caller read them)."""
+    if not (_vendor_takes(a) and b.dtype == a.dtype and (toggles or env.toggles()).vendor_matmul):
         return False
     _, n, k = b.shape
     aligned = all(t.data_ptr() % 16 == 0 for t in (a, b)) and n % 8 == 0 and k % 8 == 0
@@ -377,7 +377,7 @@ def sorted_matmul(
     def decide() -> dict:
         gluon = toggles.gluon_gemm and block_m == gluon_gemm.BLOCK_M and gluon_gemm.supported(a, b)
         candidates = [dict(IMPL="gluon", **c) for c in (gluon_gemm.CONFIGS if gluon else [])] + [dict(IMPL="triton")]
-        if vendor_matmul_ok(a, b):
+        if vendor_matmul_ok(a, b, toggles=toggles):
             candidates.append(dict(IMPL="cutlass"))
         if len(candidates) == 1:
             return candidates[0]
@@ -582,7 +582,9 @@ def gate_up(
 
     def decide() -> dict:
         triton_only = dict(IMPL="triton")
-        if b1 is not None or num_pairs == 0 or not toggles.vendor_gate_up or not vendor_matmul_ok(x, w1l):
+        if b1 is not None or num_pairs == 0 or not toggles.vendor_gate_up:
+            return triton_only
+        if not vendor_matmul_ok(x, w1l, toggles=toggles):
             return triton_only
         key = (
             str(x.dtype).replace("torch.", ""),
@@ -731,7 +733,7 @@ def experts_backward(
     # Order: dW2 first, so that `hw` is gone before `dx_sorted [S, H]` and dW1's working set exist; except when the
     # vendor path may free `gu`: then dx and dW1 first, `gu` freed, and dW2's gathered rows take its place.
     del g
-    vendor = num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, dgu, hw)
+    vendor = num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, dgu, hw, toggles=toggles)
     dw2_last = vendor and release_gu
     db1 = db2 = None
     if b2 is not None:

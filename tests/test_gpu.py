@@ -58,6 +58,40 @@ def test_triton_bf16_matches_reference_on_gpu(layout, dtype, shape):
             assert rel_err(g_t, g_r) < tol, name
 
 
+def test_toggle_changed_between_calls_takes_effect(monkeypatch):
+    """Launch decisions are remembered per call signature (``tuning.remembered``), the toggles part of it: turning the
+    Gluon row matmuls off between two calls of the same layer keeps them out of the second, and back on, in again."""
+    from hf_hetermoe.kernels import gluon_gemm
+
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(512, 128, 64, 4, 2, layout, torch.bfloat16, "cuda")
+    if not gluon_gemm.available(x):
+        pytest.skip("the Gluon kernels need an sm_90 GPU")
+    calls = []
+    real = gluon_gemm.sorted_matmul
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gluon_gemm, "sorted_matmul", counted)
+
+    def forward():
+        with torch.no_grad():
+            return moe_experts(x, index, weights, w1, w2, layout=layout)
+
+    first = forward()  # pinned defaults: Gluon for the down projection at 256 rows per expert
+    assert len(calls) == 1
+    monkeypatch.setenv("HETERMOE_GLUON_GEMM", "0")
+    off = forward()
+    assert len(calls) == 1
+    monkeypatch.delenv("HETERMOE_GLUON_GEMM")
+    again = forward()
+    assert len(calls) == 2
+    assert torch.equal(first, again)
+    assert rel_err(off, first) < TOLERANCE[torch.bfloat16]
+
+
 def test_backward_peak_memory_bound():
     """Peak extra memory of forward+backward: the returned gradients, the saved pre-activations (whose storage the
     backward reuses for their gradient) and one transient [S, max(H, I)] buffer; no zero-filled gradient for the

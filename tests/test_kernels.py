@@ -290,7 +290,7 @@ def test_second_backward_through_one_graph_raises(vendor, monkeypatch):
     if vendor:
         if not hasattr(torch, "_grouped_mm"):
             pytest.skip("this torch has no _grouped_mm")
-        monkeypatch.setattr(_triton_ops(), "vendor_wgrad_ok", lambda *tensors: True)
+        monkeypatch.setattr(_triton_ops(), "vendor_wgrad_ok", lambda *tensors, toggles=None: True)
     layout = LAYOUTS["mixtral"]
     x, index, weights, w1, w2, _, _ = make_inputs(9, 16, 16, 3, 2, layout, torch.float32, DEVICE)
     w1.requires_grad_()
@@ -347,7 +347,7 @@ def test_vendor_weight_gradients_match_reference(layout, release_gu, monkeypatch
     if not hasattr(torch, "_grouped_mm"):
         pytest.skip("this torch has no _grouped_mm")
     layout = LAYOUTS[layout]
-    monkeypatch.setattr(triton_ops, "vendor_wgrad_ok", lambda *tensors: True)
+    monkeypatch.setattr(triton_ops, "vendor_wgrad_ok", lambda *tensors, toggles=None: True)
     dtype = KERNEL_DTYPES[-1]  # bf16 on a GPU; the interpreter computes bf16 wrongly, so fp16 on CPU
     T, H, I, E, k = 21, 32, 16, 6, 2
     inputs = make_inputs(T, H, I, E, k, layout, dtype, DEVICE)
@@ -379,7 +379,7 @@ def test_vendor_sorted_matmuls_match_reference(layout, monkeypatch):
 
     layout_name, layout = layout, LAYOUTS[layout.replace("_no_bias", "")]
     calls = []
-    monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b: True)
+    monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b, toggles=None: True)
 
     def take_cutlass(kernel, key, candidates, run, *, device, default, warm=None):
         calls.append(kernel)  # on sm_90 the weight gradients ask too (Gluon or CUTLASS)
@@ -418,7 +418,7 @@ def test_sorted_matmul_is_triton_off_cuda(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the vendor kernel never runs off CUDA")
 
-    monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b: True)
+    monkeypatch.setattr(triton_ops, "vendor_matmul_ok", lambda a, b, toggles=None: True)
     monkeypatch.setattr(torch, "_grouped_mm", fail, raising=False)
     dtype = KERNEL_DTYPES[-1]
     num_pairs, k, n, num_experts = 40, 32, 48, 3
