@@ -288,7 +288,7 @@ def wgrad(
                 str(a.dtype).replace("torch.", ""),
                 f"gather{int(gather_a)}{int(gather_b)}",
                 f"a{_layout_key(a)}-b{_layout_key(b)}-c{_layout_key(out)}",
-                f"N{n}-K{k}-R{tuning.bucket(-(-routing.order.numel() // num_experts))}",
+                f"N{n}-K{k}-R{tuning.rows_bucket(routing.order.numel(), num_experts)}",
             )
             return tuning.choose(
                 "wgrad", key, tuning.WGRAD_CANDIDATES, launch, device=a.device, elem=a.element_size()
@@ -388,7 +388,7 @@ def sorted_matmul(
             f"N{n}-K{b.shape[2]}-E{b.shape[0]}-S{tuning.bucket(a.shape[0])}",
         )
         # ``warm``: the Triton kernel tunes its own tiles first (``select`` is not re-entrant).
-        rows = tuning.bucket(-(-a.shape[0] // max(b.shape[0], 1)))
+        rows = tuning.rows_bucket(a.shape[0], b.shape[0])
         default = candidates[0] if rows <= GLUON_GEMM_MAX_ROWS else dict(IMPL="triton")
         return tuning.choose_impl(
             "sorted_matmul", key, candidates, run, device=a.device, default=default, warm=triton_run
@@ -444,7 +444,7 @@ def grouped_wgrad(
         configs = gluon_wgrad.candidates(a, b) if toggles.gluon else []
         if not configs or num_experts == 0:
             return dict(IMPL="cutlass")
-        rows = tuning.bucket(-(-a.shape[0] // num_experts))
+        rows = tuning.rows_bucket(a.shape[0], num_experts)
         candidates = [dict(IMPL="gluon", **c) for c in configs] + [dict(IMPL="cutlass")]
         key = (str(a.dtype).replace("torch.", ""), f"M{a.shape[1]}-N{b.shape[1]}-E{num_experts}-R{rows}")
         default = candidates[0] if rows <= GLUON_WGRAD_MAX_ROWS else candidates[-1]
@@ -588,7 +588,7 @@ def gate_up(
             return triton_only
         # Offered from 2048 rows per expert (bucketed): measured to help at Mixtral's 4096 (v2.16 item 6); at 256-1024
         # rows our gathered kernel beat CUTLASS by 7-37% even without the copy and the activation pass (v2.10 item 2).
-        if tuning.bucket(-(-num_pairs // max(w1l.shape[0], 1))) < VENDOR_GATE_UP_MIN_ROWS:
+        if tuning.rows_bucket(num_pairs, w1l.shape[0]) < VENDOR_GATE_UP_MIN_ROWS:
             return triton_only
         key = (
             str(x.dtype).replace("torch.", ""),

@@ -163,6 +163,11 @@ def bucket(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
+def rows_bucket(pairs: int, experts: int) -> int:
+    """``bucket`` of the rows per expert, rounded up: the key of choices that depend on experts' run lengths."""
+    return bucket(-(-pairs // max(experts, 1)))
+
+
 def _load_disk() -> dict[str, dict]:
     global _disk
     if _disk is None:
@@ -269,8 +274,8 @@ def remembered(key: tuple, decide: Callable[[], object], device: torch.device):
 
     ``key`` must hold everything the decision reads: the kernel, the operands' shapes, strides, dtypes and
     alignment, the device, the toggles (``env.toggles()``). Then a repeated call costs one dictionary look-up, where
-    deciding again (candidate lists, support checks, the tuning cache's string keys) cost 50-150 us of host time per
-    launch on an H200's host, enough to leave the GPU waiting at 4 K tokens (benchmarks/NOTES.md, v2.16).
+    deciding again (candidate lists, support checks, the tuning cache's string keys) cost up to 100-250 us of host
+    time per launch on an H200's host, enough to leave the GPU waiting at 4 K tokens (benchmarks/NOTES.md, v2.16).
 
     Not remembered: decisions off CUDA (the interpreter's are cheap) and while a CUDA graph is captured (the default
     applies there, untuned). ``clear``, ``set_autotune`` and ``forget_decisions`` forget them all."""
