@@ -10,6 +10,7 @@
 | ``HETERMOE_GLUON_GEMM=0`` | no Gluon kernel for the down projection and dx (the weight gradients keep theirs) |
 | ``HETERMOE_VENDOR_MATMUL=0`` | no ``torch._grouped_mm`` for gate/up, the down projection and dx (default: tuned) |
 | ``HETERMOE_VENDOR_GATE_UP=0`` | no ``torch._grouped_mm`` + activation pass for gate/up only (default: tuned) |
+| ``HETERMOE_SORTED_G=0`` | the backward's first matmul always gathers ``dout``'s rows (default: tuned, long experts) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
@@ -79,6 +80,10 @@ def vendor_gate_up() -> bool:
     return _flag("HETERMOE_VENDOR_GATE_UP", True)
 
 
+def sorted_g() -> bool:
+    return _flag("HETERMOE_SORTED_G", True)
+
+
 def split_tail() -> bool:
     return _flag("HETERMOE_SPLIT_TAIL", True)
 
@@ -108,6 +113,7 @@ class Toggles(NamedTuple):
     gluon_gemm: bool
     vendor_matmul: bool
     vendor_gate_up: bool
+    sorted_g: bool
     split_tail: bool
     one_dot_gate_up: bool
     persistent: bool | None
@@ -122,6 +128,7 @@ def toggles() -> Toggles:
         gluon_gemm(),
         vendor_matmul(),
         vendor_gate_up(),
+        sorted_g(),
         split_tail(),
         one_dot_gate_up(),
         persistent(),

@@ -94,16 +94,27 @@ def experts_forward_op(
     limit: float,
     block_m: int,
     backend: str,
+    keep_gu: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     routing = Routing(order, inverse, expert, offsets, tile_expert, tile_start)
     layout = _layout(has_gate, is_transposed, is_concatenated, activation, alpha, limit)
-    return _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, backend)
+    return _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, backend, keep_gu)
 
 
-def _forward(x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m: int, backend: str):
+def _forward(
+    x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m: int, backend: str, keep_gu: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, gu)``; without ``keep_gu`` (no backward will run) ``gu`` is an empty ``[0, N1]`` tensor and the Triton
+    backend never writes the pre-activations."""
     if backend == "triton":
-        return _impl(backend).experts_forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m)
-    return _impl(backend).experts_forward(x, w1, w2, b1, b2, top_k_weights, routing, layout)
+        out, gu = _impl(backend).experts_forward(
+            x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, keep_gu=keep_gu
+        )
+    else:
+        out, gu = _impl(backend).experts_forward(x, w1, w2, b1, b2, top_k_weights, routing, layout)
+    if not keep_gu:
+        gu = x.new_empty(0, w1_logical(w1, layout).shape[1])
+    return out, gu
 
 
 @experts_forward_op.register_fake
@@ -128,9 +139,10 @@ def _(
     limit,
     block_m,
     backend,
+    keep_gu,
 ):
     n1 = w1.shape[2] if is_transposed else w1.shape[1]
-    return x.new_empty(x.shape), x.new_empty(order.shape[0], n1)
+    return x.new_empty(x.shape), x.new_empty(order.shape[0] if keep_gu else 0, n1)
 
 
 # The Triton backward overwrites the saved pre-activations ``gu`` with their gradient (declared, so that
@@ -213,9 +225,9 @@ class MoEExpertsFunction(torch.autograd.Function):
             backend,
         )
         if torch.compiler.is_compiling():
-            out, gu = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags)
+            out, gu = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags, True)
         else:  # eager: the same function without the custom op's dispatch (~20 us of host time per call)
-            out, gu = _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, backend)
+            out, gu = _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, backend, True)
         ctx.save_for_backward(x, w1, w2, b1, b2, top_k_weights, gu, *routing)
         ctx.flags = flags
         ctx.mark_non_differentiable(gu)
@@ -321,5 +333,15 @@ def moe_experts(
     chosen = resolve_backend(backend, x.device)
     block_m = _block_m(chosen, x.device)
     routing = build_routing(top_k_index, w1.shape[0], block_m)
-    out, _ = MoEExpertsFunction.apply(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, chosen)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, w2, b1, b2, top_k_weights)):
+        out, _ = MoEExpertsFunction.apply(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, chosen)
+        return out
+    # No backward can follow (inference, evaluation, generation): nothing saved, the pre-activations never written.
+    flags = (
+        layout.has_gate, layout.is_transposed, layout.is_concatenated, layout.activation, layout.alpha, layout.limit,
+    )
+    if torch.compiler.is_compiling():
+        out, _ = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags, block_m, chosen, False)
+    else:
+        out, _ = _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, chosen, False)
     return out

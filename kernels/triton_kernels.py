@@ -101,7 +101,7 @@ def _gather_gemm_kernel(
     GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr = False, ONE_DOT: tl.constexpr = False,
+    SPLIT_TAIL: tl.constexpr = False, ONE_DOT: tl.constexpr = False, STORE_PRE: tl.constexpr = True,
 ):
     # PAIRED: B is an interleaved [g0, u0, g1, u1, ...] gate/up matrix read as one operand (contiguous loads);
     # the activation pairs adjacent output columns in the epilogue and h has N // 2 columns.
@@ -119,6 +119,7 @@ def _gather_gemm_kernel(
         bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn, h_ptr, stride_hm,
         stride_hn, tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_m, pid_n, N, K, num_experts, alpha, limit,
         GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_TAIL, ONE_DOT,
+        STORE_PRE,
     )
 
 
@@ -129,7 +130,7 @@ def _gather_gemm_row_tile(
     tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_m, pid_n, N, K, num_experts, alpha, limit,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_TAIL: tl.constexpr, ONE_DOT: tl.constexpr,
+    SPLIT_TAIL: tl.constexpr, ONE_DOT: tl.constexpr, STORE_PRE: tl.constexpr,
 ):
     """Routing row tile ``pid_m`` times N tile ``pid_n`` (nothing for an unused slot of the tile arrays), at half
     height when ``SPLIT_TAIL`` and the tile holds at most ``BLOCK_M // 2`` rows."""
@@ -143,6 +144,7 @@ def _gather_gemm_row_tile(
                 b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
                 h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
                 GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M // 2, BLOCK_N, BLOCK_K, ONE_DOT,
+                STORE_PRE,
             )
         else:
             _gather_gemm_tile(
@@ -150,6 +152,7 @@ def _gather_gemm_row_tile(
                 b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn,
                 h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
                 GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, ONE_DOT,
+                STORE_PRE,
             )
 
 
@@ -173,6 +176,7 @@ def _gather_gemm_persistent_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     E_POW2: tl.constexpr, SPLIT_TAIL: tl.constexpr = False, ONE_DOT: tl.constexpr = False,
+    STORE_PRE: tl.constexpr = True,
 ):
     # ``_gather_gemm_kernel`` as a persistent kernel: one program per SM walks the used (row tile, N tile) pairs in
     # the same grouped order (unused tile slots cost nothing), so the grid is launched once instead of one program
@@ -188,7 +192,7 @@ def _gather_gemm_persistent_kernel(
             b_up_offset, bias_ptr, bias2_ptr, stride_biase, stride_biasn, c_ptr, c2_ptr, stride_cm, stride_cn, h_ptr,
             stride_hm, stride_hn, tile_expert_ptr, tile_start_ptr, offsets_ptr, pid_m, pid_n, N, K, num_experts,
             alpha, limit, GATHER_A, GATED, PAIRED, HAS_BIAS, ACT, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-            SPLIT_TAIL, ONE_DOT,
+            SPLIT_TAIL, ONE_DOT, STORE_PRE,
         )
 
 
@@ -251,10 +255,11 @@ def _gather_gemm_tile(
     h_ptr, stride_hm, stride_hn, expert, row_start, row_end, pid_n, N, K, alpha, limit,
     GATHER_A: tl.constexpr, GATED: tl.constexpr, PAIRED: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ONE_DOT: tl.constexpr,
+    ONE_DOT: tl.constexpr, STORE_PRE: tl.constexpr,
 ):
     """One (row tile, N tile) of ``_gather_gemm_kernel``: BLOCK_M sorted rows from ``row_start`` (masked at
-    ``row_end``) times expert ``expert``'s B columns, then the epilogue (bias, stores, activation)."""
+    ``row_end``) times expert ``expert``'s B columns, then the epilogue (bias, stores, activation). Without
+    ``STORE_PRE`` only the activation is stored (a forward that saves nothing for a backward)."""
     offs_m = row_start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < row_end
     if GATHER_A:
@@ -286,10 +291,12 @@ def _gather_gemm_tile(
     mask = mask_m[:, None] & mask_n[None, :]
     c_off = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
     pre = acc.to(out_dtype)
-    tl.store(c_ptr + c_off, pre, mask=mask)
+    if STORE_PRE:
+        tl.store(c_ptr + c_off, pre, mask=mask)
     if GATED:
         pre2 = acc2.to(out_dtype)
-        tl.store(c2_ptr + c_off, pre2, mask=mask)
+        if STORE_PRE:
+            tl.store(c2_ptr + c_off, pre2, mask=mask)
     if ACT >= 0:
         # The activation reads the rounded pre-activations, exactly what the backward pass re-reads.
         if PAIRED:

@@ -55,7 +55,7 @@ def gather_gemm(
     b_up: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     bias_up: torch.Tensor | None = None,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
     out_up: torch.Tensor | None = None,
     act_out: torch.Tensor | None = None,
     layout: ExpertLayout | None = None,
@@ -68,14 +68,20 @@ def gather_gemm(
 
     With ``b_up`` the gate (``b``) and up (``b_up``) products are computed together and ``act_out`` receives
     the gated activation; without it and with ``act_out``, ``act_out = act(out)``, or with ``paired`` (``b`` the
-    interleaved gate/up matrix, ``[E, 2I, K]``) the gated activation of adjacent column pairs. ``config`` pins
-    the tiles (a ``tuning.GEMM_CANDIDATES`` entry); by default ``tuning.choose`` picks them. ``toggles``:
-    ``env.toggles()`` as the caller read them (read here when not given).
+    interleaved gate/up matrix, ``[E, 2I, K]``) the gated activation of adjacent column pairs. ``out=None`` (and
+    ``out_up=None``) with ``act_out``: only the activation is stored. ``config`` pins the tiles (a
+    ``tuning.GEMM_CANDIDATES`` entry); by default ``tuning.choose`` picks them. ``toggles``: ``env.toggles()`` as
+    the caller read them (read here when not given).
     """
     num_experts, n, k = b.shape
     gated = b_up is not None
     act = layout.act_code if act_out is not None else -1
     num_tiles = routing.tile_expert.numel()
+    store_pre = out is not None
+    if not store_pre:
+        if act_out is None or out_up is not None:
+            raise ValueError("gather_gemm: out=None stores the activation only; give act_out and no out_up")
+        out = act_out  # the pre-activation pointer is not written; it gives the kernel the output dtype
     act_t = act_out if act_out is not None else out
 
     def launch(cfg: dict, split_tail: bool, one_dot: bool, up_offset: int) -> None:
@@ -105,7 +111,7 @@ def gather_gemm(
             bias.stride(0) if bias is not None else 0,
             bias.stride(1) if bias is not None else 0,
             out,
-            out_up if gated else out,
+            out_up if out_up is not None else out,
             out.stride(0),
             out.stride(1),
             act_t,
@@ -129,6 +135,7 @@ def gather_gemm(
             BLOCK_M=block_m,
             SPLIT_TAIL=split_tail,
             ONE_DOT=one_dot,
+            STORE_PRE=store_pre,
             **extra,
             **cfg,
         )
@@ -153,7 +160,8 @@ def gather_gemm(
                 str(a.dtype).replace("torch.", ""),
                 f"gather{int(gather_a)}-gated{int(gated)}{'p' if paired else '1' if one_dot else ''}-act{act}"
                 f"-bias{int(bias is not None)}"
-                + ("" if toggles.persistent is None else f"-persistent{int(toggles.persistent)}"),
+                + ("" if toggles.persistent is None else f"-persistent{int(toggles.persistent)}")
+                + ("" if store_pre else "-nopre"),
                 f"a{_layout_key(a)}-b{_layout_key(b)}",
                 f"N{n}-K{k}-E{num_experts}-S{tuning.bucket(routing.order.numel())}",
             )
@@ -176,7 +184,7 @@ def gather_gemm(
     else:
         signature = (
             "gather_gemm", _sig(a), _sig(b), _sig(b_up), up_delta, bias is None, bias_up is None, act, gather_a,
-            paired, block_m, routing.order.numel(), num_tiles, toggles,
+            paired, block_m, routing.order.numel(), num_tiles, store_pre, toggles,
         )
         decision = tuning.remembered(signature, decide, a.device)
     launch(*decision)
@@ -455,15 +463,88 @@ def grouped_wgrad(
 
 
 def _dw2(
-    dout, hw, routing: Routing, top_k: int, w2, layout: ExpertLayout, vendor: bool, toggles: env.Toggles | None = None
+    dout, hw, routing: Routing, top_k: int, w2, layout: ExpertLayout, vendor: bool, toggles: env.Toggles | None = None,
+    dout_sorted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dW2[e] = sum_r dout[tok_r]^T hw_r`` in ``w2``'s layout: the vendor grouped GEMM on ``dout``'s rows in
-    sorted order, else the Triton kernel gathering them itself."""
+    sorted order (``dout_sorted`` when the caller already has them), else the Triton kernel gathering them itself."""
     if vendor:
-        return _vendor_wgrad(sorted_rows(dout, routing, top_k), hw, routing, layout.is_transposed, toggles)
+        rows = dout_sorted if dout_sorted is not None else sorted_rows(dout, routing, top_k)
+        return _vendor_wgrad(rows, hw, routing, layout.is_transposed, toggles)
     dw2 = torch.empty_like(w2)
     wgrad(dout, hw, routing, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False, toggles=toggles)
     return dw2
+
+
+def backward_g(
+    dout: torch.Tensor,
+    w2l: torch.Tensor,
+    routing: Routing,
+    top_k: int,
+    *,
+    block_m: int,
+    vendor: bool,
+    toggles: env.Toggles | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward's first matmul, ``g[r] = dout[tok_r] @ w2[e(r)]`` over sorted pairs (``w2l`` the logical
+    ``[E, H, I]`` view), and ``dout``'s rows in sorted order when they were made for it (else ``None``). Two
+    implementations, the tuner picks per shape bucket:
+
+    - our Triton kernel gathering ``dout``'s rows itself (the default);
+    - ``dout``'s rows copied to sorted order, then ``sorted_matmul`` (Gluon, Triton or CUTLASS, its own choice). The
+      copy is the one the vendor weight gradients make for dW2 anyway, so it is offered only with them (``vendor``),
+      from ``SORTED_G_MIN_ROWS`` rows per expert (on an H200, CUTLASS beat the gathered kernel on this matmul
+      by 6-7% at Mixtral's and DeepSeek-V3's 4096 rows per expert, and lost by 6-11% at 1024 and below:
+      benchmarks/NOTES.md, v2.10 item 2), and only where ``E * H <= S``. The copy then lives until dW2, which moves
+      first; dW2 (``E * H * I``) being no larger than the ``w * h`` rows it replaces (``S * I``), the backward's
+      peak cannot rise. ``HETERMOE_SORTED_G=0`` keeps the gathered kernel."""
+    num_pairs = routing.order.numel()
+    w2t = w2l.transpose(1, 2)  # logical [E, I, H]
+    num_experts, inter, hidden = w2t.shape
+    toggles = toggles or env.toggles()
+
+    def gathered() -> tuple[torch.Tensor, None]:
+        g = dout.new_empty(num_pairs, inter)
+        gather_gemm(dout, w2t, routing, top_k, gather_a=True, out=g, block_m=block_m, toggles=toggles)
+        return g, None
+
+    def on_sorted_rows(rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = sorted_rows(dout, routing, top_k) if rows is None else rows
+        return sorted_matmul(rows, w2t, routing, top_k, block_m=block_m, toggles=toggles), rows
+
+    def decide() -> dict:
+        default = dict(IMPL="gathered")
+        if not (vendor and toggles.sorted_g) or num_pairs == 0 or num_experts * hidden > num_pairs:
+            return default
+        if tuning.rows_bucket(num_pairs, num_experts) < SORTED_G_MIN_ROWS:
+            return default
+        key = (
+            str(dout.dtype).replace("torch.", ""),
+            f"a{_layout_key(dout)}-b{_layout_key(w2t)}",
+            f"N{inter}-K{hidden}-E{num_experts}-S{tuning.bucket(num_pairs)}",
+        )
+        timed_rows = []  # one copy for the timing: the copy is dW2's, not this matmul's cost
+
+        def run(cfg: dict) -> torch.Tensor:
+            if cfg["IMPL"] == "gathered":
+                return gathered()[0]
+            if not timed_rows:
+                timed_rows.append(sorted_rows(dout, routing, top_k))
+            return on_sorted_rows(timed_rows[0])[0]
+
+        def warm() -> None:  # both tune their own tiles or implementations first (``select`` is not re-entrant)
+            gathered()
+            on_sorted_rows()
+
+        candidates = [default, dict(IMPL="sorted_rows")]
+        return tuning.choose_impl("backward_g", key, candidates, run, device=dout.device, default=default, warm=warm)
+
+    signature = ("backward_g", _sig(dout), _sig(w2l), num_pairs, block_m, vendor, toggles)
+    cfg = tuning.remembered(signature, decide, dout.device)
+    return on_sorted_rows() if cfg["IMPL"] == "sorted_rows" else gathered()
+
+
+SORTED_G_MIN_ROWS = 2048
 
 
 def expert_colsum(
@@ -515,13 +596,16 @@ def experts_forward(
     routing: Routing,
     layout: ExpertLayout,
     block_m: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``out [T, H]`` and the saved pre-activations ``gu [S, N1]``; same contract as ``reference.experts_forward``."""
+    keep_gu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``out [T, H]`` and the saved pre-activations ``gu [S, N1]``; same contract as ``reference.experts_forward``.
+    ``keep_gu=False`` (nothing will run the backward): ``gu`` is ``None``, and the gated kernel stores only the
+    activation, ``S * N1`` elements less written and held."""
     num_tokens, hidden = x.shape
     top_k = top_k_weights.shape[-1]
     num_pairs = routing.order.numel()
     toggles = env.toggles()  # once per call: the launchers' cached decisions are keyed on them
-    gu, h = gate_up(x, w1_logical(w1, layout), b1, routing, top_k, layout, block_m, toggles)
+    gu, h = gate_up(x, w1_logical(w1, layout), b1, routing, top_k, layout, block_m, toggles, keep_pre=keep_gu)
     if b2 is None:
         y = sorted_matmul(h, w2_logical(w2, layout), routing, top_k, block_m=block_m, toggles=toggles)
     else:
@@ -543,10 +627,11 @@ def gate_up(
     layout: ExpertLayout,
     block_m: int,
     toggles: env.Toggles | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_pre: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The forward's first matmul and its activation: pre-activations ``gu [S, N1]`` and ``h [S, I]`` for the rows of
-    ``x [T, H]`` in sorted pair order, ``w1l`` the logical ``[E, N1, H]`` view. Two implementations, the tuner picks
-    per shape bucket:
+    ``x [T, H]`` in sorted pair order, ``w1l`` the logical ``[E, N1, H]`` view (``gu`` ``None`` without
+    ``keep_pre``: the Triton kernel then stores ``h`` only). Two implementations, the tuner picks per shape bucket:
 
     - our Triton kernel: gathers ``x``'s rows itself, the activation in its epilogue (the default);
     - CUTLASS's grouped GEMM (``torch._grouped_mm``, bf16 on sm_90 / sm_100, no bias) on ``x``'s rows copied to sorted
@@ -558,8 +643,8 @@ def gate_up(
     inter = n1 // 2 if layout.has_gate else n1
     toggles = toggles or env.toggles()
 
-    def triton_run() -> tuple[torch.Tensor, torch.Tensor]:
-        gu, h = x.new_empty(num_pairs, n1), x.new_empty(num_pairs, inter)
+    def triton_run(keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        gu, h = x.new_empty(num_pairs, n1) if keep else None, x.new_empty(num_pairs, inter)
         if layout.has_gate and not layout.is_concatenated:
             # Interleaved gate/up: one contiguous operand, the activation pairs adjacent columns in the epilogue
             # (two stride-2 operands waste half of every loaded sector: GPT-OSS ran its forward at ~50 TF/s).
@@ -577,8 +662,11 @@ def gate_up(
         activation(gu, h, layout)
         return gu, h
 
-    def run(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return vendor_run() if cfg["IMPL"] == "cutlass" else triton_run()
+    def run(cfg: dict, keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        if cfg["IMPL"] == "cutlass":
+            gu, h = vendor_run()
+            return (gu if keep else None), h
+        return triton_run(keep)
 
     def decide() -> dict:
         triton_only = dict(IMPL="triton")
@@ -602,8 +690,9 @@ def gate_up(
             "gate_up", key, candidates, run, device=x.device, default=triton_only, warm=triton_run
         )
 
+    # One decision with or without ``keep_pre``: CUTLASS writes the pre-activations either way.
     signature = ("gate_up", _sig(x), _sig(w1l), b1 is None, layout, block_m, num_pairs, toggles)
-    return run(tuning.remembered(signature, decide, x.device))
+    return run(tuning.remembered(signature, decide, x.device), keep_pre)
 
 
 VENDOR_GATE_UP_MIN_ROWS = 2048
@@ -636,7 +725,7 @@ def activation(gu: torch.Tensor, h: torch.Tensor, layout: ExpertLayout) -> None:
 
 def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, toggles) -> None:
     w_gate, w_up = _halves(w1l, 1, layout)
-    gu_gate, gu_up = _halves(gu, 1, layout)
+    gu_gate, gu_up = _halves(gu, 1, layout) if gu is not None else (None, None)
     b_gate, b_up = _halves(b1, 1, layout) if b1 is not None else (None, None)
     gather_gemm(
         x,
@@ -685,9 +774,10 @@ def experts_backward(
     w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
     inter = w2l.shape[2]
 
-    # g = dout[tok] @ w2[e]   (w2 logical [E, H, I] read as [E, I, H]^T)
-    g = x.new_empty(num_pairs, inter)
-    gather_gemm(dout, w2l.transpose(1, 2), routing, top_k, gather_a=True, out=g, block_m=block_m, toggles=toggles)
+    # Whether the weight gradients go to the vendor's grouped GEMM on rows copied to sorted order.
+    vendor = num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, gu, w2l, toggles=toggles)
+    # g = dout[tok] @ w2[e]; dout_sorted: dout's rows in sorted order when g was computed from them (dW2's operand)
+    g, dout_sorted = backward_g(dout, w2l, routing, top_k, block_m=block_m, vendor=vendor, toggles=toggles)
 
     # The glu kernel works in place, element by element: each program reads a row's g, gate and up before it
     # writes the same positions, so dgu overwrites gu (nothing reads gu after it) and hw (routing weight times
@@ -737,18 +827,18 @@ def experts_backward(
 
     # Transients are dropped as soon as their last reader is queued (the caching allocator reuses them at once).
     # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
-    # Order: dW2 first, so that `hw` is gone before `dx_sorted [S, H]` and dW1's working set exist; except when the
-    # vendor path may free `gu`: then dx and dW1 first, `gu` freed, and dW2's gathered rows take its place.
+    # Order: dW2 first, so that `hw` (and dout's sorted rows, if g made them) is gone before `dx_sorted [S, H]` and
+    # dW1's working set exist; except when the vendor path may free `gu` and has no sorted rows yet: then dx and
+    # dW1 first, `gu` freed, and dW2's gathered rows take its place.
     del g
-    vendor = num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, dgu, hw, toggles=toggles)
-    dw2_last = vendor and release_gu
+    dw2_last = vendor and release_gu and dout_sorted is None
     db1 = db2 = None
     if b2 is not None:
         db2 = torch.empty_like(b2)
         expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     if not dw2_last:
-        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles)
-        del hw
+        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles, dout_sorted=dout_sorted)
+        del hw, dout_sorted
 
     # dx = sum over slots of dgu @ w1[e]   (w1 logical [E, N1, H] read as [E, H, N1]^T)
     dx_sorted = sorted_matmul(dgu, w1l.transpose(1, 2), routing, top_k, block_m=block_m, toggles=toggles)
@@ -763,7 +853,8 @@ def experts_backward(
     if b1 is not None:
         db1 = torch.empty_like(b1)
         expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
-    if dw2_last:
+    if vendor and release_gu:
         gu.untyped_storage().resize_(0)  # dgu (the same storage) has had its last reader queued
+    if dw2_last:
         dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles)
     return dx, dweights, dw1, dw2, db1, db2

@@ -122,6 +122,58 @@ def test_op_triton_backend_through_autograd():
         assert rel_err(g, w) < 1e-4
 
 
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "no_gate_relu2_bias", "interleaved_gelu"])
+def test_forward_without_grad_writes_no_pre_activations(layout, monkeypatch):
+    """Where no backward can follow, the gated kernel stores the activation only: the same output, bit for bit, as
+    the training forward, with and without one dot for gate and up; ``moe_experts`` takes that path under
+    ``torch.no_grad`` and when nothing requires a gradient."""
+    triton_ops = _triton_ops()
+    layout = LAYOUTS[layout]
+    x, index, weights, w1, w2, b1, b2 = make_inputs(19, 32, 16, 5, 2, layout, torch.float32, DEVICE)
+    block_m = triton_ops.block_m_for(DEVICE)
+    routing = build_routing(index, 5, block_m)
+    args = (x, w1, w2, b1, b2, weights, routing, layout, block_m)
+    for one_dot in ("1", "0"):
+        monkeypatch.setenv("HETERMOE_ONE_DOT_GATE_UP", one_dot)
+        out_train, gu = triton_ops.experts_forward(*args)
+        out, none = triton_ops.experts_forward(*args, keep_gu=False)
+        assert none is None and gu.shape[0] == 38
+        assert torch.equal(out, out_train)
+    calls = []
+    forward = triton_ops.experts_forward
+    monkeypatch.setattr(
+        triton_ops, "experts_forward", lambda *a, keep_gu=True: calls.append(keep_gu) or forward(*a, keep_gu=keep_gu)
+    )
+    expected = ref.experts_eager(x, index, weights, w1, w2, b1, b2, layout)
+
+    def run():
+        return moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="triton")
+
+    with torch.no_grad():
+        w1.requires_grad_()
+        assert rel_err(run(), expected) < 1e-5
+    w1.requires_grad_(False)
+    assert rel_err(run(), expected) < 1e-5
+    w1.requires_grad_()
+    run()
+    assert calls == [False, False, True]
+
+
+def test_compile_fullgraph_traces_the_forward_without_grad():
+    """The custom forward op's fake covers the path that saves nothing (inference under torch.compile)."""
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(11, 16, 16, 4, 2, layout, torch.float32, "cpu")
+
+    def infer(x, index, weights, w1, w2):
+        return moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference")
+
+    with torch.no_grad():
+        got = torch.compile(infer, fullgraph=True, backend="aot_eager")(x, index, weights, w1, w2)
+    assert rel_err(got, infer(x, index, weights, w1, w2)) < 1e-6
+
+
 def test_mixed_dtypes_cast_weights_to_hidden_dtype():
     """fp32 master weights with half-precision activations (autocast): output and grads keep their dtypes."""
     layout = LAYOUTS["mixtral"]
@@ -363,6 +415,56 @@ def test_vendor_weight_gradients_match_reference(layout, release_gu, monkeypatch
             continue
         assert g_t.shape == g_r.shape and g_t.stride() == g_r.stride(), name
         assert rel_err(g_t, g_r) < TOLERANCE[dtype], name
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("release_gu", [False, True], ids=["keep_gu", "release_gu"])
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "transposed_gelu_tanh"])
+def test_backward_g_on_sorted_rows_matches_reference(layout, release_gu, monkeypatch):
+    """The backward's first matmul on ``dout``'s rows copied to sorted order (the copy then feeds dW2, which moves
+    first) equals the reference in each storage layout, with an expert that gets no rows; and the path is offered
+    only where ``E * H <= S``."""
+    triton_ops = _triton_ops()
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    from hf_hetermoe.kernels import tuning
+
+    layout = LAYOUTS[layout]
+    asked = []
+    monkeypatch.setattr(triton_ops, "vendor_wgrad_ok", lambda *tensors, toggles=None: True)
+    monkeypatch.setattr(triton_ops, "SORTED_G_MIN_ROWS", 0)
+
+    def take_sorted_rows(kernel, key, candidates, run, *, device, default, warm=None):
+        asked.append(kernel)
+        return next(c for c in candidates if c["IMPL"] == "sorted_rows") if kernel == "backward_g" else default
+
+    monkeypatch.setattr(tuning, "choose_impl", take_sorted_rows)
+    made, copy_rows = [], triton_ops.sorted_rows
+
+    def counted_copy(src, *args):
+        made.append(src.data_ptr())
+        return copy_rows(src, *args)
+
+    monkeypatch.setattr(triton_ops, "sorted_rows", counted_copy)
+    dtype = KERNEL_DTYPES[-1]  # bf16 on a GPU; the interpreter computes bf16 wrongly, so fp16 on CPU
+    block_m = triton_ops.block_m_for(DEVICE)
+    for T, H, E, offered in [(40, 16, 3, True), (21, 32, 6, False)]:  # E * H <= T * k, then E * H > T * k
+        asked.clear()
+        made.clear()
+        inputs = make_inputs(T, H, 16, E, 2, layout, dtype, DEVICE)
+        inputs[1][inputs[1] == 1] = 2  # expert 1 gets no rows
+        routing = build_routing(inputs[1], E, block_m)
+        dout = torch.randn(T, H, device=DEVICE).to(dtype)
+        _, _, grads_t = _fwd_bwd(triton_ops, inputs, layout, routing, dout, block_m, release_gu)
+        _, _, grads_r = _fwd_bwd(ref, inputs, layout, routing, dout)
+        assert asked.count("backward_g") == int(offered)
+        assert made.count(dout.data_ptr()) == 1  # dout's rows copied once, for g and dW2 alike (or for dW2 alone)
+        for name, g_t, g_r in zip(["dx", "d_top_k_weights", "dw1", "dw2", "db1", "db2"], grads_t, grads_r):
+            if g_r is None:
+                assert g_t is None, name
+                continue
+            assert rel_err(g_t, g_r) < TOLERANCE[dtype], name
 
 
 @requires_triton
