@@ -424,9 +424,10 @@ def _vendor_wgrad(
     return grouped_wgrad(a, b, routing, toggles=toggles)
 
 
-# Without autotuning, the Gluon kernel takes experts of up to this many rows (bucketed) and CUTLASS the longer
-# ones: on an H200 Gluon won every measured weight gradient up to 1024 rows per expert (+3% to +40%) and lost the
-# two at 4096 (benchmarks/NOTES.md, v2.11).
+# The Gluon kernel is offered for experts of up to this many rows (bucketed) and CUTLASS takes the longer ones: on
+# an H200 Gluon won every measured weight gradient up to 1024 rows per expert (+3% to +40%) and lost the two at 4096
+# (benchmarks/NOTES.md, v2.11). At 4096 the tuner's short timings could still pick it, and sustained it ran Mixtral's
+# dW1 in 13.5 ms against CUTLASS's 11.4-11.8 (v2.17), so longer experts are not offered to it at all.
 GLUON_WGRAD_MAX_ROWS = 2048
 
 
@@ -449,14 +450,13 @@ def grouped_wgrad(
         return gluon_wgrad.grouped_wgrad(a, b, routing.offsets, config=tiles, check=False)
 
     def decide() -> dict:
-        configs = gluon_wgrad.candidates(a, b) if toggles.gluon else []
+        rows = tuning.rows_bucket(a.shape[0], num_experts)
+        configs = gluon_wgrad.candidates(a, b) if toggles.gluon and rows <= GLUON_WGRAD_MAX_ROWS else []
         if not configs or num_experts == 0:
             return dict(IMPL="cutlass")
-        rows = tuning.rows_bucket(a.shape[0], num_experts)
         candidates = [dict(IMPL="gluon", **c) for c in configs] + [dict(IMPL="cutlass")]
         key = (str(a.dtype).replace("torch.", ""), f"M{a.shape[1]}-N{b.shape[1]}-E{num_experts}-R{rows}")
-        default = candidates[0] if rows <= GLUON_WGRAD_MAX_ROWS else candidates[-1]
-        return tuning.choose_impl("wgrad_impl", key, candidates, run, device=a.device, default=default)
+        return tuning.choose_impl("wgrad_impl", key, candidates, run, device=a.device, default=candidates[0])
 
     signature = ("grouped_wgrad", _sig(a), _sig(b), num_experts, toggles)
     return run(tuning.remembered(signature, decide, a.device))
@@ -680,18 +680,21 @@ def gate_up(
             return triton_only
         key = (
             str(x.dtype).replace("torch.", ""),
-            f"act{layout.act_code}-gated{int(layout.has_gate)}{'p' if not layout.is_concatenated else ''}",
+            f"act{layout.act_code}-gated{int(layout.has_gate)}{'p' if not layout.is_concatenated else ''}"
+            + ("" if keep_pre else "-nopre"),
             f"a{_layout_key(x)}-b{_layout_key(w1l)}",
             f"N{n1}-K{w1l.shape[2]}-E{w1l.shape[0]}-S{tuning.bucket(num_pairs)}",
         )
         candidates = [triton_only, dict(IMPL="cutlass")]
         # ``warm``: the Triton kernel tunes its own tiles first (``select`` is not re-entrant).
         return tuning.choose_impl(
-            "gate_up", key, candidates, run, device=x.device, default=triton_only, warm=triton_run
+            "gate_up", key, candidates, lambda cfg: run(cfg, keep_pre), device=x.device, default=triton_only,
+            warm=lambda: triton_run(keep_pre),
         )
 
-    # One decision with or without ``keep_pre``: CUTLASS writes the pre-activations either way.
-    signature = ("gate_up", _sig(x), _sig(w1l), b1 is None, layout, block_m, num_pairs, toggles)
+    # Decided apart with and without ``keep_pre``: without it the Triton kernel writes a third of the bytes it
+    # otherwise writes, and CUTLASS writes the pre-activations either way.
+    signature = ("gate_up", _sig(x), _sig(w1l), b1 is None, layout, block_m, num_pairs, keep_pre, toggles)
     return run(tuning.remembered(signature, decide, x.device), keep_pre)
 
 
