@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import platform
 import time
 from pathlib import Path
@@ -28,7 +29,9 @@ import torch
 VARIANTS = {
     "hetermoe_experts": dict(fused_cross_entropy=False, fused_rms_norm=False),
     "hetermoe": {},  # prepare's defaults: experts, fused linear cross-entropy, fused RMSNorm
+    "hetermoe_recompute": dict(recompute_gate_up=True),  # not run by default: --variants ...,hetermoe_recompute
 }
+DEFAULT_VARIANTS = ("grouped_mm", "hetermoe_experts", "hetermoe")
 
 
 def model_config(layers: int, tiny: bool):
@@ -114,11 +117,14 @@ def main(argv=None):
     )
     parser.add_argument(
         "--variants",
-        default=",".join(["grouped_mm", *VARIANTS]),
+        default=",".join(DEFAULT_VARIANTS),
         help="comma-separated; grouped_mm (transformers' default, the baseline) first",
     )
     parser.add_argument("--profile", action="store_true", help="print each variant's top kernels of one step")
     args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - {"grouped_mm", *VARIANTS}
+    if unknown or not args.variants.startswith("grouped_mm"):
+        parser.error(f"--variants: grouped_mm first, then any of {', '.join(VARIANTS)} (got {args.variants!r})")
     warmup_steps = max(args.warmup_steps, 1)  # at least the one step that follows the compiling one
     import transformers
     from transformers import AutoModelForCausalLM
@@ -180,6 +186,7 @@ def main(argv=None):
         if args.profile and cuda:
             print_top_kernels(step, variant)
         del model, opt, step
+        gc.collect()  # whatever a variant left in reference cycles must not count toward the next one's peak
         if cuda:
             torch.cuda.empty_cache()
     a = results["grouped_mm"]

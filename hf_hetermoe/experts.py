@@ -17,6 +17,7 @@ from .kernels.layout import ExpertLayout
 IMPLEMENTATION_NAME = "hetermoe"
 LAYOUT_ATTR = "_hetermoe_layout"
 BACKEND_ATTR = "_hetermoe_backend"
+RECOMPUTE_ATTR = "_hetermoe_recompute"  # HeterMoEConfig.recompute_gate_up, set by prepare
 
 
 def experts_layout(experts: nn.Module) -> ExpertLayout:
@@ -55,6 +56,7 @@ def hetermoe_experts_forward(
         b2,
         layout=layout,
         backend=getattr(self, BACKEND_ATTR, "auto"),
+        recompute=getattr(self, RECOMPUTE_ATTR, False),
     )
     return out.view(shape)
 

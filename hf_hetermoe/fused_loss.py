@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .model_patches.common import InstanceMethod
+from .model_patches.common import InstanceMethod, ModuleRef
 
 # Families that transform the head's logits before the loss: the factor their forward applies.
 _LOGIT_SCALE = {
@@ -159,10 +159,11 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     lm.forward = InstanceMethod(lm, _fused_forward)
     head.forward = InstanceMethod(head, _fused_head)
     lm.loss_function = InstanceMethod(lm, _loss_function, "loss_function")
-    return functools.partial(_disable, lm, head)
+    # The undo is kept on the model itself (prepare's state): weak references, or the model would be a cycle.
+    return functools.partial(_disable, ModuleRef(lm), ModuleRef(head))
 
 
-def _disable(lm: nn.Module, head: nn.Module) -> None:
-    for module in (lm, head):
+def _disable(lm: ModuleRef, head: ModuleRef) -> None:
+    for module in (lm(), head()):
         for name in ("forward", "_loss_function", STATE_ATTR):
             module.__dict__.pop(name, None)

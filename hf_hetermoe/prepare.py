@@ -19,7 +19,7 @@ from torch import nn
 from . import env, fused_loss
 from .config import HeterMoEConfig
 from .errors import UnsupportedModelError
-from .experts import BACKEND_ATTR, LAYOUT_ATTR, register
+from .experts import BACKEND_ATTR, LAYOUT_ATTR, RECOMPUTE_ATTR, register
 from .model_patches import MODEL_PATCHES, ModelPatch, get_model_patch, supported_model_types
 from .model_patches.norms import patch_rms_norms
 
@@ -122,6 +122,7 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
         for module, layout in zip(experts, layouts):
             setattr(module, LAYOUT_ATTR, layout)
             setattr(module, BACKEND_ATTR, config.backend)
+            setattr(module, RECOMPUTE_ATTR, config.recompute_gate_up)
             undo.append(patch.patch_instance(module, layout, config.backend))
         setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, [], undo))
         return model
@@ -137,6 +138,7 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
     for module, layout in zip(experts, layouts):
         setattr(module, LAYOUT_ATTR, layout)
         setattr(module, BACKEND_ATTR, config.backend)
+        setattr(module, RECOMPUTE_ATTR, config.recompute_gate_up)
     setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, previous, undo))
     return model
 
@@ -152,7 +154,7 @@ def unprepare(model: nn.Module) -> nn.Module:
     for restore in state.undo:
         restore()
     for module in state.experts:
-        for attr in (LAYOUT_ATTR, BACKEND_ATTR):
+        for attr in (LAYOUT_ATTR, BACKEND_ATTR, RECOMPUTE_ATTR):
             if attr in module.__dict__:
                 delattr(module, attr)
     delattr(model, STATE_ATTR)

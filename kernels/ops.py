@@ -189,8 +189,14 @@ def experts_backward_op(
 
 
 def _backward(dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend, release_gu=False):
+    impl = _impl(backend)
+    if gu.shape[0] != routing.order.shape[0]:  # the forward saved none (recompute=True): the gate/up matmul again
+        top_k = top_k_weights.shape[-1]
+        block = (block_m,) if backend == "triton" else ()
+        gu = impl.pre_activations(x, w1, b1, routing, top_k, layout, *block)
+        release_gu = True  # a buffer of our own, read by nothing else
     extra = (block_m, release_gu) if backend == "triton" else ()
-    return _impl(backend).experts_backward(dout, x, w1, w2, b1, b2, top_k_weights, routing, gu, layout, *extra)
+    return impl.experts_backward(dout, x, w1, w2, b1, b2, top_k_weights, routing, gu, layout, *extra)
 
 
 @experts_backward_op.register_fake
@@ -207,13 +213,16 @@ def _(dout, x, w1, w2, b1, b2, top_k_weights, *args):
 
 class MoEExpertsFunction(torch.autograd.Function):
     """Autograd over the two custom ops. Saves ``x``, the weights, the routing and the pre-activations
-    ``gu [S, N1]``; ``h`` and every ``[S, H]`` intermediate are recomputed or transient.
+    ``gu [S, N1]``; ``h`` and every ``[S, H]`` intermediate are recomputed or transient. With ``recompute`` it saves
+    no ``gu`` (an empty tensor stands in) and the backward runs the gate/up matmul again.
 
     The backward reuses ``gu``'s storage for its gradient, so one graph can be backpropagated once: a second
     backward (``retain_graph=True``) raises instead of returning wrong gradients."""
 
     @staticmethod
-    def forward(ctx, x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m, backend):
+    def forward(
+        ctx, x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m, backend, recompute
+    ):
         flags = (
             layout.has_gate,
             layout.is_transposed,
@@ -224,10 +233,11 @@ class MoEExpertsFunction(torch.autograd.Function):
             block_m,
             backend,
         )
+        keep_gu = not recompute
         if torch.compiler.is_compiling():
-            out, gu = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags, True)
+            out, gu = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags, keep_gu)
         else:  # eager: the same function without the custom op's dispatch (~20 us of host time per call)
-            out, gu = _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, backend, True)
+            out, gu = _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, backend, keep_gu)
         ctx.save_for_backward(x, w1, w2, b1, b2, top_k_weights, gu, *routing)
         ctx.flags = flags
         ctx.mark_non_differentiable(gu)
@@ -238,7 +248,7 @@ class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dgu):
         if dout is None:  # no gradient reached the output (gu never has one)
-            return (None,) * 10
+            return (None,) * 11
         try:
             x, w1, w2, b1, b2, top_k_weights, gu, *routing = ctx.saved_tensors
         except RuntimeError as err:
@@ -268,6 +278,7 @@ class MoEExpertsFunction(torch.autograd.Function):
             db1 if b1 is not None else None,
             db2 if b2 is not None else None,
             dweights,
+            None,
             None,
             None,
             None,
@@ -309,6 +320,7 @@ def moe_experts(
     b2: torch.Tensor | None = None,
     layout: ExpertLayout = ExpertLayout(),
     backend: str = "auto",
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Routed experts of one MoE layer: ``out[t] = sum_j w[t, j] * FFN_{idx[t, j]}(x[t])``.
 
@@ -321,6 +333,8 @@ def moe_experts(
         b1, b2: biases ``[E, N1]`` and ``[E, H]`` when ``layout.has_bias``.
         layout: how the weights are laid out and which activation applies.
         backend: 'auto', 'triton' or 'reference'.
+        recompute: save no gate/up pre-activations for the backward (``T * k * N1`` elements per layer) and run the
+            gate/up matmul again there instead (4/18 more expert FLOPs). Same results.
 
     Returns:
         [T, H] in ``x.dtype``. Weights of another dtype (e.g. fp32 masters under autocast) are cast to ``x.dtype``.
@@ -334,7 +348,9 @@ def moe_experts(
     block_m = _block_m(chosen, x.device)
     routing = build_routing(top_k_index, w1.shape[0], block_m)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, w2, b1, b2, top_k_weights)):
-        out, _ = MoEExpertsFunction.apply(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, chosen)
+        out, _ = MoEExpertsFunction.apply(
+            x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, chosen, recompute
+        )
         return out
     # No backward can follow (inference, evaluation, generation): nothing saved, the pre-activations never written.
     flags = (

@@ -119,6 +119,19 @@ def _runs(routing: Routing) -> list[tuple[int, int, int]]:
     return [(e, offsets[e], offsets[e + 1]) for e in range(len(offsets) - 1) if offsets[e + 1] > offsets[e]]
 
 
+def pre_activations(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, routing: Routing, top_k: int, layout: ExpertLayout
+) -> torch.Tensor:
+    """``gu [S, N1]``: the gate/up products of ``x``'s rows in sorted pair order, as ``experts_forward`` saves them
+    (the backward's recomputation when the forward saved none)."""
+    order = routing.order.long()
+    w1l = w1_logical(w1, layout)
+    gu = x.new_empty(order.numel(), w1l.shape[1])
+    for e, start, end in _runs(routing):
+        gu[start:end] = x[order[start:end] // top_k] @ w1l[e].T + (b1[e] if b1 is not None else 0)
+    return gu
+
+
 def experts_forward(
     x: torch.Tensor,
     w1: torch.Tensor,

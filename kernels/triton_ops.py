@@ -628,10 +628,12 @@ def gate_up(
     block_m: int,
     toggles: env.Toggles | None = None,
     keep_pre: bool = True,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
+    keep_act: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The forward's first matmul and its activation: pre-activations ``gu [S, N1]`` and ``h [S, I]`` for the rows of
-    ``x [T, H]`` in sorted pair order, ``w1l`` the logical ``[E, N1, H]`` view (``gu`` ``None`` without
-    ``keep_pre``: the Triton kernel then stores ``h`` only). Two implementations, the tuner picks per shape bucket:
+    ``x [T, H]`` in sorted pair order, ``w1l`` the logical ``[E, N1, H]`` view. Without ``keep_pre`` ``gu`` is
+    ``None`` (the Triton kernel stores ``h`` only); without ``keep_act`` ``h`` is (no activation at all: the
+    backward recomputing ``gu``). Two implementations, the tuner picks per shape bucket:
 
     - our Triton kernel: gathers ``x``'s rows itself, the activation in its epilogue (the default);
     - CUTLASS's grouped GEMM (``torch._grouped_mm``, bf16 on sm_90 / sm_100, no bias) on ``x``'s rows copied to sorted
@@ -643,8 +645,12 @@ def gate_up(
     inter = n1 // 2 if layout.has_gate else n1
     toggles = toggles or env.toggles()
 
-    def triton_run(keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        gu, h = x.new_empty(num_pairs, n1) if keep else None, x.new_empty(num_pairs, inter)
+    if not (keep_pre or keep_act):
+        raise ValueError("gate_up: keep_pre=False and keep_act=False leave nothing to compute")
+
+    def triton_run(keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gu = x.new_empty(num_pairs, n1) if keep else None
+        h = x.new_empty(num_pairs, inter) if keep_act else None
         if layout.has_gate and not layout.is_concatenated:
             # Interleaved gate/up: one contiguous operand, the activation pairs adjacent columns in the epilogue
             # (two stride-2 operands waste half of every loaded sector: GPT-OSS ran its forward at ~50 TF/s).
@@ -656,13 +662,15 @@ def gate_up(
             _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, toggles)
         return gu, h
 
-    def vendor_run() -> tuple[torch.Tensor, torch.Tensor]:
+    def vendor_run() -> tuple[torch.Tensor, torch.Tensor | None]:
         gu = torch._grouped_mm(sorted_rows(x, routing, top_k), w1l.transpose(1, 2), offs=routing.offsets[1:])
+        if not keep_act:
+            return gu, None
         h = x.new_empty(num_pairs, inter)
         activation(gu, h, layout)
         return gu, h
 
-    def run(cfg: dict, keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def run(cfg: dict, keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if cfg["IMPL"] == "cutlass":
             gu, h = vendor_run()
             return (gu if keep else None), h
@@ -681,7 +689,8 @@ def gate_up(
         key = (
             str(x.dtype).replace("torch.", ""),
             f"act{layout.act_code}-gated{int(layout.has_gate)}{'p' if not layout.is_concatenated else ''}"
-            + ("" if keep_pre else "-nopre"),
+            + ("" if keep_pre else "-nopre")
+            + ("" if keep_act else "-noact"),
             f"a{_layout_key(x)}-b{_layout_key(w1l)}",
             f"N{n1}-K{w1l.shape[2]}-E{w1l.shape[0]}-S{tuning.bucket(num_pairs)}",
         )
@@ -692,13 +701,29 @@ def gate_up(
             warm=lambda: triton_run(keep_pre),
         )
 
-    # Decided apart with and without ``keep_pre``: without it the Triton kernel writes a third of the bytes it
-    # otherwise writes, and CUTLASS writes the pre-activations either way.
-    signature = ("gate_up", _sig(x), _sig(w1l), b1 is None, layout, block_m, num_pairs, keep_pre, toggles)
+    # Decided apart with and without ``keep_pre`` and ``keep_act``: without the pre-activations the Triton kernel
+    # writes a third of the bytes (CUTLASS writes them either way); without the activation CUTLASS needs no pass.
+    signature = ("gate_up", _sig(x), _sig(w1l), b1 is None, layout, block_m, num_pairs, keep_pre, keep_act, toggles)
     return run(tuning.remembered(signature, decide, x.device), keep_pre)
 
 
 VENDOR_GATE_UP_MIN_ROWS = 2048
+
+
+def pre_activations(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    routing: Routing,
+    top_k: int,
+    layout: ExpertLayout,
+    block_m: int,
+) -> torch.Tensor:
+    """``gu [S, N1]`` as ``experts_forward`` saves it, without the activation: the backward's recomputation when the
+    forward saved none (``moe_experts(recompute=True)``). Bit-identical to the forward's (the same kernel and tiles'
+    arithmetic; only the stores differ)."""
+    gu, _ = gate_up(x, w1_logical(w1, layout), b1, routing, top_k, layout, block_m, keep_act=False)
+    return gu
 
 
 def activation(gu: torch.Tensor, h: torch.Tensor, layout: ExpertLayout) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -77,22 +79,50 @@ def warn_once(module: nn.Module, message: str) -> None:
         warnings.warn(f"{type(module).__name__}: {message}", stacklevel=3)
 
 
+class ModuleRef:
+    """A weak reference to a module that deep-copies and pickles as a reference to the module's copy.
+
+    What a module keeps about itself in its own attributes (its patched forward, the undo of a patch) goes through
+    one of these: a strong reference there would be a reference cycle, and ``del model`` would then leave the model's
+    memory (its GPU weights) allocated until Python's cyclic garbage collector happens to run."""
+
+    def __init__(self, module: nn.Module):
+        self._ref = weakref.ref(module)
+
+    def __call__(self) -> nn.Module:
+        module = self._ref()
+        if module is None:
+            raise ReferenceError("this hf-hetermoe patch belongs to a module that no longer exists")
+        return module
+
+    def __deepcopy__(self, memo: dict) -> ModuleRef:
+        return ModuleRef(copy.deepcopy(self(), memo))  # the copy of the module (already in memo mid-copy)
+
+    def __reduce__(self):
+        return ModuleRef, (self(),)
+
+
 class InstanceMethod:
     """``fn`` bound to one module as an instance attribute (``module.forward = InstanceMethod(module, fn)``).
 
     Unlike a bound closure it goes with the module through ``copy.deepcopy`` (rebound to the copy: a TRL reference
     model, an EMA copy) and through pickling (``torch.save(model)``) when ``fn`` is a module-level function or a
     ``functools.partial`` of one. ``inspect.signature`` shows the class attribute's (through ``__wrapped__``), and
-    ``__func__`` lets wrappers such as accelerate's mixed-precision forward re-bind it as they do a method.
+    ``__func__`` lets wrappers such as accelerate's mixed-precision forward re-bind it as they do a method. It holds
+    its module weakly (``ModuleRef``): the module owns it, and a deleted model is freed at once.
     """
 
     def __init__(self, module: nn.Module, fn: Callable[..., object], name: str = "forward"):
-        self.__self__ = module
+        self._module = ModuleRef(module)
         self.name = name
         original = getattr(type(module), name)
         if inspect.isfunction(original):  # wrappers of __func__ then keep the class method's signature too
             fn = functools.update_wrapper(functools.partial(fn), original)
         self.__func__ = fn
+
+    @property
+    def __self__(self) -> nn.Module:
+        return self._module()
 
     @property
     def __wrapped__(self):
@@ -153,7 +183,7 @@ def run_kernels(
     b2: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``moe_experts`` on ``hidden [T, H]`` with the backend ``prepare`` chose for ``module`` -> ``[T, H]``."""
-    from ..experts import BACKEND_ATTR
+    from ..experts import BACKEND_ATTR, RECOMPUTE_ATTR
     from ..kernels import moe_experts
 
     out = moe_experts(
@@ -166,6 +196,7 @@ def run_kernels(
         b2,
         layout=layout,
         backend=getattr(module, BACKEND_ATTR, "auto"),
+        recompute=getattr(module, RECOMPUTE_ATTR, False),
     )
     return out.to(hidden.dtype)
 

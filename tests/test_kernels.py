@@ -11,6 +11,7 @@ from conftest import DEVICE, KERNEL_DTYPES, TOLERANCE, rel_err, requires_triton
 
 from hf_hetermoe.kernels import ExpertLayout, build_routing, moe_experts
 from hf_hetermoe.kernels import reference as ref
+from hf_hetermoe.kernels.layout import w1_logical
 
 # (T, H, I, E, k, routing): T below one row tile, odd H and I, prime E, k = 1, k = E, experts without
 # tokens, every token on one expert.
@@ -159,6 +160,52 @@ def test_forward_without_grad_writes_no_pre_activations(layout, monkeypatch):
     w1.requires_grad_()
     run()
     assert calls == [False, False, True]
+
+
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=[requires_triton, pytest.mark.triton_interpret])]
+)
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "no_gate_relu2_bias"])
+def test_recompute_saves_no_pre_activations_and_matches(layout, backend):
+    """``recompute=True``: nothing of ``[S, N1]`` is saved for the backward, and the gradients equal the default's
+    (the backward's gate/up matmul reproduces the forward's pre-activations exactly)."""
+    layout = LAYOUTS[layout]
+    T, E, k = 17, 4, 2
+    x, index, weights, w1, w2, b1, b2 = make_inputs(T, 32, 16, E, k, layout, torch.float32, DEVICE)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2) + ((b1, b2) if b1 is not None else ())]
+    n1 = w1_logical(w1, layout).shape[1]
+    results = []
+    for recompute in (False, True):
+        saved = []
+
+        def pack(t):
+            saved.append(tuple(t.shape))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend=backend, recompute=recompute)
+        assert ((T * k, n1) in saved) == (not recompute)
+        results.append((out, torch.autograd.grad(out.square().sum(), leaves)))
+    (out, grads), (out_r, grads_r) = results
+    assert torch.equal(out, out_r)
+    for g, g_r in zip(grads, grads_r):
+        assert rel_err(g_r, g) < 1e-6
+
+
+def test_compile_fullgraph_traces_the_recomputing_backward():
+    """Under torch.compile the forward op returns an empty stand-in and the backward op recomputes from it."""
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(11, 16, 16, 4, 2, layout, torch.float32, "cpu")
+    w1.requires_grad_()
+
+    def step(x, index, weights, w1, w2):
+        out = moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference", recompute=True)
+        return out.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    (g_compiled,) = torch.autograd.grad(compiled(x, index, weights, w1, w2), [w1])
+    (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [w1])
+    assert rel_err(g_compiled, g_eager) < 1e-6
 
 
 def test_compile_fullgraph_traces_the_forward_without_grad():

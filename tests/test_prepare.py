@@ -49,6 +49,29 @@ def test_prepared_matches_unprepared(model_type, backend):
         assert rel_err(got_grads[name], grad) < 1e-4, name
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "jetmoe"])  # experts interface; instance patch
+def test_recompute_gate_up_gives_the_same_gradients(model_type):
+    """``recompute_gate_up`` saves no gate/up pre-activations and recomputes them in the backward: the same loss and
+    gradients as the default, on both dispatch paths; ``unprepare`` removes the setting with the rest."""
+    from hf_hetermoe.experts import RECOMPUTE_ATTR
+
+    base = tiny_model(model_type).to(DEVICE)
+    default = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(fused_cross_entropy=False))
+    config = hetermoe.HeterMoEConfig(fused_cross_entropy=False, recompute_gate_up=True)
+    recompute = hetermoe.prepare(copy.deepcopy(base), config)
+    ids = torch.randint(0, base.config.vocab_size, (2, 11), device=DEVICE)
+    want, want_grads = _forward_backward(default, ids)
+    got, got_grads = _forward_backward(recompute, ids)
+    assert torch.equal(got.loss, want.loss)
+    assert set(got_grads) == set(want_grads)
+    for name, grad in want_grads.items():
+        assert rel_err(got_grads[name], grad) < 1e-6, name
+    flagged = [m for m in recompute.modules() if getattr(m, RECOMPUTE_ATTR, False)]
+    assert flagged
+    hetermoe.unprepare(recompute)
+    assert not any(RECOMPUTE_ATTR in m.__dict__ for m in flagged)
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_state_dict_unchanged(model_type):
     model = tiny_model(model_type)
@@ -199,6 +222,27 @@ def test_rms_norms_are_swapped_and_restored():
     assert not any("forward" in m.__dict__ for m in norms)
     hetermoe.prepare(model, hetermoe.HeterMoEConfig(fused_rms_norm=False))
     assert not any("forward" in m.__dict__ for m in norms)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "jetmoe"])  # experts interface + fused loss; instance patch
+def test_deleted_prepared_model_is_freed_without_the_cycle_collector(model_type):
+    """What prepare attaches to a model refers back to it weakly: ``del model`` frees it (and its GPU memory) at once,
+    as for an unprepared model, not whenever Python's cyclic collector next runs. The same holds for copies."""
+    import gc
+    import pickle
+    import weakref
+
+    model = hetermoe.prepare(tiny_model(model_type))
+    copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    refs = [weakref.ref(m) for m in (model, *copies)]
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del model, copies
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "jetmoe"])
