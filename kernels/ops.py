@@ -72,6 +72,13 @@ def _layout(has_gate, is_transposed, is_concatenated, activation, alpha, limit) 
     return ExpertLayout(has_gate, is_transposed, is_concatenated, False, activation, alpha, limit)
 
 
+def _layout_flags(layout: ExpertLayout) -> tuple:
+    """The custom ops' layout arguments (``_layout``'s parameters, in order)."""
+    return (
+        layout.has_gate, layout.is_transposed, layout.is_concatenated, layout.activation, layout.alpha, layout.limit,
+    )
+
+
 @torch.library.custom_op("hetermoe::experts_forward", mutates_args=())
 def experts_forward_op(
     x: torch.Tensor,
@@ -223,16 +230,7 @@ class MoEExpertsFunction(torch.autograd.Function):
     def forward(
         ctx, x, w1, w2, b1, b2, top_k_weights, routing: Routing, layout: ExpertLayout, block_m, backend, recompute
     ):
-        flags = (
-            layout.has_gate,
-            layout.is_transposed,
-            layout.is_concatenated,
-            layout.activation,
-            layout.alpha,
-            layout.limit,
-            block_m,
-            backend,
-        )
+        flags = (*_layout_flags(layout), block_m, backend)
         keep_gu = not recompute
         if torch.compiler.is_compiling():
             out, gu = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags, keep_gu)
@@ -353,10 +351,8 @@ def moe_experts(
         )
         return out
     # No backward can follow (inference, evaluation, generation): nothing saved, the pre-activations never written.
-    flags = (
-        layout.has_gate, layout.is_transposed, layout.is_concatenated, layout.activation, layout.alpha, layout.limit,
-    )
     if torch.compiler.is_compiling():
+        flags = _layout_flags(layout)
         out, _ = experts_forward_op(x, w1, w2, b1, b2, top_k_weights, *routing, *flags, block_m, chosen, False)
     else:
         out, _ = _forward(x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, chosen, False)
