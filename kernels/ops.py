@@ -178,24 +178,20 @@ def experts_backward_op(
     limit: float,
     block_m: int,
     backend: str,
+    weight_grads: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     routing = Routing(order, inverse, expert, offsets, tile_expert, tile_start)
     layout = _layout(has_gate, is_transposed, is_concatenated, activation, alpha, limit)
-    dx, dweights, dw1, dw2, db1, db2 = _backward(
-        dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend
-    )
-    # Custom ops cannot return None (nor one tensor twice): absent bias gradients travel as distinct empty tensors.
-    return (
-        dx,
-        dweights,
-        dw1,
-        dw2,
-        db1 if db1 is not None else x.new_empty(0),
-        db2 if db2 is not None else x.new_empty(0),
-    )
+    grads = _backward(dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend, weight_grads)
+    # Custom ops cannot return None (nor one tensor twice): absent gradients travel as distinct empty tensors.
+    return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
-def _backward(dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend, release_gu=False):
+def _backward(
+    dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend, weight_grads, release_gu=False
+):
+    """``(dx, d top_k_weights, dw1, dw2, db1, db2)``; without ``weight_grads`` (frozen experts) the last four are
+    ``None`` and never computed: half the backward's matmuls."""
     impl = _impl(backend)
     if gu.shape[0] != routing.order.shape[0]:  # the forward saved none (recompute=True): the gate/up matmul again
         top_k = top_k_weights.shape[-1]
@@ -203,19 +199,19 @@ def _backward(dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block
         gu = impl.pre_activations(x, w1, b1, routing, top_k, layout, *block)
         release_gu = True  # a buffer of our own, read by nothing else
     extra = (block_m, release_gu) if backend == "triton" else ()
-    return impl.experts_backward(dout, x, w1, w2, b1, b2, top_k_weights, routing, gu, layout, *extra)
+    return impl.experts_backward(
+        dout, x, w1, w2, b1, b2, top_k_weights, routing, gu, layout, *extra, weight_grads=weight_grads
+    )
 
 
 @experts_backward_op.register_fake
 def _(dout, x, w1, w2, b1, b2, top_k_weights, *args):
-    return (
-        torch.empty_like(x),
-        torch.empty_like(top_k_weights),
-        torch.empty_like(w1),
-        torch.empty_like(w2),
-        torch.empty_like(b1) if b1 is not None else x.new_empty(0),
-        torch.empty_like(b2) if b2 is not None else x.new_empty(0),
-    )
+    weight_grads = args[-1]
+
+    def like(t):
+        return torch.empty_like(t) if t is not None and weight_grads else x.new_empty(0)
+
+    return torch.empty_like(x), torch.empty_like(top_k_weights), like(w1), like(w2), like(b1), like(b2)
 
 
 class MoEExpertsFunction(torch.autograd.Function):
@@ -257,24 +253,26 @@ class MoEExpertsFunction(torch.autograd.Function):
                 "once (the first backward reuses the saved pre-activations' memory for their gradient): run the "
                 "forward again instead of using retain_graph=True"
             ) from err
+        # Frozen experts (e.g. LoRA on attention only): no weight or bias gradient is computed at all.
+        weight_grads = any(ctx.needs_input_grad[1:5])
         if torch.compiler.is_compiling():
             dx, dweights, dw1, dw2, db1, db2 = experts_backward_op(
-                dout, x, w1, w2, b1, b2, top_k_weights, gu, *routing, *ctx.flags
+                dout, x, w1, w2, b1, b2, top_k_weights, gu, *routing, *ctx.flags, weight_grads
             )
         else:
             *layout_flags, block_m, backend = ctx.flags
             routing, layout = Routing(*routing), _layout(*layout_flags)
-            args = (dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend)
+            args = (dout, x, w1, w2, b1, b2, top_k_weights, gu, routing, layout, block_m, backend, weight_grads)
             # release_gu: gu's storage may be freed inside, as this saved tensor is never read again.
             dx, dweights, dw1, dw2, db1, db2 = _backward(*args, release_gu=True)
             # What the custom op's declared mutation does for us under compile: a second backward sees the change.
             torch.autograd.graph.increment_version(gu)
         return (
             dx,
-            dw1,
-            dw2,
-            db1 if b1 is not None else None,
-            db2 if b2 is not None else None,
+            dw1 if weight_grads else None,
+            dw2 if weight_grads else None,
+            db1 if b1 is not None and weight_grads else None,
+            db2 if b2 is not None and weight_grads else None,
             dweights,
             None,
             None,

@@ -171,17 +171,21 @@ def experts_backward(
     routing: Routing,
     gu: torch.Tensor,
     layout: ExpertLayout,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients ``(dx, d top_k_weights, dw1, dw2, db1, db2)``, each in the layout and dtype of its input."""
+    weight_grads: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients ``(dx, d top_k_weights, dw1, dw2, db1, db2)``, each in the layout and dtype of its input; without
+    ``weight_grads`` the last four are ``None``."""
     num_tokens, hidden = x.shape
     top_k = top_k_weights.shape[-1]
     order = routing.order.long()
     w_sorted = top_k_weights.reshape(-1)[order].float()
     w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
-    dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
-    dw1l, dw2l = w1_logical(dw1, layout), w2_logical(dw2, layout)
-    db1 = torch.zeros_like(b1) if b1 is not None else None
-    db2 = torch.zeros_like(b2) if b2 is not None else None
+    dw1 = dw2 = dw1l = dw2l = None
+    if weight_grads:
+        dw1, dw2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        dw1l, dw2l = w1_logical(dw1, layout), w2_logical(dw2, layout)
+    db1 = torch.zeros_like(b1) if b1 is not None and weight_grads else None
+    db2 = torch.zeros_like(b2) if b2 is not None and weight_grads else None
     dw_sorted = torch.zeros(order.numel(), dtype=torch.float32, device=x.device)
     dx_sorted = x.new_zeros(order.numel(), hidden)
     for e, start, end in _runs(routing):
@@ -201,6 +205,8 @@ def experts_backward(
         if dgate is not None:
             dgate_view.copy_(dgate)
         dx_sorted[start:end] = dgu @ w1l[e]
+        if not weight_grads:
+            continue
         dw1l[e] = (dgu.T @ x[tok]).to(dw1.dtype)
         dy = (dout[tok].float() * scale).to(x.dtype)
         dw2l[e] = (dy.T @ h).to(dw2.dtype)
@@ -211,6 +217,8 @@ def experts_backward(
     inverse = routing.inverse.long()
     dx = dx_sorted[inverse].float().view(num_tokens, top_k, hidden).sum(1).to(x.dtype)
     dweights = dw_sorted[inverse].view_as(top_k_weights).to(top_k_weights.dtype)
+    if not weight_grads:
+        return dx, dweights, None, None, None, None
     return dx, dweights, dw1, dw2, db1, db2
 
 

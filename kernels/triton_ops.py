@@ -786,9 +786,12 @@ def experts_backward(
     layout: ExpertLayout,
     block_m: int,
     release_gu: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    weight_grads: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
     """``(dx, d top_k_weights, dw1, dw2, db1, db2)``; same contract as ``reference.experts_backward``, except that
     ``gu`` is consumed: its storage receives ``dgu`` (one ``[S, N1]`` buffer fewer at the backward's peak).
+    Without ``weight_grads`` (frozen experts) neither weight gradient nor its row copy is made: ``g``, the glu pass,
+    dx and its combine remain, 6 of the backward's 12 ``S*H*I`` matmul FLOPs.
 
     ``release_gu``: free ``gu``'s storage once its last reader is queued (the caller must hold no other use of it:
     the eager autograd path, whose saved tensor is never read again). With the vendor weight gradients this lets
@@ -803,7 +806,7 @@ def experts_backward(
     inter = w2l.shape[2]
 
     # Whether the weight gradients go to the vendor's grouped GEMM on rows copied to sorted order.
-    vendor = num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, gu, w2l, toggles=toggles)
+    vendor = weight_grads and num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, gu, w2l, toggles=toggles)
     # g = dout[tok] @ w2[e]; dout_sorted: dout's rows in sorted order when g was computed from them (dW2's operand)
     g, dout_sorted = backward_g(dout, w2l, routing, top_k, block_m=block_m, vendor=vendor, toggles=toggles)
 
@@ -859,13 +862,14 @@ def experts_backward(
     # dW1's working set exist; except when the vendor path may free `gu` and has no sorted rows yet: then dx and
     # dW1 first, `gu` freed, and dW2's gathered rows take its place.
     del g
-    dw2_last = vendor and release_gu and dout_sorted is None
-    db1 = db2 = None
-    if b2 is not None:
+    dw2_last = vendor and release_gu and dout_sorted is None  # vendor implies weight_grads
+    dw1 = dw2 = db1 = db2 = None
+    if weight_grads and b2 is not None:
         db2 = torch.empty_like(b2)
         expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     if not dw2_last:
-        dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles, dout_sorted=dout_sorted)
+        if weight_grads:
+            dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles, dout_sorted=dout_sorted)
         del hw, dout_sorted
 
     # dx = sum over slots of dgu @ w1[e]   (w1 logical [E, N1, H] read as [E, H, N1]^T)
@@ -875,10 +879,10 @@ def experts_backward(
 
     if vendor:  # x's rows in sorted order take dx_sorted's freed block
         dw1 = _vendor_wgrad(dgu, sorted_rows(x, routing, top_k), routing, layout.is_transposed, toggles)
-    else:
+    elif weight_grads:
         dw1 = torch.empty_like(w1)
         wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, toggles=toggles)
-    if b1 is not None:
+    if weight_grads and b1 is not None:
         db1 = torch.empty_like(b1)
         expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
     if vendor and release_gu:

@@ -192,6 +192,57 @@ def test_recompute_saves_no_pre_activations_and_matches(layout, backend):
         assert rel_err(g_r, g) < 1e-6
 
 
+@pytest.mark.parametrize(
+    "backend", ["reference", pytest.param("triton", marks=[requires_triton, pytest.mark.triton_interpret])]
+)
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss"])
+def test_frozen_experts_skip_the_weight_gradients(layout, backend, monkeypatch):
+    """Expert weights that require no gradient (LoRA on attention, frozen experts) get none computed: dx and the
+    routing weights' gradient equal the full backward's, and no weight-gradient kernel runs."""
+    layout = LAYOUTS[layout]
+    x, index, weights, w1, w2, b1, b2 = make_inputs(17, 32, 16, 4, 2, layout, torch.float32, DEVICE)
+    x.requires_grad_()
+    weights.requires_grad_()
+    params = [t for t in (w1, w2, b1, b2) if t is not None]
+
+    def run():
+        return moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend=backend)
+
+    for p in params:
+        p.requires_grad_()
+    out = run()
+    dout = torch.randn_like(out)
+    want = torch.autograd.grad(out, [x, weights], dout)
+    for p in params:
+        p.requires_grad_(False)
+    if backend == "triton":
+        triton_ops = _triton_ops()
+
+        def fail(*args, **kwargs):
+            raise AssertionError("a weight gradient was computed for frozen experts")
+
+        for name in ("wgrad", "_dw2", "_vendor_wgrad", "expert_colsum"):
+            monkeypatch.setattr(triton_ops, name, fail)
+    got = torch.autograd.grad(run(), [x, weights], dout)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def test_compile_fullgraph_traces_the_backward_of_frozen_experts():
+    """The backward op's fake returns empty stand-ins for the gradients it skips."""
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, _, _ = make_inputs(11, 16, 16, 4, 2, layout, torch.float32, "cpu")
+    x.requires_grad_()
+
+    def step(x, index, weights, w1, w2):
+        return moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference").square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    (g_compiled,) = torch.autograd.grad(compiled(x, index, weights, w1, w2), [x])
+    (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [x])
+    assert rel_err(g_compiled, g_eager) < 1e-6
+
+
 def test_compile_fullgraph_traces_the_recomputing_backward():
     """Under torch.compile the forward op returns an empty stand-in and the backward op recomputes from it."""
     layout = LAYOUTS["mixtral"]

@@ -72,6 +72,23 @@ def test_recompute_gate_up_gives_the_same_gradients(model_type):
     assert not any(RECOMPUTE_ATTR in m.__dict__ for m in flagged)
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "jetmoe"])  # experts interface; instance patch
+def test_frozen_experts_train_the_rest_as_before(model_type):
+    """Experts frozen (``requires_grad_(False)``, as with LoRA on attention only): every other parameter gets the same
+    gradient as with the experts trainable, and the experts get none."""
+    base = hetermoe.prepare(tiny_model(model_type).to(DEVICE), hetermoe.HeterMoEConfig(fused_cross_entropy=False))
+    ids = torch.randint(0, base.config.vocab_size, (2, 11), device=DEVICE)
+    _, want = _forward_backward(base, ids)
+    experts = {n for n, p in base.named_parameters() if ".experts." in n}
+    assert experts
+    for name, p in base.named_parameters():
+        p.requires_grad_(name not in experts)
+    _, got = _forward_backward(base, ids)
+    assert set(got) == set(want) - experts
+    for name, grad in got.items():
+        assert rel_err(grad, want[name]) < 1e-6, name
+
+
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_state_dict_unchanged(model_type):
     model = tiny_model(model_type)
