@@ -228,37 +228,6 @@ def test_frozen_experts_skip_the_weight_gradients(layout, backend, monkeypatch):
         assert torch.equal(g, w)
 
 
-def test_compile_fullgraph_traces_the_backward_of_frozen_experts():
-    """The backward op's fake returns empty stand-ins for the gradients it skips."""
-    layout = LAYOUTS["mixtral"]
-    x, index, weights, w1, w2, _, _ = make_inputs(11, 16, 16, 4, 2, layout, torch.float32, "cpu")
-    x.requires_grad_()
-
-    def step(x, index, weights, w1, w2):
-        return moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference").square().sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    (g_compiled,) = torch.autograd.grad(compiled(x, index, weights, w1, w2), [x])
-    (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [x])
-    assert rel_err(g_compiled, g_eager) < 1e-6
-
-
-def test_compile_fullgraph_traces_the_recomputing_backward():
-    """Under torch.compile the forward op returns an empty stand-in and the backward op recomputes from it."""
-    layout = LAYOUTS["mixtral"]
-    x, index, weights, w1, w2, _, _ = make_inputs(11, 16, 16, 4, 2, layout, torch.float32, "cpu")
-    w1.requires_grad_()
-
-    def step(x, index, weights, w1, w2):
-        out = moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference", recompute=True)
-        return out.square().sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    (g_compiled,) = torch.autograd.grad(compiled(x, index, weights, w1, w2), [w1])
-    (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [w1])
-    assert rel_err(g_compiled, g_eager) < 1e-6
-
-
 def test_compile_fullgraph_traces_the_forward_without_grad():
     """The custom forward op's fake covers the path that saves nothing (inference under torch.compile)."""
     layout = LAYOUTS["mixtral"]
@@ -295,19 +264,25 @@ def test_zero_tokens(backend):
     assert torch.equal(w1.grad, torch.zeros_like(w1))
 
 
-def test_compile_fullgraph_traces_the_op():
-    """The custom ops have fake implementations: torch.compile(fullgraph=True) traces forward and backward."""
+@pytest.mark.parametrize("variant", ["default", "recompute", "frozen_experts"])
+def test_compile_fullgraph_traces_the_op(variant):
+    """The custom ops have fake implementations: torch.compile(fullgraph=True) traces forward and backward, also
+    where the forward saves no pre-activations (recompute: an empty stand-in, the backward recomputes from it) and
+    where the backward skips the weight gradients (frozen experts: empty stand-ins for them)."""
     layout = LAYOUTS["mixtral"]
     x, index, weights, w1, w2, _, _ = make_inputs(11, 16, 16, 4, 2, layout, torch.float32, "cpu")
-    w1.requires_grad_()
+    leaf = x if variant == "frozen_experts" else w1
+    leaf.requires_grad_()
+    recompute = variant == "recompute"
 
     def step(x, index, weights, w1, w2):
-        return moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference").square().sum()
+        out = moe_experts(x, index, weights, w1, w2, layout=layout, backend="reference", recompute=recompute)
+        return out.square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss = compiled(x, index, weights, w1, w2)
-    (g_compiled,) = torch.autograd.grad(loss, [w1])
-    (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [w1])
+    (g_compiled,) = torch.autograd.grad(loss, [leaf])
+    (g_eager,) = torch.autograd.grad(step(x, index, weights, w1, w2), [leaf])
     assert rel_err(g_compiled, g_eager) < 1e-6
 
 
