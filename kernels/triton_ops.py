@@ -648,8 +648,8 @@ def gate_up(
     if not (keep_pre or keep_act):
         raise ValueError("gate_up: keep_pre=False and keep_act=False leave nothing to compute")
 
-    def triton_run(keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        gu = x.new_empty(num_pairs, n1) if keep else None
+    def triton_run() -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gu = x.new_empty(num_pairs, n1) if keep_pre else None
         h = x.new_empty(num_pairs, inter) if keep_act else None
         if layout.has_gate and not layout.is_concatenated:
             # Interleaved gate/up: one contiguous operand, the activation pairs adjacent columns in the epilogue
@@ -670,11 +670,11 @@ def gate_up(
         activation(gu, h, layout)
         return gu, h
 
-    def run(cfg: dict, keep: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def run(cfg: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if cfg["IMPL"] == "cutlass":
             gu, h = vendor_run()
-            return (gu if keep else None), h
-        return triton_run(keep)
+            return (gu if keep_pre else None), h
+        return triton_run()
 
     def decide() -> dict:
         triton_only = dict(IMPL="triton")
@@ -697,14 +697,13 @@ def gate_up(
         candidates = [triton_only, dict(IMPL="cutlass")]
         # ``warm``: the Triton kernel tunes its own tiles first (``select`` is not re-entrant).
         return tuning.choose_impl(
-            "gate_up", key, candidates, lambda cfg: run(cfg, keep_pre), device=x.device, default=triton_only,
-            warm=lambda: triton_run(keep_pre),
+            "gate_up", key, candidates, run, device=x.device, default=triton_only, warm=triton_run
         )
 
     # Decided apart with and without ``keep_pre`` and ``keep_act``: without the pre-activations the Triton kernel
     # writes a third of the bytes (CUTLASS writes them either way); without the activation CUTLASS needs no pass.
     signature = ("gate_up", _sig(x), _sig(w1l), b1 is None, layout, block_m, num_pairs, keep_pre, keep_act, toggles)
-    return run(tuning.remembered(signature, decide, x.device), keep_pre)
+    return run(tuning.remembered(signature, decide, x.device))
 
 
 VENDOR_GATE_UP_MIN_ROWS = 2048
