@@ -54,6 +54,18 @@ def _fresh_launch_decisions():
     tuning.forget_decisions()
 
 
+@pytest.fixture(autouse=True)
+def _pinned_tiles():
+    """On a GPU, the measured default tiles in every test: autotuning (on by default) compiles and times every
+    candidate of every kernel for every new shape, which made two tiny-model tests take two minutes each on an H200
+    and the GPU suite outrun a device call. The tests of tuning itself switch it on (``set_autotune(True)``)."""
+    from hf_hetermoe.kernels import tuning
+
+    tuning.set_autotune(False)
+    yield
+    tuning.set_autotune(None)
+
+
 def enable_checkpointing(model, use_reentrant: bool, offload: bool) -> None:
     """transformers >= 5.2x names it ``activation_checkpointing_enable`` (with ``offload``); older releases
     ``gradient_checkpointing_enable``, which Trainer's ``gradient_checkpointing=True`` calls."""

@@ -15,17 +15,6 @@ from hf_hetermoe.kernels import reference as ref
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(autouse=True)
-def _pinned_tiles():
-    """Measured default tiles: tuning every candidate of every kernel for every test compiles ~5x the kernels (the
-    suite then ran past a device session's limit). Autotuning has its own test below."""
-    from hf_hetermoe.kernels import tuning
-
-    tuning.set_autotune(False)
-    yield
-    tuning.set_autotune(None)
-
-
 # Every layout in bf16; fp16 and fp32 on the default layout (each (dtype, layout) pair compiles its own kernels),
 # on one shape; odd sizes (unaligned strides: other kernel specialisations) and a larger k on two layouts only.
 DTYPE_LAYOUTS = [(torch.bfloat16, n) for n in LAYOUTS] + [(torch.float16, "mixtral"), (torch.float32, "mixtral")]

@@ -26,17 +26,6 @@ EDGE_SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _pinned_tiles():
-    """On a GPU, the measured default tiles: autotuning (on by default) would compile every candidate of every
-    kernel for every shape here. The tuning tests below switch it themselves."""
-    from hf_hetermoe.kernels import tuning
-
-    tuning.set_autotune(False)
-    yield
-    tuning.set_autotune(None)
-
-
 def _triton_ops():
     from hf_hetermoe.kernels import triton_ops
 
