@@ -7,6 +7,7 @@ timed. FLOPs are the three expert matmuls: forward ``6*T*k*H*I``, forward+backwa
     python benchmarks/bench_experts.py                     # all shapes, T in 4096 16384
     python benchmarks/bench_experts.py --shapes qwen3_30b_a3b --tokens 4096 --providers grouped_mm hetermoe
     python benchmarks/bench_experts.py --providers hetermoe hetermoe@HETERMOE_SPLIT_TAIL=0   # A/B of one toggle
+    python benchmarks/bench_experts.py --frozen-experts    # expert weights frozen (LoRA on attention): no dW
 
 Roofs: ``dense_roof`` is one dense FFN over all ``T*k`` rows through autograd (cuBLAS matmuls plus the activation's
 elementwise kernels); ``gemm_roof`` is the six cuBLAS matmuls of forward+backward alone (two for the forward), on
@@ -16,6 +17,10 @@ Timing is sustained by default: each provider runs back to back for a second, th
 call), in rounds that rotate the providers' order. An H100 / H200 runs these matmuls at its power limit, where a short
 ``do_bench`` burst catches boost clocks that training does not keep (``--timing burst`` times that way, as the tables
 before 2026-11-23 did; benchmarks/NOTES.md, v2.15).
+
+With ``--frozen-experts`` no expert weight requires a gradient (fine-tuning that leaves the experts alone, e.g. LoRA
+on attention): every provider's backward computes dx and the routing weights' gradient only, forward+backward is
+four of the six matmuls (FLOPs twice the forward's), and rows go to ``frozen_experts_<gpu>.csv`` instead.
 
 Writes ``benchmarks/results/experts_<gpu>.csv`` (appending) and ``experts_<gpu>.png``.
 """
@@ -85,7 +90,7 @@ def run_provider(module, provider: str, x, index, weights, dout):
     """Closures for forward and forward+backward of one provider."""
     import hf_hetermoe  # noqa: F401  (registers "hetermoe")
 
-    params = [p for p in module.parameters()]
+    params = [p for p in module.parameters() if p.requires_grad]  # none with --frozen-experts
     module.config._experts_implementation = provider
 
     def fwd():
@@ -98,12 +103,12 @@ def run_provider(module, provider: str, x, index, weights, dout):
     return fwd, fwd_bwd
 
 
-def dense_roof(T, H, I, k, dtype):
+def dense_roof(T, H, I, k, dtype, frozen=False):
     """cuBLAS chain with the same FLOPs: one dense FFN over all T*k routed rows."""
     S = T * k
     a = torch.randn(S, H, device="cuda", dtype=dtype, requires_grad=True)
-    w1 = torch.randn(2 * I, H, device="cuda", dtype=dtype, requires_grad=True)
-    w2 = torch.randn(H, I, device="cuda", dtype=dtype, requires_grad=True)
+    w1 = torch.randn(2 * I, H, device="cuda", dtype=dtype, requires_grad=not frozen)
+    w2 = torch.randn(H, I, device="cuda", dtype=dtype, requires_grad=not frozen)
     dout = torch.randn(S, H, device="cuda", dtype=dtype)
 
     def fwd():
@@ -111,14 +116,15 @@ def dense_roof(T, H, I, k, dtype):
         return torch.nn.functional.linear(torch.nn.functional.silu(g) * u, w2)
 
     def fwd_bwd():
-        return torch.autograd.grad(fwd(), [a, w1, w2], dout)
+        return torch.autograd.grad(fwd(), [a] if frozen else [a, w1, w2], dout)
 
     return fwd, fwd_bwd
 
 
-def gemm_roof(T, H, I, k, dtype):
+def gemm_roof(T, H, I, k, dtype, frozen=False):
     """The six cuBLAS matmuls of a dense FFN's forward+backward over all T*k rows, alone, into preallocated
-    outputs: gu = a w1^T, y = h w2^T; g = dy w2, dx = dgu w1, dW1 = dgu^T a, dW2 = dy^T h."""
+    outputs: gu = a w1^T, y = h w2^T; g = dy w2, dx = dgu w1, dW1 = dgu^T a, dW2 = dy^T h (the last two not with
+    ``frozen`` weights)."""
     S = T * k
     a, dy, y, dx = (torch.randn(S, H, device="cuda", dtype=dtype) for _ in range(4))
     gu, dgu = (torch.randn(S, 2 * I, device="cuda", dtype=dtype) for _ in range(2))
@@ -135,6 +141,8 @@ def gemm_roof(T, H, I, k, dtype):
         fwd()
         torch.mm(dy, w2, out=g)
         torch.mm(dgu, w1, out=dx)
+        if frozen:
+            return (dx,)
         torch.mm(dgu.t(), a, out=dw1)
         torch.mm(dy.t(), h, out=dw2)
         return dx, dw1, dw2
@@ -181,7 +189,8 @@ def fp32_truth(module, x, index, weights, dout):
     x32 = x.detach().float().requires_grad_()
     w32 = weights.detach().float().requires_grad_()
     out = exact(x32, index, w32)
-    grads = torch.autograd.grad(out, [x32, w32, *exact.parameters()], dout.float())
+    params = [p for p in exact.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, [x32, w32, *params], dout.float())
     truth = [out.detach(), *[g.detach() for g in grads]]
     del exact
     return truth
@@ -203,11 +212,14 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
 
     family, H, I, E, k = SHAPES[name]
     module = experts_module(family, H, I, E, k, dtype)
+    module.requires_grad_(not args.frozen_experts)
     x = torch.randn(T, H, device="cuda", dtype=dtype, requires_grad=True)
     index = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices
     weights = torch.softmax(torch.randn(T, k, device="cuda"), -1).to(dtype).requires_grad_()
     dout = torch.randn(T, H, device="cuda", dtype=dtype)
     flops_fwd = 6 * T * k * H * I
+    # forward+backward: 3x the forward's FLOPs (gate/up, down; g, dx, dW1, dW2), 2x with frozen experts (no dW)
+    fb_factor = 2 if args.frozen_experts else 3
     truth = fp32_truth(module, x, index, weights, dout)
     # Set-up of each provider: first call (compile, tune), check against the truth, peak memory. Timing follows in
     # rounds over all providers (see below).
@@ -218,7 +230,8 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
         base, settings = _variant(provider)
         with _toggles(settings):  # read by hf_hetermoe.env at every launch
             if base in ("dense_roof", "gemm_roof"):
-                fwd, fwd_bwd = (dense_roof if base == "dense_roof" else gemm_roof)(T, H, I, k, dtype)
+                roof = dense_roof if base == "dense_roof" else gemm_roof
+                fwd, fwd_bwd = roof(T, H, I, k, dtype, frozen=args.frozen_experts)
             else:
                 fwd, fwd_bwd = run_provider(module, base, x, index, weights, dout)
             try:
@@ -295,7 +308,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             fwd_ms=round(t_fwd, 4),
             fwd_bwd_ms=round(t_fb, 4),
             fwd_tflops=round(flops_fwd / t_fwd / 1e9, 1),
-            fwd_bwd_tflops=round(3 * flops_fwd / t_fb / 1e9, 1),
+            fwd_bwd_tflops=round(fb_factor * flops_fwd / t_fb / 1e9, 1),
             peak_extra_gib=round(p["peak_extra"], 3),
             grads_gib=round(p["grads_gib"], 3),
             max_rel_err_vs_fp32=f"{p['max_err']:.1e}",
@@ -307,7 +320,9 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                 if args.timing == "sustained"
                 else f"burst {args.warmup}ms+{args.rep}ms"
             ),
-            fwd_bwd_tflops_spread="-".join(f"{3 * flops_fwd / t / 1e9:.0f}" for t in (max(p["t_fb"]), min(p["t_fb"]))),
+            fwd_bwd_tflops_spread="-".join(
+                f"{fb_factor * flops_fwd / t / 1e9:.0f}" for t in (max(p["t_fb"]), min(p["t_fb"]))
+            ),
         )
         writer.writerow(row)
         results[provider] = row
@@ -495,6 +510,12 @@ def main(argv=None):
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--profile", action="store_true", help="print hetermoe's kernels of one fwd+bwd, timed")
+    parser.add_argument(
+        "--frozen-experts",
+        action="store_true",
+        help="no expert weight requires a gradient (every provider, roofs included): dx and the routing weights' "
+        "gradient only; rows go to frozen_experts_<gpu>.csv",
+    )
     args = parser.parse_args(argv)
     if args.rounds is None:
         args.rounds = 2 if args.timing == "sustained" else 3
@@ -527,7 +548,7 @@ def main(argv=None):
         autotune=int(tuning.autotune_enabled()),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / f"experts_{gpu_slug(gpu)}.csv"
+    csv_path = args.out / f"{'frozen_experts' if args.frozen_experts else 'experts'}_{gpu_slug(gpu)}.csv"
     dtype = getattr(torch, args.dtype)
     fields = [
         *meta,

@@ -8,6 +8,7 @@ Each timed step is ``loss = model(ids, labels=ids).loss; loss.backward(); opt.st
     python benchmarks/bench_train_step.py                         # 4 layers, batch 4 x 4096 tokens
     python benchmarks/bench_train_step.py --layers 2 --batch 2   # smaller
     python benchmarks/bench_train_step.py --tiny --device cpu    # smoke test of the script itself
+    python benchmarks/bench_train_step.py --frozen-experts       # expert weights frozen in every variant
 
 Appends rows to ``benchmarks/results/train_step_<gpu>.csv``.
 """
@@ -121,6 +122,12 @@ def main(argv=None):
         help="comma-separated; grouped_mm (transformers' default, the baseline) first",
     )
     parser.add_argument("--profile", action="store_true", help="print each variant's top kernels of one step")
+    parser.add_argument(
+        "--frozen-experts",
+        action="store_true",
+        help="the experts' weights require no gradient in every variant (fine-tuning that trains the rest only, "
+        "e.g. LoRA on attention): no expert weight gradient and no AdamW state for them",
+    )
     args = parser.parse_args(argv)
     unknown = set(args.variants.split(",")) - {"grouped_mm", *VARIANTS}
     if unknown or not args.variants.startswith("grouped_mm"):
@@ -137,6 +144,10 @@ def main(argv=None):
     torch.manual_seed(0)
     config = model_config(args.layers, args.tiny)
     base = AutoModelForCausalLM.from_config(config, experts_implementation="grouped_mm").to(device, dtype)
+    if args.frozen_experts:
+        frozen = [p.requires_grad_(False) for n, p in base.named_parameters() if ".experts." in n]
+        if not frozen:
+            raise SystemExit("--frozen-experts: the model has no parameter under an '.experts.' module")
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     tokens = args.batch * args.seq
     gpu = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
@@ -174,6 +185,7 @@ def main(argv=None):
             seq=args.seq,
             variant=variant,
             optimizer=args.optimizer,
+            frozen_experts=args.frozen_experts,
             warmup_steps=warmup_steps,
             steps=args.steps,
             first_loss=round(first_loss, 4),
@@ -206,7 +218,7 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"train_step_{gpu_slug(gpu)}.csv"
     # rows from before the optimizer / steps columns ran foreach AdamW, one warm-up step and 5 timed ones
-    old_defaults = {"optimizer": "foreach", "warmup_steps": "1", "steps": "5"}
+    old_defaults = {"optimizer": "foreach", "warmup_steps": "1", "steps": "5", "frozen_experts": "False"}
     append_rows(path, list(results.values()), list(a), old_defaults=old_defaults)
     print(f"wrote {path}")
 
