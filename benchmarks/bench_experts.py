@@ -4,7 +4,8 @@ Every provider runs the same real transformers experts module (only ``config._ex
 changes) on the same inputs; outputs and gradients are checked against each other before anything is
 timed. FLOPs are the three expert matmuls: forward ``6*T*k*H*I``, forward+backward three times that.
 
-    python benchmarks/bench_experts.py                     # all shapes, T in 4096 16384
+    python benchmarks/bench_experts.py                     # the issue's five shapes, T in 4096 16384
+    python benchmarks/bench_experts.py --shapes qwen3_235b_a22b mixtral_8x22b   # more released models' shapes
     python benchmarks/bench_experts.py --shapes qwen3_30b_a3b --tokens 4096 --providers grouped_mm hetermoe
     python benchmarks/bench_experts.py --providers hetermoe hetermoe@HETERMOE_SPLIT_TAIL=0   # A/B of one toggle
     python benchmarks/bench_experts.py --frozen-experts    # expert weights frozen (LoRA on attention): no dW
@@ -47,7 +48,14 @@ SHAPES = {
     "deepseek_v3_like": ("qwen3_moe", 7168, 2048, 32, 8),  # 32 local experts of DeepSeek-V3's width
     "gpt_oss_20b": ("gpt_oss", 2880, 2880, 32, 4),
     "mixtral_8x7b": ("mixtral", 4096, 14336, 8, 2),
+    # More released models' expert shapes (not run by default; --shapes ...): does the speed hold off the tuned five?
+    "qwen3_235b_a22b": ("qwen3_moe", 4096, 1536, 128, 8),
+    "qwen2_57b_a14b": ("qwen3_moe", 3584, 2560, 64, 8),  # routed experts; its shared expert is a dense MLP
+    "deepseek_v2_lite": ("qwen3_moe", 2048, 1408, 64, 6),  # routed experts
+    "gpt_oss_120b": ("gpt_oss", 2880, 2880, 128, 4),
+    "mixtral_8x22b": ("mixtral", 6144, 16384, 8, 2),
 }
+DEFAULT_SHAPES = ("qwen3_30b_a3b", "olmoe_1b_7b", "deepseek_v3_like", "gpt_oss_20b", "mixtral_8x7b")  # the issue's
 PROVIDERS = ("eager", "grouped_mm", "hetermoe", "dense_roof", "gemm_roof")
 # "hetermoe@VAR=VALUE" (any environment toggle of hf_hetermoe.env) times hetermoe with that toggle set: a before /
 # after comparison in the same run, e.g. --providers hetermoe hetermoe@HETERMOE_SPLIT_TAIL=0
@@ -480,7 +488,7 @@ def plot(csv_path: Path, png_path: Path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES), choices=list(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[4096, 16384])
     parser.add_argument(
         "--providers",

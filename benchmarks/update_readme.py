@@ -118,7 +118,10 @@ def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
         "| hetermoe forward | peak extra memory, hetermoe / grouped_mm | cuBLAS GEMMs alone | dense FFN |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for shape, T in sorted({(s, t) for s, t, _ in latest}):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_experts import DEFAULT_SHAPES  # the five shapes, listed before any other
+
+    for shape, T in sorted({(s, t) for s, t, _ in latest}, key=lambda st: (st[0] not in DEFAULT_SHAPES, *st)):
         get = {p: latest.get((shape, T, p)) for p in PROVIDERS}
         some = next(r for r in get.values() if r)
 
