@@ -1,5 +1,8 @@
 """The zebra runtime on CPU over gloo: multi-process jobs must train exactly like one process.
 
+On CPU by design, also on a GPU machine: worker processes see no GPU (``CUDA_VISIBLE_DEVICES=``), in-process engines
+get ``device="cpu"``, and the module's process group is torn down after it (later modules may want NCCL).
+
 Each job starts its ranks as separate processes (RANK/WORLD_SIZE/MASTER_* as torchrun sets them) running
 ``tests/_zebra_worker.py``; the reference is the same worker in plain single-process mode. Tiny Mixtral, fp32,
 router aux loss on, global-norm clipping on; 5 AdamW steps; losses and every parameter within 1e-5 relative.
@@ -43,6 +46,23 @@ def model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _own_process_group():
+    """A gloo group for this module's in-process engines, and none left behind for the next module."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _cpu_env(**extra: str) -> dict[str, str]:
+    """The environment of a job's processes: no GPU visible, so every rank runs on the CPU over gloo."""
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", **extra)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,8 +70,8 @@ def _free_port() -> int:
 
 
 def _env(rank: int, world: int, port: int) -> dict[str, str]:
-    return dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    return _cpu_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
 
 
 def run_job(tmp: Path, model_dir: Path, cases: list[dict], world: int, timeout: float = 600, **extra):
@@ -79,7 +99,8 @@ def run_reference(tmp: Path, model_dir: Path, cases: list[dict]) -> None:
     job = {"model": str(model_dir), "seq_len": SEQ_LEN, "seed": 1, "out": str(tmp), "cases": cases}
     path = tmp / "job_ref.json"
     path.write_text(json.dumps(job))
-    subprocess.run([sys.executable, str(WORKER), str(path), "--reference"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(WORKER), str(path), "--reference"], check=True, capture_output=True,
+                   env=_cpu_env())
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -207,7 +228,7 @@ def test_launch_cpu(tmp_path, model_dir):
         "      - {device: \"NVIDIA H100 80GB HBM3\", count: 2, emulate: v100-like}\n"
         "training:\n  seq_len: 32\n  global_batch_sequences: 4\n  max_micro_batches: 2\n"
     )
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = _cpu_env(PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "hf_hetermoe.cli", "launch", "--cluster", str(cluster), "--model", str(model_dir),
            "--plan-out", str(tmp_path / "plan" / "plan.json"), "--main_process_port", str(_free_port()),
            str(ROOT / "examples" / "finetune_hetero.py"), "--model", str(model_dir), "--output", str(tmp_path / "out"),
@@ -241,7 +262,7 @@ def test_launch_matches_single_process(tmp_path, model_dir):
     (tmp_path / "job.json").write_text(json.dumps(job))
     cmd = [sys.executable, "-m", "hf_hetermoe.cli", "launch", "--plan", case["plan"], "--main_process_port",
            str(_free_port()), str(WORKER), str(tmp_path / "job.json")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_cpu_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_matches(tmp_path, "launched")
 
@@ -251,7 +272,7 @@ def test_launch_rejects_mismatched_process_count(tmp_path):
     plan.save(tmp_path / "plan.json")
     cmd = [sys.executable, "-m", "hf_hetermoe.cli", "launch", "--plan", str(tmp_path / "plan.json"),
            "--num_processes", "2", "train.py"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_cpu_env())
     assert proc.returncode != 0 and "plan is for 3 processes" in proc.stderr + proc.stdout
 
 
@@ -290,7 +311,8 @@ def test_families_in_one_process(family):
         pytest.skip(f"{family}: the planner cannot read its config ({err})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = hetermoe.distribute(model, plan, lambda ps: torch.optim.AdamW(ps, lr=1e-3), watchdog=False)
+        engine = hetermoe.distribute(model, plan, lambda ps: torch.optim.AdamW(ps, lr=1e-3), watchdog=False,
+                                     device="cpu")
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(3, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
     loss = engine.train_step({"input_ids": ids}).loss
@@ -343,7 +365,7 @@ def test_accumulation_checkpointing_scheduler_bf16(model_dir):
             warnings.simplefilter("ignore")
             halve = lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 0.5 ** s)  # noqa: E731
             engine = hetermoe.distribute(model, plan, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False,
-                                         lr_scheduler=halve,
+                                         lr_scheduler=halve, device="cpu",
                                          gradient_accumulation_steps=2, max_grad_norm=0.5, **kw)
         stepped = [engine.train_step({"input_ids": ids[i * 2:(i + 1) * 2]}).optimizer_stepped for i in range(4)]
         assert stepped == [False, True, False, True] and engine.step == 2
@@ -370,18 +392,23 @@ def test_bad_input_errors(tmp_path, model_dir):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     other = MixtralConfig(**{**cfg.to_dict(), "num_hidden_layers": 3})
     with pytest.raises(ConfigError, match="3 layers .* this model has 2"):
-        hetermoe.distribute(model, zebra_plan(other, 1, 0, seq_len=SEQ_LEN), watchdog=False)
+        hetermoe.distribute(model, zebra_plan(other, 1, 0, seq_len=SEQ_LEN), watchdog=False, device="cpu")
     monkey = os.environ.pop("HETERMOE_PLAN", None)
     try:
         with pytest.raises(ConfigError, match="hetermoe launch"):
-            hetermoe.distribute(model, None)
+            hetermoe.distribute(model, None, device="cpu")
     finally:
         if monkey is not None:
             os.environ["HETERMOE_PLAN"] = monkey
     plan = zebra_plan(cfg, 1, 0, micro_batches=2, sequences_per_attention_rank=2, seq_len=SEQ_LEN)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine = hetermoe.distribute(model, plan, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False)
+        engine = hetermoe.distribute(model, plan, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False,
+                                          device="cpu")
+    with pytest.raises(ConfigError, match=r"shows \d+ CUDA device\(s\): start at most"):
+        hetermoe.distribute(model, plan, device=f"cuda:{torch.cuda.device_count()}")  # one GPU more than there are
+    with pytest.raises(ConfigError, match="use a CUDA device or 'cpu'"):
+        hetermoe.distribute(model, plan, device="meta")
     ids = torch.randint(0, 64, (3, SEQ_LEN))
     with pytest.raises(ConfigError, match="3 sequences but the plan gives this attention rank 2"):
         engine.train_step({"input_ids": ids})
@@ -395,7 +422,8 @@ def test_bad_input_errors(tmp_path, model_dir):
     plan2 = zebra_plan(cfg, 1, 0, micro_batches=1, sequences_per_attention_rank=2, seq_len=SEQ_LEN)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        engine2 = hetermoe.distribute(model2, plan2, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False)
+        engine2 = hetermoe.distribute(model2, plan2, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False,
+                                          device="cpu")
     with pytest.raises(ConfigError, match="different plan"):
         engine2.load_state(tmp_path / "state")
     with pytest.raises(ConfigError, match="not a hetermoe state"):
@@ -411,7 +439,7 @@ def test_bench_zebra_smoke(tmp_path):
            str(ROOT / "benchmarks" / "bench_zebra.py"), "--models", "tiny", "--seq-lens", "64", "--tokens", "512",
            "--steps", "1", "--warmup", "1", "--methods", "planned,replanned,EP,DP,zebra", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=_cpu_env(OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "zebra_cpu_w2.csv")))
     assert [r["method"] for r in rows] == ["planned", "replanned", "EP", "DP", "zebra"]

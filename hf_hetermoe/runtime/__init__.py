@@ -40,13 +40,43 @@ __all__ = ["PLAN_ENV", "RankLostError", "StepResult", "ZebraEngine", "distribute
            "plan_from_layout", "speed_shares", "zebra_plan"]
 
 
-def _init_distributed(timeout_s: float) -> None:
+def _rank_device(device: str | torch.device | None) -> torch.device:
+    """This process's device: ``device`` if given, else the CUDA device of its ``LOCAL_RANK`` when CUDA is available,
+    else the CPU. A CUDA device this machine does not have is a :class:`ConfigError` that says what to change."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(
+                f"rank {os.environ.get('RANK', 0)} would use cuda:{index} (LOCAL_RANK={os.environ.get('LOCAL_RANK')}) "
+                f"but this machine shows {count} CUDA device(s): start at most {count} process(es) per node, or "
+                "run every rank on the CPU (CUDA_VISIBLE_DEVICES= or distribute(..., device='cpu'), gloo)"
+            )
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise ConfigError(f"distribute(device={str(device)!r}): use a CUDA device or 'cpu'")
+    return device
+
+
+def _init_distributed(timeout_s: float, device: torch.device) -> None:
+    """The default process group, if none exists yet: NCCL for CUDA ranks, gloo for CPU ones. An existing NCCL group
+    cannot carry CPU ranks' tensors, which is an error here rather than inside the first collective."""
     if dist.is_initialized():
+        if device.type == "cpu" and dist.get_backend() == "nccl":
+            raise ConfigError(
+                "distribute(device='cpu') in a process whose process group uses NCCL: initialise it with gloo (or "
+                "leave it to distribute), or keep the ranks on their GPUs"
+            )
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         return
     with socket.socket() as s:  # a single process outside any launcher: a world of one
@@ -94,6 +124,7 @@ def distribute(
     timeout_s: float = 300.0,
     watchdog: bool = True,
     record_timeline: bool = False,
+    device: str | torch.device | None = None,
 ) -> ZebraEngine:
     """Split ``model`` over the job's ranks as ``plan`` says and return this rank's :class:`ZebraEngine`.
 
@@ -116,16 +147,16 @@ def distribute(
             with a message naming it.
         watchdog: run the heartbeat watchdog (``timeout_s``) in a background thread.
         record_timeline: return each rank's action timeline (CUDA events on GPUs) in ``StepResult.timeline``.
+        device: this rank's device; default its ``LOCAL_RANK``'s GPU when CUDA is available, else the CPU.
+            ``"cpu"`` runs the rank on the CPU over gloo even where GPUs exist (debugging, tests).
     """
     plan = _load_plan(plan)
-    _init_distributed(timeout_s)
+    device = _rank_device(device)
+    _init_distributed(timeout_s, device)
     rank, world = dist.get_rank(), dist.get_world_size()
     plan.check_world(world)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     engine = ZebraEngine(model, plan, optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
                          gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
                          activation_checkpointing=activation_checkpointing, device=device, timeout_s=timeout_s,
