@@ -52,8 +52,9 @@ def _rank_device(device: str | torch.device | None) -> torch.device:
         index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
         count = torch.cuda.device_count()
         if index >= count:
+            local = f" (LOCAL_RANK={os.environ['LOCAL_RANK']})" if "LOCAL_RANK" in os.environ else ""
             raise ConfigError(
-                f"rank {os.environ.get('RANK', 0)} would use cuda:{index} (LOCAL_RANK={os.environ.get('LOCAL_RANK')}) "
+                f"rank {os.environ.get('RANK', 0)} would use cuda:{index}{local} "
                 f"but this machine shows {count} CUDA device(s): start at most {count} process(es) per node, or "
                 "run every rank on the CPU (CUDA_VISIBLE_DEVICES= or distribute(..., device='cpu'), gloo)"
             )
