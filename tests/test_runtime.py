@@ -48,7 +48,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", autouse=True)
 def _own_process_group():
-    """A gloo group for this module's in-process engines, and none left behind for the next module."""
+    """No process group inherited from an earlier module (it may be NCCL), and none left behind for the next."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -404,7 +404,7 @@ def test_bad_input_errors(tmp_path, model_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine = hetermoe.distribute(model, plan, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False,
-                                          device="cpu")
+                                     device="cpu")
     with pytest.raises(ConfigError, match=r"shows \d+ CUDA device\(s\): start at most"):
         hetermoe.distribute(model, plan, device=f"cuda:{torch.cuda.device_count()}")  # one GPU more than there are
     with pytest.raises(ConfigError, match="use a CUDA device or 'cpu'"):
@@ -423,7 +423,7 @@ def test_bad_input_errors(tmp_path, model_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         engine2 = hetermoe.distribute(model2, plan2, lambda p: torch.optim.AdamW(p, lr=1e-3), watchdog=False,
-                                          device="cpu")
+                                      device="cpu")
     with pytest.raises(ConfigError, match="different plan"):
         engine2.load_state(tmp_path / "state")
     with pytest.raises(ConfigError, match="not a hetermoe state"):

@@ -76,8 +76,6 @@ def _init_distributed(timeout_s: float, device: torch.device) -> None:
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         return
     with socket.socket() as s:  # a single process outside any launcher: a world of one
@@ -153,11 +151,11 @@ def distribute(
     """
     plan = _load_plan(plan)
     device = _rank_device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds each rank to the current device
     _init_distributed(timeout_s, device)
     rank, world = dist.get_rank(), dist.get_world_size()
     plan.check_world(world)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     engine = ZebraEngine(model, plan, optimizer=optimizer, lr_scheduler=lr_scheduler, max_grad_norm=max_grad_norm,
                          gradient_accumulation_steps=gradient_accumulation_steps, mixed_precision=mixed_precision,
                          activation_checkpointing=activation_checkpointing, device=device, timeout_s=timeout_s,
