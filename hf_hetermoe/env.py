@@ -14,6 +14,7 @@
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
+| ``HETERMOE_FAST_LAUNCH=0`` | launches through Triton's ``kernel[grid](...)`` (default: compiled kernel; at import) |
 | ``HETERMOE_CE_CHUNK_MB`` | logits per chunk of the fused linear cross-entropy, in MiB (default 2048) |
 | ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
@@ -100,6 +101,11 @@ def persistent() -> bool | None:
     if value in _TRUE | _FALSE:
         return value in _TRUE
     raise ValueError(f"HETERMOE_PERSISTENT={value!r}: use auto, 1 (only persistent tiles) or 0 (none)")
+
+
+def fast_launch() -> bool:
+    """``HETERMOE_FAST_LAUNCH``: repeated launches skip Triton's per-call binding (``kernels.launch``)."""
+    return _flag("HETERMOE_FAST_LAUNCH", True)
 
 
 class Toggles(NamedTuple):

@@ -25,6 +25,7 @@ benchmarks/NOTES.md, v2.12 (and git history for the code).
 import torch
 
 from . import gluon_wgrad
+from .launch import fast
 from .tuning import num_sms
 
 try:  # Gluon ships with Triton >= 3.4; the API used here is the one of Triton 3.6.
@@ -342,7 +343,7 @@ def sorted_matmul(
         return
     grid = (min(num_programs or num_sms(a.device), max_tiles * -(-n // cfg["BLOCK_N"])),)
     a_desc, b_desc = _descriptors(a, b, cfg)
-    _sorted_matmul_kernel[grid](
+    fast(_sorted_matmul_kernel)[grid](
         a_desc,
         b_desc,
         out,

@@ -25,6 +25,7 @@ import functools
 
 import torch
 
+from .launch import fast
 from .tuning import num_sms
 
 try:  # Gluon ships with Triton >= 3.4; the API used here is the one of Triton 3.6.
@@ -344,7 +345,7 @@ def grouped_wgrad(
         return out
     grid = (min(num_programs or num_sms(a.device), num_tiles),)
     a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc = _descriptors(a, b, out, cfg)
-    _grouped_wgrad_kernel[grid](
+    fast(_grouped_wgrad_kernel)[grid](
         a_desc,
         b_desc,
         a_slice_desc,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import env
+from .launch import fast
 
 # Columns per step: 16-byte loads for 16-bit logits over 8 warps; small under the interpreter.
 _BLOCK = 64 if env.triton_interpret() else 4096
@@ -119,4 +120,4 @@ def cross_entropy_rows(
     if torch.compiler.is_compiling():
         cross_entropy_rows_op(logits, labels, loss, grad_scale, ignore_index, logit_scale)
     else:
-        _launch(lambda k: k, logits, labels, loss, grad_scale, ignore_index, logit_scale, grad_scale is not None)
+        _launch(fast, logits, labels, loss, grad_scale, ignore_index, logit_scale, grad_scale is not None)

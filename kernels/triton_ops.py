@@ -13,6 +13,7 @@ import triton
 from .. import env
 from . import gluon_gemm, gluon_wgrad, tuning
 from . import triton_kernels as tk
+from .launch import fast
 from .layout import ExpertLayout, split_gate_up, w1_logical, w2_logical
 from .routing import Routing, block_m_for  # noqa: F401  (re-exported for callers)
 
@@ -94,7 +95,7 @@ def gather_gemm(
             extra = dict(E_POW2=triton.next_power_of_2(max(num_experts, 1)))
         else:
             kernel, grid, extra = tk._gather_gemm_kernel, (tiles,), {}
-        kernel[grid](
+        fast(kernel)[grid](
             a,
             a.stride(0),
             a.stride(1),
@@ -200,7 +201,7 @@ def combine(
         return out
     block_n = row_block_n(y, n)
     w = weights.reshape(-1) if weights is not None else y
-    tk._combine_kernel[(num_tokens, triton.cdiv(n, block_n))](
+    fast(tk._combine_kernel)[(num_tokens, triton.cdiv(n, block_n))](
         y,
         y.stride(0),
         y.stride(1),
@@ -226,7 +227,7 @@ def sorted_rows(src: torch.Tensor, routing: Routing, top_k: int) -> torch.Tensor
     if num_tokens == 0:
         return out
     block_n = row_block_n(src, n)
-    tk._sorted_rows_kernel[(num_tokens, triton.cdiv(n, block_n))](
+    fast(tk._sorted_rows_kernel)[(num_tokens, triton.cdiv(n, block_n))](
         src,
         src.stride(0),
         src.stride(1),
@@ -264,7 +265,7 @@ def wgrad(
         cfg = dict(cfg)
         a_t = cfg.pop("A_T")
         grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]), num_experts)
-        tk._wgrad_kernel[grid](
+        fast(tk._wgrad_kernel)[grid](
             a,
             a.stride(0),
             a.stride(1),
@@ -553,7 +554,7 @@ def expert_colsum(
     """Bias gradients: ``out[e] = sum_{r in e} scale(r) * a[ra(r)]`` (fp32 sums), ``out [E, N]``."""
     num_experts, n = out.shape
     block_n = 32 if _interpreting(a) else 128
-    tk._expert_colsum_kernel[(num_experts, triton.cdiv(n, block_n))](
+    fast(tk._expert_colsum_kernel)[(num_experts, triton.cdiv(n, block_n))](
         a,
         a.stride(0),
         a.stride(1),
@@ -732,7 +733,7 @@ def activation(gu: torch.Tensor, h: torch.Tensor, layout: ExpertLayout) -> None:
     if num_pairs == 0:
         return
     gate, up = _halves(gu, 1, layout)
-    tk._act_forward_kernel[(num_pairs,)](
+    fast(tk._act_forward_kernel)[(num_pairs,)](
         gate,
         up,
         up.stride(0),
@@ -818,7 +819,7 @@ def experts_backward(
     gu_gate, gu_up = _halves(gu, 1, layout)
     dgu_gate, dgu_up = _halves(dgu, 1, layout)
     if num_pairs:
-        tk._glu_backward_kernel[(num_pairs,)](
+        fast(tk._glu_backward_kernel)[(num_pairs,)](
             g,
             g.stride(0),
             g.stride(1),

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast
 from .rmsnorm import TRITON_DTYPES, TRITON_MAX_H
 
 # Elements of one [ROWS, BLOCK_H] tile: narrow rows (per-head q/k norms) are batched into one program.
@@ -116,10 +117,6 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_ptr + pid * H + col, dw, mask=col_mask)
 
 
-def _direct(kernel):
-    return kernel
-
-
 def _tiling(H: int) -> tuple[int, int, int]:
     """(BLOCK_H, ROWS, num_warps) for rows of H elements."""
     block_h = max(16, triton.next_power_of_2(H))
@@ -158,7 +155,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm_forward(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool, *, wrap=_direct
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, cast_before_weight: bool, *, wrap=fast
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [rows, H]`` (unit column stride) -> ``y [rows, H]``, ``rstd [rows]`` fp32. ``y`` is in
     ``promote_types(weight, x)`` when ``cast_before_weight``, else in ``x.dtype``. ``wrap`` is
@@ -197,7 +194,7 @@ def rms_norm_backward(
     cast_before_weight: bool,
     need_dw: bool,
     *,
-    wrap=_direct,
+    wrap=fast,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dx [rows, H]`` in ``x.dtype`` and ``dweight [H]`` in ``weight.dtype`` (empty unless ``need_dw``), from
     ``dy [rows, H]`` and ``x [rows, H]`` (unit column strides) and the forward's ``rstd [rows]``."""

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import fast
 from .routing import Routing, build_routing_torch, max_row_tiles
 
 # Pairs per block of kernels 1 and 3: about _TARGET_BLOCKS blocks (enough programs to spread over the SMs, few
@@ -129,12 +130,8 @@ def _scatter_kernel(
         tl.store(tile_start_ptr + t, row0 + (t - first_tile) * block_m, mask=t_mask)
 
 
-def _direct(kernel):
-    return kernel
-
-
 def routing_tensors(
-    top_k_index: torch.Tensor, num_experts: int, block_m: int, *, block: int | None = None, wrap=_direct
+    top_k_index: torch.Tensor, num_experts: int, block_m: int, *, block: int | None = None, wrap=fast
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The six ``Routing`` tensors of ``top_k_index [T, k]`` (see ``routing.build_routing``), three launches.
 
