@@ -1,9 +1,10 @@
 """Launching Triton and Gluon kernels without Triton's per-call argument binding.
 
-``kernel[grid](*args, **kwargs)`` costs 20-56 us of host time per launch on the lent GPUs' hosts (Triton's
-``JITFunction.run``: binding, specialising every argument, the cache key, launch metadata), against ~9 us for the
-compiled kernel's own launcher (benchmarks/NOTES.md, v2.20). One forward+backward of an experts layer makes 14 such
-launches; where the GPU's work per call is a few milliseconds, that host time is what keeps it waiting.
+``kernel[grid](*args, **kwargs)`` goes through Triton's ``JITFunction.run`` on every call: it binds and specialises
+every argument, builds a cache key, and builds launch metadata. On a lent H100's host one small launch cost 54.6 us
+that way, against 8.8 us for the compiled kernel's own launcher. In the experts layer the forward's issue time
+dropped by ~100 us for its 7 launches (benchmarks/NOTES.md, v2.20). Where a call's GPU work takes a few
+milliseconds, host time is what leaves the GPU waiting on a slow host.
 
 ``fast(kernel)[grid](*args, **kwargs)`` launches exactly what ``kernel[grid](*args, **kwargs)`` would:
 
@@ -12,7 +13,9 @@ launches; where the GPU's work per call is a few milliseconds, that host time is
 - Later launches with the same key call that compiled kernel's launcher directly.
 - The key is at least as specific as Triton's specialisation:
   - tensors: dtype and 16-byte alignment;
-  - integers and booleans: their exact values (Triton looks only at ``== 1``, divisibility by 16 and width);
+  - integers, booleans, floats and strings: type and exact value (Triton looks at less: ``== 1``, divisibility by
+    16 and width; a float passed to a constexpr parameter selects a kernel by its value);
+  - the current device;
   - TMA descriptors: dtype, shape, strides, box, layout, padding, base alignment;
   - every keyword argument (constexprs and compile options): its value.
   So the same compiled kernel is found as Triton's lookup would find it.
