@@ -15,9 +15,9 @@ milliseconds, host time is what leaves the GPU waiting on a slow host.
   - tensors: dtype and 16-byte alignment;
   - integers, booleans, floats and strings: type and exact value (Triton looks at less: ``== 1``, divisibility by
     16 and width; a float passed to a constexpr parameter selects a kernel by its value);
-  - the current device;
   - TMA descriptors: dtype, shape, strides, box, layout, padding, base alignment;
-  - every keyword argument (constexprs and compile options): its value.
+  - every keyword argument (constexprs and compile options): its value;
+  - the current device.
   So the same compiled kernel is found as Triton's lookup would find it.
 - Anything unexpected (a grid callable, an unhashable argument, launch hooks installed by a profiler, pre-run hooks,
   a kernel compiled asynchronously, the interpreter) goes through Triton unchanged.
