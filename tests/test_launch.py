@@ -107,19 +107,16 @@ def test_a_launch_hook_sees_every_launch():
 
     chain = knobs.runtime.launch_enter_hook
     if hasattr(chain, "add"):
-        chain.add(hook)
-        try:
-            for _ in range(3):
-                torch.testing.assert_close(_axpy(x, y, 1.0), _expected(x, y, 1.0))
-        finally:
-            chain.remove(hook)
+        install, remove = (lambda: chain.add(hook)), (lambda: chain.remove(hook))
     else:  # Triton versions whose hook is one function
-        knobs.runtime.launch_enter_hook = hook
-        try:
-            for _ in range(3):
-                torch.testing.assert_close(_axpy(x, y, 1.0), _expected(x, y, 1.0))
-        finally:
-            knobs.runtime.launch_enter_hook = None
+        install = lambda: setattr(knobs.runtime, "launch_enter_hook", hook)  # noqa: E731
+        remove = lambda: setattr(knobs.runtime, "launch_enter_hook", None)  # noqa: E731
+    install()
+    try:
+        for _ in range(3):
+            torch.testing.assert_close(_axpy(x, y, 1.0), _expected(x, y, 1.0))
+    finally:
+        remove()
     assert len(seen) == 3
 
 
