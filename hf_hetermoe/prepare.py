@@ -5,8 +5,9 @@ configs of the model's experts modules and records each module's weight layout. 
 router or hook changes, so the state dict, ``save_pretrained``, PEFT ``target_parameters`` and
 ``output_router_logits`` behave exactly as before. Two more instance-level swaps, each one ``HeterMoEConfig``
 switch: on a causal LM, the fused linear cross-entropy (``fused_loss.py``: in training mode with labels the loss
-comes without logits), and RMSNorm modules on a fused kernel (``model_patches/norms.py``). ``unprepare`` undoes
-all three.
+comes without logits), and RMSNorm modules on a fused kernel (``model_patches/norms.py``; transformers' Hub
+kernelization, which would rebind them at every ``train()``/``eval()``, is turned off first:
+``model_patches/hub_kernels.py``). ``unprepare`` undoes all of it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .config import HeterMoEConfig
 from .errors import UnsupportedModelError
 from .experts import BACKEND_ATTR, LAYOUT_ATTR, RECOMPUTE_ATTR, register
 from .model_patches import MODEL_PATCHES, ModelPatch, get_model_patch, supported_model_types
+from .model_patches.hub_kernels import turn_off_hub_kernels
 from .model_patches.norms import patch_rms_norms
 
 STATE_ATTR = "_hetermoe_state"
@@ -112,12 +114,23 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
 
     undo = []
+    # Before any instance forward is bound: turning Hub kernelization off resets the kernel layers' forwards.
+    hub_undo = None
+    if config.fused_rms_norm:
+        hub_undo = turn_off_hub_kernels(
+            model,
+            "hetermoe.prepare runs the RMSNorms on its fused kernel, and transformers would undo that at every "
+            "train()/eval(); HeterMoEConfig(fused_rms_norm=False) keeps the Hub kernels, hetermoe.unprepare turns "
+            "them back on",
+        )
     if config.fused_cross_entropy:
         restore = fused_loss.enable(model, _matched_type(model, patch), config.backend)
         if restore is not None:
             undo.append(restore)
     if config.fused_rms_norm:
         undo.append(patch_rms_norms(model, backend=config.backend)[1])
+    if hub_undo is not None:
+        undo.append(hub_undo)  # last: unprepare first removes the forwards bound here, then kernelizes again
     if patch.dispatch == "instance_patch":
         for module, layout in zip(experts, layouts):
             setattr(module, LAYOUT_ATTR, layout)

@@ -241,6 +241,29 @@ def test_rms_norms_are_swapped_and_restored():
     assert not any("forward" in m.__dict__ for m in norms)
 
 
+def test_rms_norms_survive_train_and_eval_of_a_from_pretrained_model(tmp_path):
+    """From transformers 5.25 (with the `kernels` package it then requires) ``from_pretrained`` turns Hub
+    kernelization on, and each ``train()``/``eval()`` re-kernelizes, dropping instance forwards: ``prepare`` turns
+    it off before swapping the norms, and ``unprepare`` turns it back on."""
+    tiny_model("qwen3_moe").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    hub = bool(getattr(model, "use_kernels", False))
+    norms = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeRMSNorm"]
+    hetermoe.prepare(model, hetermoe.HeterMoEConfig(fused_cross_entropy=False))
+    assert not getattr(model, "use_kernels", False)
+    for mode in (True, False, True):  # what Trainer and evaluation loops do
+        model.train(mode)
+        assert norms and all("forward" in m.__dict__ for m in norms), mode
+    plain.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    got, want = model(ids, labels=ids), plain(ids, labels=ids)
+    assert rel_err(got.logits, want.logits) < 1e-5 and torch.allclose(got.loss, want.loss, rtol=1e-5)
+    hetermoe.unprepare(model)
+    assert bool(getattr(model, "use_kernels", False)) == hub
+    assert not any("forward" in m.__dict__ for m in norms)
+
+
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "jetmoe"])  # experts interface + fused loss; instance patch
 def test_deleted_prepared_model_is_freed_without_the_cycle_collector(model_type):
     """What prepare attaches to a model refers back to it weakly: ``del model`` frees it (and its GPU memory) at once,

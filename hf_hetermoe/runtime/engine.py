@@ -32,6 +32,7 @@ from torch import nn
 
 from hf_hetermoe.errors import ConfigError, HeterMoEError
 from hf_hetermoe.model_patches.anatomy import LayerSplit, expert_half, finish
+from hf_hetermoe.model_patches.hub_kernels import turn_off_hub_kernels
 from hf_hetermoe.planner.plan import Plan
 from hf_hetermoe.planner.schedule import Action, Schedule
 
@@ -157,6 +158,12 @@ class ZebraEngine(EngineIO):
                               "micro-batches; re-plan")
         self._full_keys = list(model.state_dict().keys())
         self._shapes = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+        # While every parameter is still real: kernelization (at each train()/eval()) reads the model's device.
+        turn_off_hub_kernels(
+            model,
+            "the zebra runtime keeps the layers a rank does not run on the meta device, where transformers cannot "
+            "kernelize them, and every rank must compute what plain training does",
+        )
         self._place_parameters(model)
         # What this rank trains, by name (fixed from here on: load_state copies into these tensors).
         self._attn_params = self._find_attention_params()
