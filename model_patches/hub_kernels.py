@@ -1,11 +1,12 @@
-"""transformers' Hub kernels (``use_kernels``) and hf-hetermoe's instance patches. From transformers 5.25 (where the
-``kernels`` package is installed, which it then requires) ``from_pretrained`` turns ``use_kernels`` on by default, and
-every ``model.train()`` / ``model.eval()`` that changes the mode kernelizes the model again: each module whose class is
-a Hub-kernel layer (the RMSNorms, for one) gets the Hub's forward or, where none is loaded, has its instance
-``forward`` removed. That silently undoes an instance-level forward such as the fused RMSNorm ``prepare`` binds, and it
-fails on a model whose parameters are on the ``meta`` device (an expert rank of the zebra runtime, which holds no
-embedding). So where hf-hetermoe takes those layers over, it turns transformers' Hub kernelization off first, through
-transformers' own switch (``set_use_kernels(False)``), and can turn it back on.
+"""transformers' Hub kernels (``use_kernels``) and hf-hetermoe's instance patches.
+
+From transformers 5.25 (where the ``kernels`` package is installed, which it then requires) ``from_pretrained`` turns
+``use_kernels`` on by default, and every ``model.train()`` / ``model.eval()`` that changes the mode kernelizes the
+model again: each module whose class is a Hub-kernel layer (the RMSNorms, for one) gets the Hub's forward or, where
+none is loaded, has its instance ``forward`` removed. That silently undoes an instance-level forward such as the fused
+RMSNorm ``prepare`` binds, and it fails on a model whose parameters are on the ``meta`` device (an expert rank of the
+zebra runtime, which holds no embedding). So where hf-hetermoe takes those layers over, it turns transformers' Hub
+kernelization off first, through transformers' own switch (``set_use_kernels(False)``), and can turn it back on.
 """
 
 from __future__ import annotations
