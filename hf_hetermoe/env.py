@@ -15,6 +15,7 @@
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
 | ``HETERMOE_FAST_LAUNCH=0`` | launches through Triton's ``kernel[grid](...)`` (default: compiled kernel; at import) |
+| ``HETERMOE_COMPILE_THREADS`` | threads compiling a tuning's candidate kernels at once (default: this rank's CPUs) |
 | ``HETERMOE_CE_CHUNK_MB`` | logits per chunk of the fused linear cross-entropy, in MiB (default 2048) |
 | ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
@@ -139,6 +140,22 @@ def toggles() -> Toggles:
         one_dot_gate_up(),
         persistent(),
     )
+
+
+def compile_threads() -> int:
+    """``HETERMOE_COMPILE_THREADS``: threads that compile the candidate kernels of one tuning at once (``1``: one after
+    the other). Default: the CPUs this process may run on, shared by the ranks of this node (``LOCAL_WORLD_SIZE``)."""
+    value = os.environ.get("HETERMOE_COMPILE_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) == 0:
+            raise ValueError(f"HETERMOE_COMPILE_THREADS={value!r} must be a positive integer (1: compile serially)")
+        return int(value)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return max(1, cpus // int(ranks)) if ranks.isdigit() and int(ranks) > 0 else cpus
 
 
 def ce_chunk_mb() -> int:

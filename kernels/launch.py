@@ -24,9 +24,15 @@ milliseconds, host time is what leaves the GPU waiting on a slow host.
 
 ``HETERMOE_FAST_LAUNCH=0`` (read at import) sends every launch through Triton; so does setting ``ENABLED = False``
 at run time (an A/B in one process).
+
+Inside ``compile_only()`` a launch only compiles its kernel (Triton's ``warmup``) and runs nothing: under Triton's
+asynchronous compile mode the autotuner uses it to compile all of a tuning's candidates at once (``tuning.py``).
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -34,6 +40,21 @@ from .. import env
 
 ENABLED = env.fast_launch()
 _MAX_KEYS = 1024  # per kernel; cleared when exceeded (shapes that change every call keep the plain path's cost)
+_COMPILE_ONLY = contextvars.ContextVar("hetermoe_compile_only", default=False)
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Launches in this context (this thread) compile their kernel and return without running it."""
+    token = _COMPILE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.reset(token)
+
+
+def compiling_only() -> bool:
+    return _COMPILE_ONLY.get()
 
 
 class _Unkeyable(Exception):
@@ -102,6 +123,9 @@ class FastKernel:
         return False
 
     def launch(self, grid, args: tuple, kwargs: dict):
+        if _COMPILE_ONLY.get():
+            # Triton's warmup: specialise and compile (or submit the compile, under its async mode), launch nothing.
+            return self.kernel.run(*args, grid=grid, warmup=True, **kwargs) if self._usable else None
         if not (ENABLED and self._usable) or callable(grid) or self._hooks_active():
             return self.kernel[grid](*args, **kwargs)
         device = self._device()

@@ -11,6 +11,10 @@ again.
 Keys name the kernel, the device, the dtype, the operand layout and *buckets* of the token count (powers of
 two), never the exact token count, so a new batch size does not retune. Tuning synchronises the device, so it
 is skipped while a CUDA graph is being captured (the default applies there, and nothing is cached).
+
+Compiling the candidates is most of a tuning's time (an H100's first forward+backward at a new shape: 37 of 41 s,
+benchmarks/NOTES.md v2.21), so they are compiled all at once first, on ``HETERMOE_COMPILE_THREADS`` threads through
+Triton's asynchronous compile mode (its compiler releases the GIL), then timed one by one.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from .. import env
+from . import launch as _launch
 
 # Candidate lists, measured default first (benchmarks/sweep_tiles.py, results/sweep_tiles_*.csv).
 # Gathered grouped matmul; BLOCK_M is fixed by the routing tiles. GROUP_M row tiles share each N tile (L2 reuse).
@@ -256,6 +262,40 @@ def time_candidates(
     return times
 
 
+class _NotCompiled(Exception):
+    """A candidate reached a tuning of its own while only compiling: left to the timed launches."""
+
+
+def compile_concurrently(launch: Callable[[dict], object], candidates: list[dict]) -> None:
+    """Compile the kernels of every candidate at once: each ``launch(cfg)`` runs in ``kernels.launch.compile_only``
+    mode (its kernels compiled, nothing run), under Triton's asynchronous compile mode on a thread pool, and the
+    compiled kernels land in Triton's caches before this returns. Best effort: whatever fails here (a compile error,
+    a candidate that would tune something first) is compiled, or raises, at its timed launch as before."""
+    workers = min(env.compile_threads(), len(candidates))
+    if workers < 2:
+        return
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # a Triton without it: candidates compile one by one at their first launch
+        return
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="hetermoe-compile") as pool:
+            with AsyncCompileMode(pool), _launch.compile_only():
+                for cand in candidates:
+                    try:
+                        launch(cand)
+                    except Exception:  # noqa: BLE001  (_NotCompiled, or an error its timed launch raises again)
+                        continue
+    except Exception as err:  # noqa: BLE001  (the timed launches raise whatever is real)
+        logger.debug("compiling %d candidates at once failed (%s: %s); compiling them one by one", len(candidates),
+                     type(err).__name__, err)
+
+
+def _measure(launch: Callable[[dict], object], candidates: list[dict]) -> list[float]:
+    compile_concurrently(launch, candidates)
+    return time_candidates(launch, candidates)
+
+
 def device_name(device: torch.device) -> str:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _device_names:
@@ -317,7 +357,7 @@ def choose(
     fitted = [c for i, c in enumerate(fitted) if c not in fitted[:i]]
     if not autotune_enabled() or torch.cuda.is_current_stream_capturing():
         return fitted[0]
-    return select(name, fitted, lambda cands: time_candidates(launch, cands))
+    return select(name, fitted, lambda cands: _measure(launch, cands))
 
 
 def choose_impl(
@@ -349,13 +389,15 @@ def choose_impl(
             _load_disk().pop(name, None)
     if warm is not None:
         warm()
-    return select(name, candidates, lambda cands: time_candidates(run, cands))
+    return select(name, candidates, lambda cands: _measure(run, cands))
 
 
 def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], list[float]]) -> dict:
     """The cached choice for ``name`` (this process, then the disk cache), else the candidate with the smallest
     time in ``measure(candidates)`` (milliseconds per candidate, ``inf`` for one that cannot run), remembered in
     both. When none can run, the first candidate is the fallback."""
+    if _launch.compiling_only() and (_memory.get(name) or _load_disk().get(name)) is None:
+        raise _NotCompiled(name)  # a measurement now would time launches that run nothing
     with _lock:
         cfg = _memory.get(name) or _load_disk().get(name)
         if cfg is None:

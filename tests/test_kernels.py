@@ -333,6 +333,47 @@ def test_tuning_times_candidates_in_rotating_rounds():
         tuning.time_candidates(lambda cfg: (_ for _ in ()).throw(ValueError("bug")), candidates, stopwatch=stopwatch)
 
 
+def test_candidates_are_compiled_at_once_before_timing(monkeypatch, tmp_path):
+    """``compile_concurrently`` calls every candidate's launch once in compile-only mode, with Triton's compiles on
+    ``HETERMOE_COMPILE_THREADS`` threads (1: none of this, each compiles at its first timed launch); a candidate that
+    would tune something of its own first is skipped there (a nested ``select`` refuses to measure launches that run
+    nothing), and any other failure is left to the timed launches."""
+    from hf_hetermoe import env
+    from hf_hetermoe.kernels import launch, tuning
+
+    monkeypatch.setenv("HETERMOE_CACHE_DIR", str(tmp_path))
+    tuning.clear()
+    candidates = [dict(n=0), dict(n=1), dict(n=2)]
+    seen = []
+
+    def run(cfg):
+        seen.append((cfg["n"], launch.compiling_only()))
+        if cfg["n"] == 1:  # a candidate whose own kernel is not tuned yet
+            tuning.select("nested", candidates, lambda cands: pytest.fail("measured while compiling only"))
+        if cfg["n"] == 2:
+            raise RuntimeError("a compile error: raised again at the timed launch")
+
+    monkeypatch.setenv("HETERMOE_COMPILE_THREADS", "2")
+    assert env.compile_threads() == 2
+    tuning.compile_concurrently(run, candidates)
+    assert seen == [(0, True), (1, True), (2, True)]  # each tried once; the skip and the error pass quietly
+    assert not launch.compiling_only()
+    tuning.select("nested", candidates, lambda cands: [1.0, 2.0, 3.0])  # tuned now: found while compiling only
+    with launch.compile_only():
+        assert tuning.select("nested", candidates, lambda cands: pytest.fail("tuned again")) == dict(n=0)
+    seen.clear()
+    monkeypatch.setenv("HETERMOE_COMPILE_THREADS", "1")
+    tuning.compile_concurrently(run, candidates)
+    assert not seen
+    monkeypatch.setenv("HETERMOE_COMPILE_THREADS", "0")
+    with pytest.raises(ValueError, match="HETERMOE_COMPILE_THREADS"):
+        env.compile_threads()
+    monkeypatch.delenv("HETERMOE_COMPILE_THREADS")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert env.compile_threads() >= 1  # this node's CPUs shared by its ranks, at least one each
+    tuning.clear()
+
+
 def test_launch_decisions_are_remembered_per_signature(monkeypatch):
     """A launcher decides once per key on CUDA (the host time of deciding again left the GPU waiting at 4 K tokens),
     never while a CUDA graph is captured nor off CUDA, and forgets on ``clear`` / ``set_autotune``. The key holds the

@@ -134,3 +134,27 @@ def test_fast_launches_are_captured_by_cuda_graphs():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out, _expected(x, y, 2.0))
+
+
+def test_compile_only_launches_run_nothing_and_compile_for_later():
+    """``compile_only()``: a launch compiles (Triton's warmup; on the interpreter, nothing) and runs nothing; under
+    Triton's asynchronous compile mode on a thread pool (what the autotuner does with its candidates) the kernels
+    compiled there are what later launches run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    launch.clear()
+    x = torch.randn(200, device=DEVICE)
+    y = torch.randn(200, device=DEVICE)
+    out = torch.full_like(y, 7.0)
+    blocks = (32, 128)  # specialisations no other test launches
+    with ThreadPoolExecutor(2) as pool, AsyncCompileMode(pool), launch.compile_only():
+        assert launch.compiling_only()
+        for block in blocks:
+            fast(_axpy_kernel)[(triton.cdiv(200, block),)](x, y, out, 200, 1, 0.25, BLOCK=block, SQUARE=True)
+    assert not launch.compiling_only()
+    assert torch.equal(out, torch.full_like(y, 7.0))  # nothing ran
+    assert not fast(_axpy_kernel)._compiled  # nothing kept from a launch that did not run
+    for block in blocks:
+        torch.testing.assert_close(_axpy(x, y, 0.25, square=True, block=block), _expected(x, y, 0.25, square=True))
