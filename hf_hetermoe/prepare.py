@@ -114,23 +114,21 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
 
     undo = []
-    # Before any instance forward is bound: turning Hub kernelization off resets the kernel layers' forwards.
-    hub_undo = None
+    if config.fused_cross_entropy:
+        restore = fused_loss.enable(model, _matched_type(model, patch), config.backend)
+        if restore is not None:
+            undo.append(restore)
     if config.fused_rms_norm:
+        # First: turning Hub kernelization off resets the kernel layers' forwards, the RMSNorms among them.
         hub_undo = turn_off_hub_kernels(
             model,
             "hetermoe.prepare runs the RMSNorms on its fused kernel, and transformers would undo that at every "
             "train()/eval(); HeterMoEConfig(fused_rms_norm=False) keeps the Hub kernels, hetermoe.unprepare turns "
             "them back on",
         )
-    if config.fused_cross_entropy:
-        restore = fused_loss.enable(model, _matched_type(model, patch), config.backend)
-        if restore is not None:
-            undo.append(restore)
-    if config.fused_rms_norm:
         undo.append(patch_rms_norms(model, backend=config.backend)[1])
-    if hub_undo is not None:
-        undo.append(hub_undo)  # last: unprepare first removes the forwards bound here, then kernelizes again
+        if hub_undo is not None:
+            undo.append(hub_undo)  # after the norms' undo: unprepare unbinds them, then kernelizes again
     if patch.dispatch == "instance_patch":
         for module, layout in zip(experts, layouts):
             setattr(module, LAYOUT_ATTR, layout)
