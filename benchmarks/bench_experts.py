@@ -57,6 +57,9 @@ SHAPES = {
 }
 DEFAULT_SHAPES = ("qwen3_30b_a3b", "olmoe_1b_7b", "deepseek_v3_like", "gpt_oss_20b", "mixtral_8x7b")  # the issue's
 PROVIDERS = ("eager", "grouped_mm", "hetermoe", "dense_roof", "gemm_roof")
+# Not run by default: hetermoe with HeterMoEConfig(recompute_gate_up=True), the memory-saving mode (no pre-activations
+# saved; the backward recomputes them, in chunks of sorted rows where that lowers its peak).
+MORE_PROVIDERS = ("hetermoe_recompute",)
 # "hetermoe@VAR=VALUE" (any environment toggle of hf_hetermoe.env) times hetermoe with that toggle set: a before /
 # after comparison in the same run, e.g. --providers hetermoe hetermoe@HETERMOE_SPLIT_TAIL=0
 
@@ -94,12 +97,20 @@ def experts_module(family: str, H: int, I: int, E: int, k: int, dtype):
     return module
 
 
+def select_provider(module, provider: str) -> None:
+    """Point the shared experts module at ``provider`` (a transformers implementation name, or hetermoe's modes)."""
+    from hf_hetermoe.experts import RECOMPUTE_ATTR
+
+    module.config._experts_implementation = "hetermoe" if provider.startswith("hetermoe") else provider
+    setattr(module, RECOMPUTE_ATTR, provider == "hetermoe_recompute")
+
+
 def run_provider(module, provider: str, x, index, weights, dout):
     """Closures for forward and forward+backward of one provider."""
     import hf_hetermoe  # noqa: F401  (registers "hetermoe")
 
     params = [p for p in module.parameters() if p.requires_grad]  # none with --frozen-experts
-    module.config._experts_implementation = provider
+    select_provider(module, provider)
 
     def fwd():
         return module(x, index, weights)
@@ -164,7 +175,7 @@ def _variant(provider: str) -> tuple[str, dict]:
     if not setting:
         return base, {}
     var, sep, value = setting.partition("=")
-    if base != "hetermoe" or not sep or not var.startswith("HETERMOE_"):
+    if not base.startswith("hetermoe") or not sep or not var.startswith("HETERMOE_"):
         raise SystemExit(f"provider {provider!r}: variants are written hetermoe@HETERMOE_<TOGGLE>=<value>")
     return base, {var: value}
 
@@ -261,7 +272,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                     max_err = max(rel(a, b) for a, b in zip(check, truth))
                     status = "ok" if max_err < BF16_TOLERANCE else "MISMATCH"
                     print(f"  verify {provider} against fp32: max rel err {max_err:.1e} {status}")
-                    if status != "ok" and base == "hetermoe":
+                    if status != "ok" and base.startswith("hetermoe"):
                         raise RuntimeError(
                             f"hetermoe is off the fp32 truth on {name} T={T}: max rel err {max_err:.2e}"
                         )
@@ -296,7 +307,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             p = ready[provider]
             with _toggles(p["settings"]):
                 if not p["base"].endswith("_roof"):
-                    module.config._experts_implementation = p["base"]
+                    select_provider(module, p["base"])
                 p["t_fwd"].append(measure(p["fwd"]))
                 p["t_fb"].append(measure(p["fwd_bwd"]))
 
@@ -341,9 +352,9 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             f"first call {p['first_call_s']:.1f} s  host {p['t_host']:.3f} ms/fwd",
             flush=True,
         )
-        if args.profile and p["base"] == "hetermoe":
+        if args.profile and p["base"].startswith("hetermoe"):
             with _toggles(p["settings"]):
-                module.config._experts_implementation = p["base"]
+                select_provider(module, p["base"])
                 print_kernel_times(p["fwd_bwd"])
     del module
     torch.cuda.empty_cache()
@@ -494,7 +505,7 @@ def main(argv=None):
         "--providers",
         nargs="+",
         default=["grouped_mm", "hetermoe", "eager", "dense_roof", "gemm_roof"],
-        help=f"any of {', '.join(PROVIDERS)}, or hetermoe@HETERMOE_<TOGGLE>=<value>",
+        help=f"any of {', '.join(PROVIDERS + MORE_PROVIDERS)}, or hetermoe@HETERMOE_<TOGGLE>=<value>",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
     parser.add_argument("--eager-max-pairs", type=int, default=40_000, help="skip eager above this many routed pairs")
@@ -532,8 +543,9 @@ def main(argv=None):
     if args.sustain <= 0 or args.sustain_warmup < 0:
         parser.error(f"--sustain must be > 0 and --sustain-warmup >= 0 (got {args.sustain}, {args.sustain_warmup})")
     for provider in args.providers:
-        if _variant(provider)[0] not in PROVIDERS:
-            parser.error(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)} or hetermoe@VAR=VALUE")
+        if _variant(provider)[0] not in PROVIDERS + MORE_PROVIDERS:
+            known = ", ".join(PROVIDERS + MORE_PROVIDERS)
+            parser.error(f"unknown provider {provider!r}: use one of {known} or hetermoe@VAR=VALUE")
     if not torch.cuda.is_available():
         sys.exit("bench_experts.py needs a CUDA GPU")
     import transformers

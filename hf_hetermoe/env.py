@@ -16,6 +16,7 @@
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
 | ``HETERMOE_FAST_LAUNCH=0`` | launches through Triton's ``kernel[grid](...)`` (default: compiled kernel; at import) |
 | ``HETERMOE_COMPILE_THREADS`` | threads compiling a tuning's candidate kernels at once (default: this rank's CPUs) |
+| ``HETERMOE_RECOMPUTE_CHUNKS`` | chunks of the backward under ``recompute_gate_up``: 1 (default), N or ``auto`` |
 | ``HETERMOE_CE_CHUNK_MB`` | logits per chunk of the fused linear cross-entropy, in MiB (default 2048) |
 | ``HETERMOE_CACHE_DIR`` | where tuned tiles are cached (default ``~/.cache/hf_hetermoe``; file ``tuning.json``) |
 | ``TRITON_INTERPRET=1`` | Triton's own: run the kernels on CPU tensors in the interpreter (tests only; slow) |
@@ -156,6 +157,20 @@ def compile_threads() -> int:
         cpus = os.cpu_count() or 1
     ranks = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
     return max(1, cpus // int(ranks)) if ranks.isdigit() and int(ranks) > 0 else cpus
+
+
+def recompute_chunks() -> int | None:
+    """``HETERMOE_RECOMPUTE_CHUNKS``: how many chunks of sorted rows the experts' backward runs in when the forward
+    saved no pre-activations (``recompute_gate_up``): ``1`` (the default: the whole routing at once), a count, or
+    ``None`` for ``auto`` (chunks sized to the weight gradients; see ``triton_ops.recompute_chunk_rows``)."""
+    value = os.environ.get("HETERMOE_RECOMPUTE_CHUNKS", "").strip().lower()
+    if value == "":
+        return 1
+    if value == "auto":
+        return None
+    if not value.isdigit() or int(value) == 0:
+        raise ValueError(f"HETERMOE_RECOMPUTE_CHUNKS={value!r}: use auto or a positive number of chunks (1: none)")
+    return int(value)
 
 
 def ce_chunk_mb() -> int:

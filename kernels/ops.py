@@ -195,6 +195,13 @@ def _backward(
     impl = _impl(backend)
     if gu.shape[0] != routing.order.shape[0]:  # the forward saved none (recompute=True): the gate/up matmul again
         top_k = top_k_weights.shape[-1]
+        if backend == "triton":
+            num_pairs = routing.order.shape[0]
+            rows = impl.recompute_chunk_rows(num_pairs, w1, w2, layout, env.recompute_chunks())
+            if rows < num_pairs:  # in chunks: no [S, N1] tensor at all
+                return impl.experts_backward_recompute(
+                    dout, x, w1, w2, b1, b2, top_k_weights, routing, layout, block_m, rows, weight_grads
+                )
         block = (block_m,) if backend == "triton" else ()
         gu = impl.pre_activations(x, w1, b1, routing, top_k, layout, *block)
         release_gu = True  # a buffer of our own, read by nothing else

@@ -97,17 +97,50 @@ def build_routing_torch(top_k_index: torch.Tensor, num_experts: int, block_m: in
     inverse = torch.empty(num_pairs, dtype=torch.int32, device=device)
     inverse[order] = torch.arange(num_pairs, dtype=torch.int32, device=device)
 
-    tiles_per_expert = (counts + (block_m - 1)) // block_m
-    tile_end = torch.cumsum(tiles_per_expert, 0)
-    tiles = torch.arange(max_row_tiles(num_pairs, num_experts, block_m), device=device, dtype=tile_end.dtype)
-    tile_expert = torch.searchsorted(tile_end, tiles, right=True, out_int32=True)
-    clamped = tile_expert.clamp(max=num_experts - 1).long()
-    local_tile = tiles - (tile_end[clamped] - tiles_per_expert[clamped])
-    tile_start = (offsets[clamped] + local_tile * block_m).to(torch.int32)
+    tile_expert, tile_start = _row_tiles(offsets, counts, num_pairs, block_m)
     return Routing(
         order=order.to(torch.int32),
         inverse=inverse,
         expert=expert_sorted.to(torch.int32),
+        offsets=offsets,
+        tile_expert=tile_expert,
+        tile_start=tile_start,
+    )
+
+
+def _row_tiles(
+    offsets: torch.Tensor, counts: torch.Tensor, num_pairs: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tile_expert, tile_start)`` of ``Routing`` from each expert's run (``offsets [E + 1]``, ``counts [E]``)."""
+    num_experts = counts.numel()
+    tiles_per_expert = (counts + (block_m - 1)) // block_m
+    tile_end = torch.cumsum(tiles_per_expert, 0)
+    tiles = torch.arange(max_row_tiles(num_pairs, num_experts, block_m), device=counts.device, dtype=tile_end.dtype)
+    tile_expert = torch.searchsorted(tile_end, tiles, right=True, out_int32=True)
+    clamped = tile_expert.clamp(max=num_experts - 1).long()
+    local_tile = tiles - (tile_end[clamped] - tiles_per_expert[clamped])
+    tile_start = (offsets[clamped] + local_tile * block_m).to(torch.int32)
+    return tile_expert, tile_start
+
+
+def chunk_routing(routing: Routing, start: int, end: int, block_m: int) -> Routing:
+    """The sorted rows ``[start, end)`` of ``routing`` as a routing of their own, row ``start`` becoming row 0: each
+    expert's run clipped to the chunk (experts of the chunk's edges keep the part inside it, the others none),
+    tiles rebuilt over the clipped runs. Device ops only, no host synchronisation (the chunk's bounds are fixed row
+    numbers, not expert boundaries, which are device data).
+
+    The chunk has no ``inverse`` (an empty tensor): a token's pairs may lie in several chunks, so kernels that go
+    from tokens to sorted rows (``combine``, ``sorted_rows``) must run on the whole routing."""
+    num_pairs = routing.order.numel()
+    if not 0 <= start <= end <= num_pairs:
+        raise ValueError(f"chunk [{start}, {end}) is not inside the {num_pairs} sorted rows")
+    offsets = (routing.offsets.clamp(start, end) - start).to(torch.int32)
+    counts = offsets[1:] - offsets[:-1]
+    tile_expert, tile_start = _row_tiles(offsets, counts, end - start, block_m)
+    return Routing(
+        order=routing.order[start:end],
+        inverse=routing.inverse.new_empty(0),
+        expert=routing.expert[start:end],
         offsets=offsets,
         tile_expert=tile_expert,
         tile_start=tile_start,

@@ -364,9 +364,10 @@ def _wgrad_kernel(
     order_ptr, top_k,  # gathers use row = order[r] // top_k
     c_ptr, stride_ce, stride_cn, stride_ck,  # dW logical [E, N, K]
     offsets_ptr, N, K,
+    whole_offsets_ptr, chunk_start, chunk_end, total_rows,  # ACCUMULATE: the chunk's place among all sorted rows
     GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, A_T: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-    PREFETCH: tl.constexpr = False,
+    PREFETCH: tl.constexpr = False, ACCUMULATE: tl.constexpr = False,
 ):
     # Grid (N tiles * K tiles, E): one expert's tiles run together, grouped so that concurrent programs share
     # A and B row slabs in L2. Both operands go straight from global to shared memory (no register-side
@@ -412,7 +413,19 @@ def _wgrad_kernel(
                                    mask=mask_r[:, None] & mask_n[None, :], other=0.0))
         acc = tl.dot(a_t, b, acc, input_precision=DOT_PRECISION)
     c_off = expert.to(tl.int64) * stride_ce + offs_n[:, None] * stride_cn + offs_k[None, :] * stride_ck
-    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_k[None, :])
+    mask_c = mask_n[:, None] & mask_k[None, :]
+    if ACCUMULATE:
+        # One chunk of the sorted rows (``offsets`` are the chunk's runs): an expert whose run began in an earlier
+        # chunk adds to what that chunk stored; the chunk where it begins stores (zeros for an empty run, which the
+        # last chunk owns when it begins at the very end); any other chunk leaves it alone.
+        # Every operand of the masks is splat to the tile (the interpreter cannot broadcast a scalar mask).
+        splat = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+        begins = splat + tl.load(whole_offsets_ptr + expert)
+        adds = begins < chunk_start
+        owns = (begins >= chunk_start) & ((begins < chunk_end) | (splat + chunk_end >= total_rows))
+        mask_c = mask_c & (owns | (adds & (splat + row_end > row_start)))
+        acc += tl.load(c_ptr + c_off, mask=mask_c & adds, other=0.0).to(tl.float32)
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from . import gluon_gemm, gluon_wgrad, tuning
 from . import triton_kernels as tk
 from .launch import fast
 from .layout import ExpertLayout, split_gate_up, w1_logical, w2_logical
-from .routing import Routing, block_m_for  # noqa: F401  (re-exported for callers)
+from .routing import Routing, block_m_for, chunk_routing  # noqa: F401  (block_m_for: re-exported for callers)
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -254,14 +254,25 @@ def wgrad(
     gather_b: bool,
     config: dict | None = None,
     toggles: env.Toggles | None = None,
-) -> None:
-    """ESTMM: ``out[e] = sum_{r in e} a[ra(r)]^T b[rb(r)]`` into a logical ``[E, N, K]`` view.
+    accumulate: tuple[torch.Tensor, int, int, int] | None = None,
+) -> dict:
+    """ESTMM: ``out[e] = sum_{r in e} a[ra(r)]^T b[rb(r)]`` into a logical ``[E, N, K]`` view; returns the tiles used.
 
     ``config`` pins the tiles (a ``tuning.WGRAD_CANDIDATES`` entry); by default ``tuning.choose`` picks them.
+
+    ``accumulate=(whole_offsets, start, end, total)``: ``routing`` is the chunk ``[start, end)`` of ``total`` sorted
+    rows (``routing.chunk_routing``) and ``whole_offsets`` the whole routing's. Chunks run in order, and an expert
+    whose run spans several of them gets the sum of their parts: the chunk where its run begins stores, the later ones
+    load and add. Tuning times its candidates as plain launches, which store each expert's part of the chunk (and
+    zeros for experts absent from it): harmless in the first chunk only, so later chunks must pass the ``config`` the
+    first one returned.
     """
     num_experts, n, k = out.shape
+    whole_offsets, start, end, total = accumulate if accumulate is not None else (routing.offsets, 0, 0, 0)
+    if accumulate is not None and config is None and start != 0:
+        raise ValueError("wgrad(accumulate=...): a chunk after the first needs the config the first chunk returned")
 
-    def launch(cfg: dict) -> None:
+    def launch(cfg: dict, accumulating: bool = False) -> None:
         cfg = dict(cfg)
         a_t = cfg.pop("A_T")
         grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(k, cfg["BLOCK_K"]), num_experts)
@@ -281,15 +292,20 @@ def wgrad(
             routing.offsets,
             n,
             k,
+            whole_offsets,
+            start,
+            end,
+            total,
             GATHER_A=gather_a,
             GATHER_B=gather_b,
             A_T=a_t,
             DOT_PRECISION=_dot_precision(a.dtype),
+            ACCUMULATE=accumulating,
             **cfg,
         )
 
     if num_experts == 0:
-        return
+        return config or {}
     if config is None:
 
         def decide() -> dict:
@@ -306,7 +322,8 @@ def wgrad(
         toggles = toggles or env.toggles()
         signature = ("wgrad", _sig(a), _sig(b), _sig(out), gather_a, gather_b, routing.order.numel(), toggles)
         config = tuning.remembered(signature, decide, a.device)
-    launch(config)
+    launch(config, accumulating=accumulate is not None)
+    return config
 
 
 def _vendor_takes(t: torch.Tensor) -> bool:
@@ -773,6 +790,54 @@ def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, to
     )
 
 
+def _glu_backward(g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout, b2, top_k: int, layout) -> None:
+    """The activation's backward over ``routing``'s rows, one program per row: ``dgu`` from ``g`` and ``gu``, ``hw``
+    (the routing weight times the recomputed activation, dW2's operand), and each pair's routing-weight gradient
+    written into its slot of ``dweights``. Works in place (``dgu`` may be ``gu``, ``hw`` may be ``g``): a program reads
+    its row's values before it writes the same positions."""
+    num_pairs, inter = g.shape
+    if num_pairs == 0:
+        return
+    gu_gate, gu_up = _halves(gu, 1, layout)
+    dgu_gate, dgu_up = _halves(dgu, 1, layout)
+    fast(tk._glu_backward_kernel)[(num_pairs,)](
+        g,
+        g.stride(0),
+        g.stride(1),
+        gu_gate,
+        gu_up,
+        gu_up.stride(0),
+        gu_up.stride(1),
+        dgu_gate,
+        dgu_up,
+        dgu_up.stride(0),
+        dgu_up.stride(1),
+        hw,
+        hw.stride(0),
+        hw.stride(1),
+        routing.order,
+        weights_flat,
+        dweights,
+        dout,
+        dout.stride(0),
+        dout.stride(1),
+        b2 if b2 is not None else dout,
+        b2.stride(0) if b2 is not None else 0,
+        b2.stride(1) if b2 is not None else 0,
+        routing.expert,
+        top_k,
+        inter,
+        dout.shape[1],
+        layout.alpha,
+        layout.limit,
+        GATED=layout.has_gate,
+        ACT=layout.act_code,
+        HAS_BIAS=b2 is not None,
+        BLOCK_N=row_block_n(g, inter),
+        num_warps=4,
+    )
+
+
 def experts_backward(
     dout: torch.Tensor,
     x: torch.Tensor,
@@ -797,13 +862,12 @@ def experts_backward(
     the eager autograd path, whose saved tensor is never read again). With the vendor weight gradients this lets
     dW2's gathered rows take its place, a lower peak (Qwen3-30B-A3B at T=16384: 2.13 -> 1.94 GiB)."""
     dout = dout.contiguous()
-    num_tokens, hidden = x.shape
+    num_tokens = x.shape[0]
     top_k = top_k_weights.shape[-1]
     num_pairs = routing.order.numel()
     weights_flat = top_k_weights.reshape(-1)
     toggles = env.toggles()  # once per call: the launchers' cached decisions are keyed on them
     w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
-    inter = w2l.shape[2]
 
     # Whether the weight gradients go to the vendor's grouped GEMM on rows copied to sorted order.
     vendor = weight_grads and num_pairs > 0 and vendor_wgrad_ok(x, w1, w2, gu, w2l, toggles=toggles)
@@ -816,45 +880,7 @@ def experts_backward(
     dgu, hw = gu, g
     # The routing weights' gradient, written by the glu kernel straight into each pair's slot.
     dweights = torch.empty(top_k_weights.shape, dtype=top_k_weights.dtype, device=x.device)
-    gu_gate, gu_up = _halves(gu, 1, layout)
-    dgu_gate, dgu_up = _halves(dgu, 1, layout)
-    if num_pairs:
-        fast(tk._glu_backward_kernel)[(num_pairs,)](
-            g,
-            g.stride(0),
-            g.stride(1),
-            gu_gate,
-            gu_up,
-            gu_up.stride(0),
-            gu_up.stride(1),
-            dgu_gate,
-            dgu_up,
-            dgu_up.stride(0),
-            dgu_up.stride(1),
-            hw,
-            hw.stride(0),
-            hw.stride(1),
-            routing.order,
-            weights_flat,
-            dweights,
-            dout,
-            dout.stride(0),
-            dout.stride(1),
-            b2 if b2 is not None else dout,
-            b2.stride(0) if b2 is not None else 0,
-            b2.stride(1) if b2 is not None else 0,
-            routing.expert,
-            top_k,
-            inter,
-            hidden,
-            layout.alpha,
-            layout.limit,
-            GATED=layout.has_gate,
-            ACT=layout.act_code,
-            HAS_BIAS=b2 is not None,
-            BLOCK_N=row_block_n(x, inter),
-            num_warps=4,
-        )
+    _glu_backward(g, gu, dgu, hw, routing, weights_flat, dweights, dout, b2, top_k, layout)
 
     # Transients are dropped as soon as their last reader is queued (the caching allocator reuses them at once).
     # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
@@ -889,4 +915,107 @@ def experts_backward(
         gu.untyped_storage().resize_(0)  # dgu (the same storage) has had its last reader queued
     if dw2_last:
         dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles)
+    return dx, dweights, dw1, dw2, db1, db2
+
+
+def recompute_chunk_rows(
+    num_pairs: int, w1: torch.Tensor, w2: torch.Tensor, layout: ExpertLayout, chunks: int | None = 1
+) -> int:
+    """Sorted rows per chunk of ``experts_backward_recompute``; ``num_pairs`` (or more) means one chunk.
+
+    ``chunks`` asks for that many (``HETERMOE_RECOMPUTE_CHUNKS``). ``None`` (``auto``) chunks only where the whole
+    routing's pre-activations ``[S, N1]`` reach half the two weight gradients (which exist whatever the backward does),
+    and then holds a chunk's transients (its pre-activations, ``g [rows, I]`` and dx's rows ``[rows, H]``) to a
+    quarter of them. On an H100 (benchmarks/NOTES.md, v2.22) that takes Mixtral-8x7B at 16 K tokens in 5 chunks, from
+    4.88 to 3.53 GiB of peak (0.54x ``grouped_mm``'s); below that ratio chunks did not lower the peak (Qwen3-30B-A3B
+    at 16 K tokens: 1.94 -> 1.91 GiB, where dx's sorted rows ``[S, H]`` dominate) and only cost time."""
+    w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
+    num_experts, n1, hidden = w1l.shape
+    inter = w2l.shape[2]
+    if chunks is None:
+        elem = w1.element_size()
+        weight_grads = num_experts * (n1 + inter) * hidden * elem
+        if 2 * num_pairs * n1 * elem < weight_grads:
+            return num_pairs
+        chunks = -(-num_pairs * (n1 + inter + hidden) * elem // max(weight_grads // 4, 1))
+    rows = -(-num_pairs // max(chunks, 1))
+    return -(-rows // 16) * 16  # 16-row multiples: 64-byte aligned slices of the int32 routing arrays
+
+
+def experts_backward_recompute(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    b1: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    top_k_weights: torch.Tensor,
+    routing: Routing,
+    layout: ExpertLayout,
+    block_m: int,
+    chunk_rows: int,
+    weight_grads: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """``experts_backward`` for a forward that saved no pre-activations (``recompute=True``), run over fixed chunks of
+    ``chunk_rows`` sorted rows: each chunk recomputes its own ``gu``, then its ``g``, ``dgu``, dx rows and its part of
+    the weight gradients, so no ``[S, N1]`` or ``[S, I]`` tensor ever exists; the peak is the weight gradients, dx's
+    sorted rows ``[S, H]`` and one chunk's transients.
+
+    The chunks' bounds are fixed row numbers (experts' run lengths are device data, never read on the host), so an
+    expert's run may span chunks: its weight gradient is then the sum of the chunks' parts, added in chunk order by our
+    Triton weight gradient (``wgrad(accumulate=...)``; CUTLASS and the Gluon kernel cannot add to an output). Rows
+    are copied nowhere: every chunk gathers its token rows itself."""
+    dout = dout.contiguous()
+    num_tokens, hidden = x.shape
+    top_k = top_k_weights.shape[-1]
+    num_pairs = routing.order.numel()
+    weights_flat = top_k_weights.reshape(-1)
+    # A chunk has no ``inverse``: the paths that copy token rows to sorted order (CUTLASS's gate/up, ``g`` on sorted
+    # rows) are not taken.
+    toggles = env.toggles()._replace(vendor_gate_up=False, sorted_g=False)
+    w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
+    w1t = w1l.transpose(1, 2)
+
+    dweights = torch.empty(top_k_weights.shape, dtype=top_k_weights.dtype, device=x.device)
+    dx_sorted = x.new_empty(num_pairs, hidden)
+    dw1 = dw2 = db1 = db2 = None
+    if weight_grads:
+        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+        if b2 is not None:
+            db2 = torch.empty_like(b2)
+            expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
+        if b1 is not None:
+            db1_sum = torch.zeros(b1.shape, dtype=torch.float32, device=b1.device)
+            db1_part = torch.empty_like(db1_sum)
+        if num_pairs == 0:  # no chunk runs: every expert's gradient is zero
+            dw1.zero_(), dw2.zero_()
+    dw1_cfg = dw2_cfg = None
+    for start in range(0, num_pairs, chunk_rows):
+        end = min(num_pairs, start + chunk_rows)
+        chunk = chunk_routing(routing, start, end, block_m)
+        gu, _ = gate_up(x, w1l, b1, chunk, top_k, layout, block_m, toggles, keep_act=False)
+        g, _ = backward_g(dout, w2l, chunk, top_k, block_m=block_m, vendor=False, toggles=toggles)
+        dgu, hw = gu, g  # in place, as in experts_backward
+        _glu_backward(g, gu, dgu, hw, chunk, weights_flat, dweights, dout, b2, top_k, layout)
+        del g, gu
+        places = (routing.offsets, start, end, num_pairs)
+        if weight_grads:
+            dw2_cfg = wgrad(
+                dout, hw, chunk, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False, config=dw2_cfg,
+                toggles=toggles, accumulate=places,
+            )
+        del hw
+        dx_sorted[start:end] = sorted_matmul(dgu, w1t, chunk, top_k, block_m=block_m, toggles=toggles)
+        if weight_grads:
+            dw1_cfg = wgrad(
+                dgu, x, chunk, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, config=dw1_cfg,
+                toggles=toggles, accumulate=places,
+            )
+            if b1 is not None:
+                expert_colsum(dgu, chunk, top_k, db1_part, gather_a=False, scale=None)
+                db1_sum += db1_part
+        del dgu
+    if weight_grads and b1 is not None:
+        db1 = db1_sum.to(b1.dtype)
+    dx = combine(dx_sorted, routing, None, num_tokens, top_k)
     return dx, dweights, dw1, dw2, db1, db2

@@ -181,6 +181,111 @@ def test_recompute_saves_no_pre_activations_and_matches(layout, backend):
         assert rel_err(g_r, g) < 1e-6
 
 
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "no_gate_relu2_bias"])
+def test_recompute_backward_in_chunks_matches_reference(layout, dtype, monkeypatch):
+    """``recompute=True`` with ``HETERMOE_RECOMPUTE_CHUNKS``: the backward runs over fixed chunks of sorted rows, its
+    experts' runs spanning chunks (their weight gradients summed chunk by chunk), and matches the reference."""
+    triton_ops = _triton_ops()
+    layout = LAYOUTS[layout]
+    T, H, I, E, k = 45, 32, 16, 5, 2
+    x, index, weights, w1, w2, b1, b2 = make_inputs(T, H, I, E, k, layout, dtype, DEVICE)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2) + ((b1, b2) if b1 is not None else ())]
+    dout = torch.randn(T, H, device=DEVICE).to(dtype)
+    chunked = []
+    real = triton_ops.experts_backward_recompute
+    monkeypatch.setattr(triton_ops, "experts_backward_recompute", lambda *a: chunked.append(a[-2]) or real(*a))
+    monkeypatch.setenv("HETERMOE_RECOMPUTE_CHUNKS", "3")
+    out = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="triton", recompute=True)
+    got = torch.autograd.grad(out, leaves, dout)
+    assert chunked == [triton_ops.recompute_chunk_rows(T * k, w1, w2, layout, 3)]
+    assert chunked[0] < T * k
+    out_r = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="reference")
+    want = torch.autograd.grad(out_r, leaves, dout)
+    for name, g, w in zip(["dx", "dweights", "dw1", "dw2", "db1", "db2"], got, want):
+        assert g.dtype == w.dtype and rel_err(g, w) < TOLERANCE[dtype], f"{name}: {rel_err(g, w):.2e}"
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("shape", list(EDGE_SHAPES), ids=list(EDGE_SHAPES))
+def test_recompute_backward_in_small_chunks_edge_shapes(shape):
+    """Chunks of 5 sorted rows, not aligned to experts or tiles: experts spanning many chunks, empty experts (those
+    whose empty run begins at the very end are zeroed by the last chunk), and chunks inside one expert's run."""
+    triton_ops = _triton_ops()
+    T, H, I, E, k, routing_kind = EDGE_SHAPES[shape]
+    layout = LAYOUTS["mixtral"]
+    x, index, weights, w1, w2, b1, b2 = make_inputs(T, H, I, E, k, layout, torch.float32, DEVICE, routing=routing_kind)
+    block_m = triton_ops.block_m_for(DEVICE)
+    routing = build_routing(index, E, block_m)
+    dout = torch.randn(T, H, device=DEVICE)
+    got = triton_ops.experts_backward_recompute(dout, x, w1, w2, b1, b2, weights, routing, layout, block_m, 5)
+    _, gu = ref.experts_forward(x, w1, w2, b1, b2, weights, routing, layout)
+    want = ref.experts_backward(dout, x, w1, w2, b1, b2, weights, routing, gu, layout)
+    for name, g, w in zip(["dx", "dweights", "dw1", "dw2"], got, want):
+        assert rel_err(g, w) < TOLERANCE[torch.float32], f"{name}: {rel_err(g, w):.2e}"
+
+
+def test_chunk_routing_clips_each_run_and_tiles_the_chunk():
+    from hf_hetermoe.kernels.routing import build_routing_torch, chunk_routing
+
+    index = torch.rand(40, 6).topk(3, dim=-1).indices
+    index[index == 4] = 1  # an empty expert in the middle
+    routing = build_routing_torch(index, 6, 8)
+    for start, end in [(0, 120), (0, 13), (13, 61), (61, 120), (50, 50)]:
+        chunk = chunk_routing(routing, start, end, 8)
+        assert torch.equal(chunk.order, routing.order[start:end])
+        assert torch.equal(chunk.expert, routing.expert[start:end])
+        want = routing.offsets.clamp(start, end) - start
+        assert torch.equal(chunk.offsets, want.to(torch.int32))
+        covered = []
+        for e, r0 in zip(chunk.tile_expert.tolist(), chunk.tile_start.tolist()):
+            if e == 6:
+                continue
+            rows = range(r0, min(r0 + 8, int(chunk.offsets[e + 1])))
+            assert rows and r0 >= chunk.offsets[e] and all(chunk.expert[r] == e for r in rows)
+            covered.extend(rows)
+        assert covered == list(range(end - start))
+    with pytest.raises(ValueError, match="not inside"):
+        chunk_routing(routing, 100, 121, 8)
+
+
+def test_recompute_chunks_sized_to_the_weight_gradients():
+    """``auto``: chunks only where the pre-activations reach half the weight gradients (Mixtral-8x7B at 16 K tokens,
+    5 chunks), holding a chunk's transients to a quarter of them; one chunk elsewhere."""
+    triton_ops = _triton_ops()
+    layout = LAYOUTS["mixtral"]
+
+    def chunks(T, H, I, E, k, forced=None):
+        w1 = torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device="meta")
+        w2 = torch.empty(E, H, I, dtype=torch.bfloat16, device="meta")
+        rows = triton_ops.recompute_chunk_rows(T * k, w1, w2, layout, forced)
+        assert rows % 16 == 0 or rows == T * k
+        return -(-T * k // rows)
+
+    assert chunks(16384, 4096, 14336, 8, 2) == 5
+    assert chunks(4096, 4096, 14336, 8, 2) == 1
+    assert chunks(16384, 2048, 768, 128, 8) == 1
+    assert chunks(65536, 2048, 768, 128, 8) == 16
+    assert chunks(4096, 2048, 768, 128, 8, forced=3) == 3
+    assert chunks(5, 2048, 768, 128, 8, forced=3) == 3
+    assert chunks(4096, 2048, 768, 128, 8, forced=1) == 1
+
+
+def test_recompute_chunks_setting(monkeypatch):
+    from hf_hetermoe import env
+
+    for value, want in [("", 1), ("auto", None), ("AUTO", None), ("1", 1), ("6", 6)]:
+        monkeypatch.setenv("HETERMOE_RECOMPUTE_CHUNKS", value)
+        assert env.recompute_chunks() == want
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("HETERMOE_RECOMPUTE_CHUNKS", bad)
+        with pytest.raises(ValueError, match="HETERMOE_RECOMPUTE_CHUNKS"):
+            env.recompute_chunks()
+
+
 @pytest.mark.parametrize(
     "backend", ["reference", pytest.param("triton", marks=[requires_triton, pytest.mark.triton_interpret])]
 )
