@@ -199,6 +199,8 @@ if _GLUON:
         tiles_n,
         tiles_per_expert,
         which,
+        accumulate,
+        ACCUMULATE: gl.constexpr,
     ):
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_M: gl.constexpr = a_desc.block_type.shape[1]
@@ -249,13 +251,54 @@ if _GLUON:
                             acc = warpgroup_mma(a_regs, b_bufs.index(s).slice(q * SLICE, SLICE), acc)
                     mbarrier.arrive(empty.index(s))
                 mbarrier.arrive(turn.index(which))
-                # The previous tile's store has left c_buf by now (a whole tile of MMAs ago).
-                tma.store_wait(0)
-                c_buf.store(acc.to(dtype))
-                fence_async_shared()
-                _tma_store(c_desc, [e, tm * BLOCK_M, tn * BLOCK_N], c_tile)
+                store = True
+                if ACCUMULATE:
+                    # One chunk of the sorted rows (see ``grouped_wgrad``): an expert whose run began in an earlier
+                    # chunk adds what that chunk stored (under the other warpgroup's MMAs); the chunk where it begins
+                    # stores; any other chunk leaves it alone.
+                    c_ptr, stride_ce, stride_cm, m_size, n_size, whole_ptr, chunk_start, chunk_end, total = accumulate
+                    begins = gl.load(whole_ptr + e)
+                    adds = (begins < chunk_start) & (rows > 0)
+                    store = adds | ((begins >= chunk_start) & ((begins < chunk_end) | (chunk_end >= total)))
+                    if adds:
+                        offs_m = tm * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+                        offs_n = tn * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+                        rows_m = gl.expand_dims(offs_m, 1)
+                        cols_n = gl.expand_dims(offs_n, 0)
+                        ptrs = c_ptr + e.to(gl.int64) * stride_ce + rows_m * stride_cm + cols_n
+                        acc += gl.load(ptrs, mask=(rows_m < m_size) & (cols_n < n_size), other=0.0).to(gl.float32)
+                if store:
+                    # The previous tile's store has left c_buf by now (a whole tile of MMAs ago).
+                    tma.store_wait(0)
+                    c_buf.store(acc.to(dtype))
+                    fence_async_shared()
+                    _tma_store(c_desc, [e, tm * BLOCK_M, tn * BLOCK_N], c_tile)
             step += gl.cdiv(rows, BLOCK_K)
         tma.store_wait(0)
+
+    # The consumers as partitions: a partition's arguments are runtime values (a constexpr would arrive as one, and
+    # Triton 3.6 cannot lower an i1 among them), so each variant is a partition of its own.
+    @gluon.jit
+    def _consume_store(
+        a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, offsets_ptr,
+        num_tiles, tiles_n, tiles_per_expert, which,
+    ):  # fmt: skip
+        _consume(
+            a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn,
+            offsets_ptr, num_tiles, tiles_n, tiles_per_expert, which, (), False,
+        )  # fmt: skip
+
+    @gluon.jit
+    def _consume_accumulate(
+        a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn, offsets_ptr,
+        num_tiles, tiles_n, tiles_per_expert, which, c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr,
+        chunk_start, chunk_end, total_rows,
+    ):  # fmt: skip
+        accumulate = (c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr, chunk_start, chunk_end)
+        _consume(
+            a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn,
+            offsets_ptr, num_tiles, tiles_n, tiles_per_expert, which, accumulate + (total_rows,), True,
+        )  # fmt: skip
 
     @gluon.jit
     def _grouped_wgrad_kernel(
@@ -268,8 +311,18 @@ if _GLUON:
         num_tiles,
         tiles_n,
         tiles_per_expert,
+        c_ptr,
+        stride_ce,
+        stride_cm,
+        m_size,
+        n_size,
+        whole_offsets_ptr,
+        chunk_start,
+        chunk_end,
+        total_rows,
         STAGES: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
+        ACCUMULATE: gl.constexpr = False,
     ):
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
@@ -294,11 +347,28 @@ if _GLUON:
         )
         # The default partition (this program's 4 warps) and a 4-warp worker are the two consumers; ``which`` (0 / 1)
         # arrives as a runtime value, as every argument of a partition does.
-        gl.warp_specialize(
-            [(_consume, args + (gl.to_tensor(0),)), (_consume, args + (gl.to_tensor(1),)), (_producer, args)],
-            [4, 1],
-            [CONSUMER_REGS, 24],
-        )
+        if ACCUMULATE:
+            extra = (c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr, chunk_start, chunk_end)
+            extra = extra + (total_rows,)
+            gl.warp_specialize(
+                [
+                    (_consume_accumulate, args + (gl.to_tensor(0),) + extra),
+                    (_consume_accumulate, args + (gl.to_tensor(1),) + extra),
+                    (_producer, args),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, 24],
+            )
+        else:
+            gl.warp_specialize(
+                [
+                    (_consume_store, args + (gl.to_tensor(0),)),
+                    (_consume_store, args + (gl.to_tensor(1),)),
+                    (_producer, args),
+                ],
+                [4, 1],
+                [CONSUMER_REGS, 24],
+            )
 
 
 def _descriptors(a, b, out, cfg):
@@ -323,11 +393,19 @@ def grouped_wgrad(
     config: dict | None = None,
     num_programs: int = 0,
     check: bool = True,
+    out: torch.Tensor | None = None,
+    accumulate: tuple[torch.Tensor, int, int, int] | None = None,
 ) -> torch.Tensor:
     """``out[e] = a[offsets[e]:offsets[e+1]]^T @ b[offsets[e]:offsets[e+1]]``, ``[E, M, N]`` in ``a``'s dtype
     (fp32 accumulation). ``a [S, M]`` and ``b [S, N]`` hold rows in sorted order; ``offsets [E + 1]`` int32 on the
     device (never read on the host). Experts with no rows get zeros. Check ``supported(a, b)`` first; ``check=False``
-    skips checking it again (a caller that already did, for operands of the same shapes, strides and alignment)."""
+    skips checking it again (a caller that already did, for operands of the same shapes, strides and alignment).
+
+    ``out``: a contiguous ``[E, M, N]`` tensor to write (default: a new one). ``accumulate=(whole_offsets, start,
+    end, total)``: the rows are the chunk ``[start, end)`` of ``total`` sorted rows and ``offsets`` the chunk's runs
+    (``routing.chunk_routing``), ``out`` holds what earlier chunks stored: an expert whose run began in an earlier
+    chunk gets this chunk's part added, the chunk where it begins stores, and the others leave it alone (as
+    ``triton_ops.wgrad(accumulate=...)``)."""
     cfg = dict(DEFAULT_CONFIG, **(config or {}))
     if check and not supported(a, b):
         raise ValueError(
@@ -337,7 +415,13 @@ def grouped_wgrad(
         )
     num_experts = offsets.numel() - 1
     m, n = a.shape[1], b.shape[1]
-    out = a.new_empty(num_experts, m, n)
+    if out is None:
+        if accumulate is not None:
+            raise ValueError("grouped_wgrad(accumulate=...) adds to an existing output: pass it as out=")
+        out = a.new_empty(num_experts, m, n)
+    elif out.shape != (num_experts, m, n) or out.dtype != a.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(num_experts, m, n)} {a.dtype} tensor, got {tuple(out.shape)}")
+    whole, start, end, total = accumulate if accumulate is not None else (offsets, 0, 0, 0)
     tiles_n = -(-n // cfg["BLOCK_N"])
     tiles_per_expert = -(-m // cfg["BLOCK_M"]) * tiles_n
     num_tiles = num_experts * tiles_per_expert
@@ -355,8 +439,18 @@ def grouped_wgrad(
         num_tiles,
         tiles_n,
         tiles_per_expert,
+        out,
+        out.stride(0),
+        out.stride(1),
+        m,
+        n,
+        whole,
+        start,
+        end,
+        total,
         STAGES=cfg["STAGES"],
         CONSUMER_REGS=cfg["CONSUMER_REGS"],
+        ACCUMULATE=accumulate is not None,
         num_warps=4,
         maxnreg=cfg["MAXNREG"],
     )

@@ -942,6 +942,15 @@ def recompute_chunk_rows(
     return -(-rows // 16) * 16  # 16-row multiples: 64-byte aligned slices of the int32 routing arrays
 
 
+def _gluon_wgrad_chunk(a, b, chunk: Routing, out, transposed: bool, places) -> None:
+    """One chunk's part of ``out[e] += a_e^T b_e`` (rows in the chunk's sorted order) through the Gluon kernel, in the
+    weight's storage layout: ``[E, N, K]``, or ``[E, K, N]`` for weights stored ``[E, in, out]`` (as
+    ``_vendor_wgrad``)."""
+    if transposed:
+        a, b = b, a
+    gluon_wgrad.grouped_wgrad(a, b, chunk.offsets, out=out, accumulate=places)
+
+
 def experts_backward_recompute(
     dout: torch.Tensor,
     x: torch.Tensor,
@@ -962,9 +971,10 @@ def experts_backward_recompute(
     sorted rows ``[S, H]`` and one chunk's transients.
 
     The chunks' bounds are fixed row numbers (experts' run lengths are device data, never read on the host), so an
-    expert's run may span chunks: its weight gradient is then the sum of the chunks' parts, added in chunk order by our
-    Triton weight gradient (``wgrad(accumulate=...)``; CUTLASS and the Gluon kernel cannot add to an output). Rows
-    are copied nowhere: every chunk gathers its token rows itself."""
+    expert's run may span chunks: its weight gradient is then the sum of the chunks' parts, added in chunk order. On
+    sm_90 in bf16 / fp16 the Gluon weight gradient adds them (``gluon_wgrad.grouped_wgrad(accumulate=...)``, on the
+    chunk's token rows copied to sorted order, ``[rows, H]``); elsewhere our Triton one (``wgrad(accumulate=...)``,
+    gathering the rows itself). CUTLASS's grouped GEMM cannot add to an output."""
     dout = dout.contiguous()
     num_tokens, hidden = x.shape
     top_k = top_k_weights.shape[-1]
@@ -989,6 +999,19 @@ def experts_backward_recompute(
             db1_part = torch.empty_like(db1_sum)
         if num_pairs == 0:  # no chunk runs: every expert's gradient is zero
             dw1.zero_(), dw2.zero_()
+    # The weight gradients: on sm_90 in bf16 / fp16 the Gluon kernel (token rows gathered per chunk, TMA-read), which
+    # can add to its output; else our Triton kernel, gathering rows itself. CUTLASS's cannot add.
+    gluon = (
+        weight_grads
+        and num_pairs > 0
+        and toggles.gluon
+        and gluon_wgrad.available(x)
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and w1.dtype == w2.dtype == x.dtype
+        and hidden % 8 == 0
+        and w1l.shape[1] % 8 == 0
+        and w2l.shape[2] % 8 == 0  # TMA: 16-byte rows of every operand
+    )
     dw1_cfg = dw2_cfg = None
     for start in range(0, num_pairs, chunk_rows):
         end = min(num_pairs, start + chunk_rows)
@@ -999,21 +1022,26 @@ def experts_backward_recompute(
         _glu_backward(g, gu, dgu, hw, chunk, weights_flat, dweights, dout, b2, top_k, layout)
         del g, gu
         places = (routing.offsets, start, end, num_pairs)
-        if weight_grads:
+        tokens = (chunk.order // top_k).long() if gluon else None
+        if gluon:
+            _gluon_wgrad_chunk(dout.index_select(0, tokens), hw, chunk, dw2, layout.is_transposed, places)
+        elif weight_grads:
             dw2_cfg = wgrad(
                 dout, hw, chunk, top_k, w2_logical(dw2, layout), gather_a=True, gather_b=False, config=dw2_cfg,
                 toggles=toggles, accumulate=places,
             )
         del hw
         dx_sorted[start:end] = sorted_matmul(dgu, w1t, chunk, top_k, block_m=block_m, toggles=toggles)
-        if weight_grads:
+        if gluon:
+            _gluon_wgrad_chunk(dgu, x.index_select(0, tokens), chunk, dw1, layout.is_transposed, places)
+        elif weight_grads:
             dw1_cfg = wgrad(
                 dgu, x, chunk, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, config=dw1_cfg,
                 toggles=toggles, accumulate=places,
             )
-            if b1 is not None:
-                expert_colsum(dgu, chunk, top_k, db1_part, gather_a=False, scale=None)
-                db1_sum += db1_part
+        if weight_grads and b1 is not None:
+            expert_colsum(dgu, chunk, top_k, db1_part, gather_a=False, scale=None)
+            db1_sum += db1_part
         del dgu
     if weight_grads and b1 is not None:
         db1 = db1_sum.to(b1.dtype)

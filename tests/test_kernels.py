@@ -210,22 +210,23 @@ def test_recompute_backward_in_chunks_matches_reference(layout, dtype, monkeypat
 
 @requires_triton
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(EDGE_SHAPES), ids=list(EDGE_SHAPES))
-def test_recompute_backward_in_small_chunks_edge_shapes(shape):
+def test_recompute_backward_in_small_chunks_edge_shapes(shape, dtype):
     """Chunks of 5 sorted rows, not aligned to experts or tiles: experts spanning many chunks, empty experts (those
     whose empty run begins at the very end are zeroed by the last chunk), and chunks inside one expert's run."""
     triton_ops = _triton_ops()
     T, H, I, E, k, routing_kind = EDGE_SHAPES[shape]
     layout = LAYOUTS["mixtral"]
-    x, index, weights, w1, w2, b1, b2 = make_inputs(T, H, I, E, k, layout, torch.float32, DEVICE, routing=routing_kind)
+    x, index, weights, w1, w2, b1, b2 = make_inputs(T, H, I, E, k, layout, dtype, DEVICE, routing=routing_kind)
     block_m = triton_ops.block_m_for(DEVICE)
     routing = build_routing(index, E, block_m)
-    dout = torch.randn(T, H, device=DEVICE)
+    dout = torch.randn(T, H, device=DEVICE).to(dtype)
     got = triton_ops.experts_backward_recompute(dout, x, w1, w2, b1, b2, weights, routing, layout, block_m, 5)
     _, gu = ref.experts_forward(x, w1, w2, b1, b2, weights, routing, layout)
     want = ref.experts_backward(dout, x, w1, w2, b1, b2, weights, routing, gu, layout)
     for name, g, w in zip(["dx", "dweights", "dw1", "dw2"], got, want):
-        assert rel_err(g, w) < TOLERANCE[torch.float32], f"{name}: {rel_err(g, w):.2e}"
+        assert rel_err(g, w) < TOLERANCE[dtype], f"{name}: {rel_err(g, w):.2e}"
 
 
 def test_chunk_routing_clips_each_run_and_tiles_the_chunk():
