@@ -927,7 +927,7 @@ def recompute_chunk_rows(
     routing's pre-activations ``[S, N1]`` reach half the two weight gradients (which exist whatever the backward does),
     and then holds a chunk's transients (its pre-activations, ``g [rows, I]`` and dx's rows ``[rows, H]``) to a
     quarter of them. On an H100 (benchmarks/NOTES.md, v2.22) that takes Mixtral-8x7B at 16 K tokens in 5 chunks, from
-    4.88 to 3.53 GiB of peak (0.54x ``grouped_mm``'s); below that ratio chunks did not lower the peak (Qwen3-30B-A3B
+    4.88 to 3.58 GiB of peak (0.55x ``grouped_mm``'s); below that ratio chunks did not lower the peak (Qwen3-30B-A3B
     at 16 K tokens: 1.94 -> 1.91 GiB, where dx's sorted rows ``[S, H]`` dominate) and only cost time."""
     w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
     num_experts, n1, hidden = w1l.shape
@@ -998,7 +998,8 @@ def experts_backward_recompute(
             db1_sum = torch.zeros(b1.shape, dtype=torch.float32, device=b1.device)
             db1_part = torch.empty_like(db1_sum)
         if num_pairs == 0:  # no chunk runs: every expert's gradient is zero
-            dw1.zero_(), dw2.zero_()
+            dw1.zero_()
+            dw2.zero_()
     # The weight gradients: on sm_90 in bf16 / fp16 the Gluon kernel (token rows gathered per chunk, TMA-read), which
     # can add to its output; else our Triton kernel, gathering rows itself. CUTLASS's cannot add.
     gluon = (
