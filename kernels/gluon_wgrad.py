@@ -294,10 +294,12 @@ if _GLUON:
         num_tiles, tiles_n, tiles_per_expert, which, c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr,
         chunk_start, chunk_end, total_rows,
     ):  # fmt: skip
-        accumulate = (c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr, chunk_start, chunk_end)
+        accumulate = (
+            c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr, chunk_start, chunk_end, total_rows,
+        )  # fmt: skip
         _consume(
             a_desc, b_desc, a_slice_desc, b_slice_desc, c_desc, a_bufs, b_bufs, c_bufs, ready, empty, turn,
-            offsets_ptr, num_tiles, tiles_n, tiles_per_expert, which, accumulate + (total_rows,), True,
+            offsets_ptr, num_tiles, tiles_n, tiles_per_expert, which, accumulate, True,
         )  # fmt: skip
 
     @gluon.jit
@@ -348,8 +350,9 @@ if _GLUON:
         # The default partition (this program's 4 warps) and a 4-warp worker are the two consumers; ``which`` (0 / 1)
         # arrives as a runtime value, as every argument of a partition does.
         if ACCUMULATE:
-            extra = (c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr, chunk_start, chunk_end)
-            extra = extra + (total_rows,)
+            extra = (
+                c_ptr, stride_ce, stride_cm, m_size, n_size, whole_offsets_ptr, chunk_start, chunk_end, total_rows,
+            )  # fmt: skip
             gl.warp_specialize(
                 [
                     (_consume_accumulate, args + (gl.to_tensor(0),) + extra),
