@@ -23,6 +23,14 @@ With ``--frozen-experts`` no expert weight requires a gradient (fine-tuning that
 on attention): every provider's backward computes dx and the routing weights' gradient only, forward+backward is
 four of the six matmuls (FLOPs twice the forward's), and rows go to ``frozen_experts_<gpu>.csv`` instead.
 
+With ``--routing balanced`` every expert gets exactly ``T*k/E`` routed pairs (a load-balanced router's ideal; the
+default ``random`` spreads them binomially): the difference is what partial row tiles cost. Rows go to
+``balanced_experts_<gpu>.csv``.
+
+Sustained timing also reads the board's energy counter (NVML, ``gpu_energy.py``) over each forward+backward window:
+joules per call, mean watts, mean SM clock and GFLOP per joule. At the power limit, time per call follows energy per
+call; these columns say whether a change saved FLOP time or energy.
+
 Writes ``benchmarks/results/experts_<gpu>.csv`` (appending) and ``experts_<gpu>.png``.
 """
 
@@ -215,6 +223,27 @@ def fp32_truth(module, x, index, weights, dout):
     return truth
 
 
+def route(T: int, E: int, k: int, routing: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``[T, k]`` expert indices, ``k`` distinct experts per token, on CUDA (on the CPU without a GPU):
+
+    - ``random``: each token's top-k of uniform scores (the tables' default): about ``T*k/E`` pairs per expert,
+      binomially spread (Qwen3-30B-A3B at T=4096: 256 +- 16);
+    - ``balanced``: exactly ``T*k/E`` pairs per expert (a load-balanced router's ideal): pair ``p = t*k + j`` goes to
+      expert ``perm[p % E]``, tokens shuffled. Every expert's row count is then a multiple of what its tiles hold only
+      if ``T*k/E`` is, which is the point of comparing the two: what the random spread costs in partial row tiles."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if routing == "random":
+        return torch.rand(T, E, device=device, generator=generator).topk(k, dim=-1).indices
+    if routing != "balanced":
+        raise ValueError(f"routing {routing!r}: use 'random' or 'balanced'")
+    if k > E or (T * k) % E:
+        raise ValueError(f"balanced routing needs k <= E and T*k divisible by E (got T={T}, k={k}, E={E})")
+    perm = torch.randperm(E, device=device, generator=generator)
+    pairs = torch.arange(T * k, device=device).reshape(T, k)
+    index = perm[pairs % E]
+    return index[torch.randperm(T, device=device, generator=generator)]
+
+
 def gpu_slug(name: str) -> str:
     """File-name form of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'h100_80gb_hbm3'."""
     return name.lower().replace("nvidia", "").strip().replace(" ", "_")
@@ -233,7 +262,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     module = experts_module(family, H, I, E, k, dtype)
     module.requires_grad_(not args.frozen_experts)
     x = torch.randn(T, H, device="cuda", dtype=dtype, requires_grad=True)
-    index = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices
+    index = route(T, E, k, args.routing)
     weights = torch.softmax(torch.randn(T, k, device="cuda"), -1).to(dtype).requires_grad_()
     dout = torch.randn(T, H, device="cuda", dtype=dtype)
     flops_fwd = 6 * T * k * H * I
@@ -287,7 +316,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                 continue
         ready[provider] = dict(
             base=base, settings=settings, fwd=fwd, fwd_bwd=fwd_bwd, peak_extra=peak_extra, grads_gib=grads_gib,
-            max_err=max_err, first_call_s=first_call_s, t_host=t_host, t_fwd=[], t_fb=[],
+            max_err=max_err, first_call_s=first_call_s, t_host=t_host, t_fwd=[], t_fb=[], energy=[],
         )
 
     # Timing in rounds, each round over every provider, starting one provider later each round: a GPU under
@@ -295,11 +324,11 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     # it (3-10% on an H200, benchmarks/NOTES.md v2.9 and v2.10). Each provider's figure is its median over rounds.
     if args.timing == "sustained":
 
-        def measure(fn):
-            return sustained_ms(fn, args.sustain_warmup, args.sustain)
+        def measure(fn, energy=None):
+            return sustained_ms(fn, args.sustain_warmup, args.sustain, args.meter, energy)
     else:
 
-        def measure(fn):
+        def measure(fn, energy=None):
             return do_bench(fn, warmup=args.warmup, rep=args.rep, return_mode="median")
 
     for round_order in tuning.rotating_rounds(list(ready), args.rounds):
@@ -309,11 +338,20 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                 if not p["base"].endswith("_roof"):
                     select_provider(module, p["base"])
                 p["t_fwd"].append(measure(p["fwd"]))
-                p["t_fb"].append(measure(p["fwd_bwd"]))
+                p["t_fb"].append(measure(p["fwd_bwd"], p["energy"]))
 
     results = {}
     for provider, p in ready.items():
         t_fwd, t_fb = statistics.median(p["t_fwd"]), statistics.median(p["t_fb"])
+        energy = {}
+        if p["energy"]:  # the forward+backward windows' medians: joules per call, watts, SM clock
+            joules, watts, mhz = (statistics.median(w[i] for w in p["energy"]) for i in range(3))
+            energy = dict(
+                fwd_bwd_joules=round(joules, 4),
+                fwd_bwd_watts=round(watts, 1),
+                fwd_bwd_sm_mhz=round(mhz),
+                fwd_bwd_gflops_per_joule=round(fb_factor * flops_fwd / joules / 1e9, 1),
+            )
         row = dict(
             meta,
             shape=name,
@@ -323,6 +361,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             k=k,
             T=T,
             dtype=str(dtype).replace("torch.", ""),
+            routing=args.routing,
             provider=provider,
             fwd_ms=round(t_fwd, 4),
             fwd_bwd_ms=round(t_fb, 4),
@@ -342,6 +381,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             fwd_bwd_tflops_spread="-".join(
                 f"{fb_factor * flops_fwd / t / 1e9:.0f}" for t in (max(p["t_fb"]), min(p["t_fb"]))
             ),
+            **energy,
         )
         writer.writerow(row)
         results[provider] = row
@@ -349,7 +389,13 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
             f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms; rounds {row['fwd_bwd_tflops_spread']})  "
             f"peak extra {p['peak_extra']:.2f} GiB (gradients {p['grads_gib']:.2f})  "
-            f"first call {p['first_call_s']:.1f} s  host {p['t_host']:.3f} ms/fwd",
+            f"first call {p['first_call_s']:.1f} s  host {p['t_host']:.3f} ms/fwd"
+            + (
+                f"  {energy['fwd_bwd_joules']:.3f} J/call at {energy['fwd_bwd_watts']:.0f} W, "
+                f"{energy['fwd_bwd_sm_mhz']} MHz ({energy['fwd_bwd_gflops_per_joule']:.0f} GFLOP/J)"
+                if energy
+                else ""
+            ),
             flush=True,
         )
         if args.profile and p["base"].startswith("hetermoe"):
@@ -361,14 +407,17 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
     return results
 
 
-def sustained_ms(fn, warmup_s: float, measure_s: float) -> float:
+def sustained_ms(fn, warmup_s: float, measure_s: float, meter=None, energy: list | None = None) -> float:
     """Mean milliseconds per call of ``fn`` run back to back: ``warmup_s`` seconds untimed, then batches of ~50 ms
     timed with CUDA events until ``measure_s`` seconds are measured.
 
     Under these matmuls an H100 / H200 sits at its power limit, and the limiter acts over about a second: a burst of
     50-100 ms after a lighter kernel (``do_bench``'s default) runs at boost clocks that a training run does not
     keep (benchmarks/NOTES.md, v2.15). Running the provider alone for a while first, then averaging over a window
-    longer than the clock swings, measures it at its own sustained clocks, whatever ran before it."""
+    longer than the clock swings, measures it at its own sustained clocks, whatever ran before it.
+
+    With an ``EnergyMeter`` (``gpu_energy.py``) the timed window's joules per call, mean watts and mean SM clock are
+    appended to ``energy`` as a ``gpu_energy.Window``."""
     fn()
     torch.cuda.synchronize()
     began = time.perf_counter()
@@ -380,16 +429,27 @@ def sustained_ms(fn, warmup_s: float, measure_s: float) -> float:
         for _ in range(batch):
             fn()
         torch.cuda.synchronize()
-    total_ms, calls = 0.0, 0
+    total_ms, calls, clocks = 0.0, 0, []
+    start_mj, wall = (meter.energy_mj(), time.perf_counter()) if meter is not None else (None, None)
     while total_ms < measure_s * 1e3:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(batch):
             fn()
         end.record()
+        if meter is not None:  # sampled while the batch runs, i.e. at the clocks it runs at
+            clocks.append(meter.sm_mhz())
         end.synchronize()
         total_ms += start.elapsed_time(end)
         calls += batch
+    if meter is not None and energy is not None:
+        import gpu_energy
+
+        end_mj = meter.energy_mj()
+        if start_mj is not None and end_mj is not None:
+            energy.append(
+                gpu_energy.window(start_mj, end_mj, time.perf_counter() - wall, calls, [c for c in clocks if c])
+            )
     return total_ms / calls
 
 
@@ -508,6 +568,13 @@ def main(argv=None):
         help=f"any of {', '.join(PROVIDERS + MORE_PROVIDERS)}, or hetermoe@HETERMOE_<TOGGLE>=<value>",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16"))
+    parser.add_argument(
+        "--routing",
+        default="random",
+        choices=("random", "balanced"),
+        help="random: top-k of uniform scores (the tables); balanced: exactly T*k/E pairs per expert (rows go to "
+        "balanced_experts_<gpu>.csv)",
+    )
     parser.add_argument("--eager-max-pairs", type=int, default=40_000, help="skip eager above this many routed pairs")
     parser.add_argument(
         "--timing",
@@ -568,13 +635,19 @@ def main(argv=None):
         autotune=int(tuning.autotune_enabled()),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    csv_path = args.out / f"{'frozen_experts' if args.frozen_experts else 'experts'}_{gpu_slug(gpu)}.csv"
+    prefix = ("frozen_" if args.frozen_experts else "") + ("balanced_" if args.routing == "balanced" else "")
+    csv_path = args.out / f"{prefix}experts_{gpu_slug(gpu)}.csv"
+    import gpu_energy
+
+    args.meter = gpu_energy.EnergyMeter.open() if args.timing == "sustained" else None
+    print(f"energy: {'NVML board energy per timed window' if args.meter else 'not measured (no NVML energy counter)'}")
     dtype = getattr(torch, args.dtype)
     fields = [
         *meta,
         *("shape", "H", "I", "E", "k", "T", "dtype", "provider", "fwd_ms", "fwd_bwd_ms", "fwd_tflops"),
         *("fwd_bwd_tflops", "peak_extra_gib", "grads_gib", "max_rel_err_vs_fp32", "first_call_s", "fwd_host_ms"),
-        *("rounds", "fwd_bwd_tflops_spread", "timing"),
+        *("rounds", "fwd_bwd_tflops_spread", "timing", "routing"),
+        *("fwd_bwd_joules", "fwd_bwd_watts", "fwd_bwd_sm_mhz", "fwd_bwd_gflops_per_joule"),
     ]
     _migrate_header(csv_path, fields)
     new = not csv_path.exists()

@@ -1,0 +1,56 @@
+"""The benchmark's own helpers that run without a GPU: balanced routing and the energy window."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import bench_experts  # noqa: E402
+import gpu_energy  # noqa: E402
+
+
+@pytest.mark.parametrize("T, E, k", [(4096, 128, 8), (64, 8, 2), (96, 32, 4), (10, 5, 5)])
+def test_balanced_routing_gives_every_expert_the_same_pairs(T, E, k):
+    g = torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(0)
+    index = bench_experts.route(T, E, k, "balanced", generator=g)
+    assert index.shape == (T, k)
+    assert (index.sort(dim=1).values.diff(dim=1) > 0).all(), "a token was routed to one expert twice"
+    counts = torch.bincount(index.flatten().cpu(), minlength=E)
+    assert (counts == T * k // E).all(), counts
+
+
+def test_random_routing_spreads_pairs_and_bad_routing_is_refused():
+    index = bench_experts.route(4096, 128, 8, "random")
+    counts = torch.bincount(index.flatten().cpu(), minlength=128)
+    assert counts.sum() == 4096 * 8 and counts.min() < counts.max()  # binomial spread, not balanced
+    with pytest.raises(ValueError, match="T\\*k divisible by E"):
+        bench_experts.route(100, 64, 8, "balanced")
+    with pytest.raises(ValueError, match="k <= E"):
+        bench_experts.route(64, 4, 8, "balanced")
+    with pytest.raises(ValueError, match="'random' or 'balanced'"):
+        bench_experts.route(64, 8, 2, "uniform")
+
+
+def test_energy_window_figures():
+    w = gpu_energy.window(start_mj=1_000_000, end_mj=1_700_000, seconds=1.0, calls=50, clocks=[1500, 1700])
+    assert w.joules_per_call == pytest.approx(14.0)
+    assert w.watts == pytest.approx(700.0)
+    assert w.sm_mhz == pytest.approx(1600.0)
+    with pytest.raises(ValueError, match="calls > 0"):
+        gpu_energy.window(0, 1, 1.0, 0, [])
+
+
+def test_energy_meter_is_absent_without_a_gpu_and_reads_with_one():
+    meter = gpu_energy.EnergyMeter.open()
+    if not torch.cuda.is_available():
+        assert meter is None
+        return
+    if meter is None:
+        pytest.skip("this GPU or driver does not count energy through NVML")
+    first = meter.energy_mj()
+    torch.randn(4096, 4096, device="cuda").matmul(torch.randn(4096, 4096, device="cuda"))
+    torch.cuda.synchronize()
+    assert meter.energy_mj() >= first and meter.sm_mhz() > 0
