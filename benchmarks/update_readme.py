@@ -49,9 +49,12 @@ def benchmark_table() -> str:
         newest_run[r["gpu"]] = max(newest_run.get(r["gpu"], ""), run_of(r))
     gpus = sorted(newest_run, key=newest_run.get, reverse=True)
     lines = [
-        "Roofs, same run: `gemm_roof` is the six cuBLAS matmuls of a dense FFN over all `T*k` rows alone (no "
+        "Roofs: `gemm_roof` is the six cuBLAS matmuls of a dense FFN over all `T*k` rows alone (no "
         "activation, no routing): nothing an experts layer does is faster; `dense_roof` is that FFN through "
-        "autograd, with its activation kernels.",
+        "autograd, with its activation kernels. Each cell is its provider's newest measurement on that GPU (the "
+        "runs are named above each table). GFLOP per joule: the board's energy over the forward+backward windows "
+        "(NVML; runs from 2026-12 on): under these matmuls the GPU sits at its power limit, where time per call "
+        "follows energy per call.",
     ]
     for gpu in gpus:
         # Sustained and burst figures are never mixed in one table; sustained (what training keeps) first.
@@ -118,9 +121,14 @@ def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
         f"`benchmarks/results/`.{timing}",
         "",
         "| shape (H, I, E, k) | T | eager | grouped_mm (v5 default) | hetermoe | hetermoe / grouped_mm "
-        "| hetermoe forward | peak extra memory, hetermoe / grouped_mm | cuBLAS GEMMs alone | dense FFN |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| hetermoe forward | peak extra memory, hetermoe / grouped_mm | cuBLAS GEMMs alone | dense FFN "
+        "| GFLOP per joule: grouped_mm / hetermoe / cuBLAS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    with_energy = any(r.get("fwd_bwd_gflops_per_joule") for r in shown)
+    if not with_energy:  # tables from before the energy columns
+        lines[-2] = lines[-2].rsplit(" GFLOP per joule", 1)[0].rstrip("| ") + " |"
+        lines[-1] = lines[-1][: -len("---|")]
     for shape, T in sorted({(s, t) for s, t, _ in latest}, key=lambda st: (st[0] not in DEFAULT_SHAPES, *st)):
         get = {p: latest.get((shape, T, p)) for p in PROVIDERS}
         some = next(r for r in get.values() if r)
@@ -134,9 +142,13 @@ def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
             ratio = f"{float(h['fwd_bwd_tflops']) / float(g['fwd_bwd_tflops']):.2f}x"
             mem = f"{float(h['peak_extra_gib']) / float(g['peak_extra_gib']):.2f}x"
         dims = f"{shape} ({some['H']}, {some['I']}, {some['E']}, {some['k']})"
+        # Energy (NVML, forward+backward windows), from 2026-12: at the power limit time follows joules per call.
+        per_joule = [(get[p] or {}).get("fwd_bwd_gflops_per_joule") for p in ("grouped_mm", "hetermoe", "gemm_roof")]
+        energy = " / ".join(f"{float(v):.0f}" for v in per_joule) if all(per_joule) else "-"
         lines.append(
             f"| {dims} | {T} | {tf(get['eager'])} | {tf(get['grouped_mm'])} | {tf(get['hetermoe'])} | {ratio} "
-            f"| {tf(get['hetermoe'], 'fwd_tflops')} | {mem} | {tf(get['gemm_roof'])} | {tf(get['dense_roof'])} |"
+            f"| {tf(get['hetermoe'], 'fwd_tflops')} | {mem} | {tf(get['gemm_roof'])} | {tf(get['dense_roof'])} "
+            + (f"| {energy} |" if with_energy else "|")
         )
     return lines
 
