@@ -492,11 +492,15 @@ def print_kernel_times(fn) -> None:
 
 def append_rows(path: Path, rows: list[dict], fields: list[str], old_defaults: dict | None = None) -> None:
     """Append ``rows`` to the results file ``path`` atomically (temporary file, then rename): earlier rows stay,
-    with ``old_defaults`` filling columns they predate."""
-    old = []
+    with ``old_defaults`` filling columns they predate; columns only earlier rows have are kept (left empty in
+    ``rows``)."""
+    old, old_fields = [], []
     if path.exists():
         with open(path, newline="") as f:
-            old = [{**(old_defaults or {}), **r} for r in csv.DictReader(f)]
+            reader = csv.DictReader(f)
+            old = [{**(old_defaults or {}), **r} for r in reader]
+            old_fields = reader.fieldnames or []
+    fields = list(dict.fromkeys([*old_fields, *fields, *(old_defaults or {})]))
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")

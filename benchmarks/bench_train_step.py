@@ -10,6 +10,9 @@ Each timed step is ``loss = model(ids, labels=ids).loss; loss.backward(); opt.st
     python benchmarks/bench_train_step.py --tiny --device cpu    # smoke test of the script itself
     python benchmarks/bench_train_step.py --frozen-experts       # expert weights frozen in every variant
 
+On a GPU whose driver counts energy (NVML, ``gpu_energy.py``) the timed steps' board energy is read too: joules per
+step, mean watts and tokens per joule (at the power limit, tokens/s is the limit's watts times tokens per joule).
+
 Appends rows to ``benchmarks/results/train_step_<gpu>.csv``.
 """
 
@@ -151,6 +154,11 @@ def main(argv=None):
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     tokens = args.batch * args.seq
     gpu = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    meter = None
+    if cuda:
+        import gpu_energy  # benchmarks/ is on sys.path when run as a script
+
+        meter = gpu_energy.EnergyMeter.open(device.index)
     results = {}
     for variant in args.variants.split(","):
         model = copy.deepcopy(base)
@@ -168,12 +176,23 @@ def main(argv=None):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        start_mj = meter.energy_mj() if meter else None
         began = time.perf_counter()
         for _ in range(args.steps):
             step()
         if cuda:
             torch.cuda.synchronize()
-        seconds = (time.perf_counter() - began) / args.steps
+        wall = time.perf_counter() - began
+        seconds = wall / args.steps
+        energy = {}
+        end_mj = meter.energy_mj() if meter else None
+        if start_mj is not None and end_mj is not None:
+            joules = (end_mj - start_mj) / 1e3
+            energy = dict(
+                step_joules=round(joules / args.steps, 2),
+                watts=round(joules / wall, 1),
+                tokens_per_joule=round(tokens * args.steps / joules, 1),
+            )
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         results[variant] = dict(
             date=datetime.date.today().isoformat(),
@@ -193,6 +212,7 @@ def main(argv=None):
             step_ms=round(seconds * 1e3, 2),
             tokens_per_s=round(tokens / seconds),
             peak_gib=round(peak, 2),
+            **energy,
         )
         print(results[variant], flush=True)
         if args.profile and cuda:
@@ -210,6 +230,11 @@ def main(argv=None):
             print(
                 f"{name} / grouped_mm tokens/s: {b['tokens_per_s'] / a['tokens_per_s']:.2f}x, "
                 f"peak memory {b['peak_gib']} vs {a['peak_gib']} GiB"
+                + (
+                    f", tokens per joule {b['tokens_per_joule']} vs {a['tokens_per_joule']}"
+                    if "tokens_per_joule" in a and "tokens_per_joule" in b
+                    else ""
+                )
             )
     if args.tiny:
         return
@@ -219,7 +244,8 @@ def main(argv=None):
     path = args.out / f"train_step_{gpu_slug(gpu)}.csv"
     # rows from before the optimizer / steps columns ran foreach AdamW, one warm-up step and 5 timed ones
     old_defaults = {"optimizer": "foreach", "warmup_steps": "1", "steps": "5", "frozen_experts": "False"}
-    append_rows(path, list(results.values()), list(a), old_defaults=old_defaults)
+    fields = list(dict.fromkeys(k for row in results.values() for k in row))  # energy columns only where measured
+    append_rows(path, list(results.values()), fields, old_defaults=old_defaults)
     print(f"wrote {path}")
 
 

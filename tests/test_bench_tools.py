@@ -54,3 +54,19 @@ def test_energy_meter_is_absent_without_a_gpu_and_reads_with_one():
     torch.randn(4096, 4096, device="cuda").matmul(torch.randn(4096, 4096, device="cuda"))
     torch.cuda.synchronize()
     assert meter.energy_mj() >= first and meter.sm_mhz() > 0
+
+
+def test_results_rows_append_atomically_and_keep_every_column(tmp_path):
+    path = tmp_path / "train_step_cpu.csv"
+    bench_experts.append_rows(path, [dict(a=1, b=2, energy=3.5)], ["a", "b", "energy"])
+    # A later run without the energy column (no NVML), and with a new column: nothing earlier is lost.
+    bench_experts.append_rows(path, [dict(a=4, b=5, c=6)], ["a", "b", "c"], old_defaults={"c": "old"})
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [
+        dict(a="1", b="2", energy="3.5", c="old"),
+        dict(a="4", b="5", energy="", c="6"),
+    ]
+    assert not path.with_suffix(".tmp").exists()
