@@ -46,15 +46,15 @@ class EnergyMeter:
             props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
             bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0".encode()
             lib = ctypes.CDLL("libnvidia-ml.so.1")
-        except (OSError, AttributeError, RuntimeError):
+            handle = ctypes.c_void_p()
+            if lib.nvmlInit_v2() != NVML_SUCCESS:
+                return None
+            if lib.nvmlDeviceGetHandleByPciBusId_v2(ctypes.c_char_p(bus_id), ctypes.byref(handle)) != NVML_SUCCESS:
+                return None
+            meter = cls(lib, handle)
+            return meter if meter.energy_mj() is not None else None
+        except (OSError, AttributeError, RuntimeError):  # no driver, an older NVML without these entry points
             return None
-        handle = ctypes.c_void_p()
-        if lib.nvmlInit_v2() != NVML_SUCCESS:
-            return None
-        if lib.nvmlDeviceGetHandleByPciBusId_v2(ctypes.c_char_p(bus_id), ctypes.byref(handle)) != NVML_SUCCESS:
-            return None
-        meter = cls(lib, handle)
-        return meter if meter.energy_mj() is not None else None
 
     def energy_mj(self) -> int | None:
         """The board's energy counter, millijoules (``None`` if NVML refuses: no energy counting on this GPU)."""
