@@ -27,9 +27,10 @@ With ``--routing balanced`` every expert gets exactly ``T*k/E`` routed pairs (a 
 default ``random`` spreads them binomially): the difference is what partial row tiles cost. Rows go to
 ``balanced_experts_<gpu>.csv``.
 
-Sustained timing also reads the board's energy counter (NVML, ``gpu_energy.py``) over each forward+backward window:
-joules per call, mean watts, mean SM clock and GFLOP per joule. At the power limit, time per call follows energy per
-call; these columns say whether a change saved FLOP time or energy.
+Sustained timing also reads the board's energy counter (NVML, ``gpu_energy.py``) over each timed window: joules per
+call, mean watts, mean SM clock and GFLOP per joule of the forward+backward; joules and GFLOP per joule of the
+forward. At the power limit, time per call follows energy per call; these columns say whether a change saved FLOP
+time or energy.
 
 Writes ``benchmarks/results/experts_<gpu>.csv`` (appending) and ``experts_<gpu>.png``.
 """
@@ -316,7 +317,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                 continue
         ready[provider] = dict(
             base=base, settings=settings, fwd=fwd, fwd_bwd=fwd_bwd, peak_extra=peak_extra, grads_gib=grads_gib,
-            max_err=max_err, first_call_s=first_call_s, t_host=t_host, t_fwd=[], t_fb=[], energy=[],
+            max_err=max_err, first_call_s=first_call_s, t_host=t_host, t_fwd=[], t_fb=[], energy=[], energy_fwd=[],
         )
 
     # Timing in rounds, each round over every provider, starting one provider later each round: a GPU under
@@ -337,7 +338,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             with _toggles(p["settings"]):
                 if not p["base"].endswith("_roof"):
                     select_provider(module, p["base"])
-                p["t_fwd"].append(measure(p["fwd"]))
+                p["t_fwd"].append(measure(p["fwd"], p["energy_fwd"]))
                 p["t_fb"].append(measure(p["fwd_bwd"], p["energy"]))
 
     results = {}
@@ -352,6 +353,9 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                 fwd_bwd_sm_mhz=round(mhz),
                 fwd_bwd_gflops_per_joule=round(fb_factor * flops_fwd / joules / 1e9, 1),
             )
+        if p["energy_fwd"]:
+            joules = statistics.median(w.joules_per_call for w in p["energy_fwd"])
+            energy.update(fwd_joules=round(joules, 4), fwd_gflops_per_joule=round(flops_fwd / joules / 1e9, 1))
         row = dict(
             meta,
             shape=name,
@@ -652,6 +656,7 @@ def main(argv=None):
         *("fwd_bwd_tflops", "peak_extra_gib", "grads_gib", "max_rel_err_vs_fp32", "first_call_s", "fwd_host_ms"),
         *("rounds", "fwd_bwd_tflops_spread", "timing", "routing"),
         *("fwd_bwd_joules", "fwd_bwd_watts", "fwd_bwd_sm_mhz", "fwd_bwd_gflops_per_joule"),
+        *("fwd_joules", "fwd_gflops_per_joule"),
     ]
     _migrate_header(csv_path, fields)
     new = not csv_path.exists()
