@@ -38,6 +38,9 @@ KERNELS = (
     # torch._grouped_mm (CUTLASS on sm_90) on the same pre-gathered operands: a vendor reference per matmul
     "fwd_gate_up_grouped_mm", "fwd_down_grouped_mm", "wgrad_up_grouped_mm", "wgrad_down_grouped_mm",
     "bwd_g_grouped_mm", "bwd_dx_grouped_mm",
+    # cuBLAS on one dense weight with the same FLOPs (gate/up, dx, dW1: [S, H] x [H, 2I]; down, g, dW2: [S, I] x
+    # [I, H]): no expert weights to stream, the per-matmul roof (with --timing sustained, its energy per FLOP too)
+    "dense_up", "dense_down",
 )
 
 
@@ -174,6 +177,19 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16, block_m=N
     # The gather's cost (reported as TB/s in the tflops column: bytes read + written over time).
     out.append(("gather_rows", 2 * S * H * x.element_size(), lambda c: torch.index_select(x, 0, tok, out=x_rows),
                 lambda: rel(x_rows[rows0], x[tok[rows0]])))
+    # Dense roofs: one weight, the same FLOPs (cuBLAS).
+    w_dense_up, w_dense_down = w1[0].T.contiguous(), w2[0].T.contiguous()  # [H, 2I], [I, H]
+    y_dense_up = torch.empty(S, 2 * I, **bf)
+
+    def dense(a, b, c_out):
+        return lambda c: torch.mm(a, b, out=c_out)
+
+    out += [
+        ("dense_up", flops_up, dense(x_rows, w_dense_up, y_dense_up),
+         lambda: rel(y_dense_up[:64], x_rows[:64].float() @ w_dense_up.float())),
+        ("dense_down", flops_down, dense(h, w_dense_down, y),
+         lambda: rel(y[:64], h[:64].float() @ w_dense_down.float())),
+    ]
     # Vendor reference: torch._grouped_mm on pre-gathered rows (the forward without the fused activation).
     if hasattr(torch, "_grouped_mm") and not gpt_oss:
         ends, res = routing.offsets[1:], {}
@@ -222,14 +238,16 @@ def main(argv=None):
     parser.add_argument("--sustain-warmup", type=float, default=0.5, help="sustained timing: untimed warm-up, s")
     parser.add_argument("--sustain", type=float, default=0.5, help="sustained timing: timed window per round, s")
     args = parser.parse_args(argv)
+    import gpu_energy  # benchmarks/ is on sys.path when run as a script
     import triton
-    from bench_experts import gpu_slug, sustained_ms  # benchmarks/ is on sys.path when run as a script
+    from bench_experts import gpu_slug, sustained_ms
     from triton.testing import do_bench
 
     from hf_hetermoe.kernels import tuning
 
     gpu = torch.cuda.get_device_name()
     limit = tuning.shared_memory_per_block(torch.device("cuda"))
+    meter = gpu_energy.EnergyMeter.open() if args.timing != "burst" else None
     rows = []
     for name in args.shapes:
         H, I, E, k, T = SHAPES[name]
@@ -240,17 +258,18 @@ def main(argv=None):
             family = "wgrad" if kind.startswith("wgrad") else "gemm"
             num_b = 1
             listed = tuning.WGRAD_CANDIDATES if family == "wgrad" else tuning.GEMM_CANDIDATES
-            if kind == "gather_rows" or kind.endswith("_grouped_mm"):
+            if kind == "gather_rows" or kind.endswith("_grouped_mm") or kind.startswith("dense_"):
                 listed = [dict(BLOCK_N=0, BLOCK_K=0, num_stages=1)]  # one run, no tiles
             if kind == "fwd_gate_up" and not name.startswith("gpt_oss"):
                 listed, num_b = tuning.GATED_CANDIDATES, 2
-            one_run = kind == "gather_rows" or kind.endswith("_grouped_mm")
+            one_run = kind == "gather_rows" or kind.endswith("_grouped_mm") or kind.startswith("dense_")
             cands = listed if one_run else [tuning.fit(family, c, limit, args.block_m or 128, num_b) for c in listed]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
             # First call of each candidate (compile, check the first), then timing in rounds over all candidates,
             # starting one later each round (the GPU's clocks drop under sustained load, see NOTES.md v2.10).
             errs, failed = {}, {}
             times, sustained = {i: [] for i in range(len(cands))}, {i: [] for i in range(len(cands))}
+            energy = {i: [] for i in range(len(cands))}
             for i, cfg in enumerate(cands):
                 try:
                     run(cfg)
@@ -265,11 +284,14 @@ def main(argv=None):
                         ms = do_bench(lambda cfg=cands[i]: run(cfg), warmup=5, rep=args.rep, return_mode="median")
                         times[i].append(ms)
                     if args.timing != "burst":
-                        ms = sustained_ms(lambda cfg=cands[i]: run(cfg), args.sustain_warmup, args.sustain)
+                        ms = sustained_ms(
+                            lambda cfg=cands[i]: run(cfg), args.sustain_warmup, args.sustain, meter, energy[i]
+                        )
                         sustained[i].append(ms)
             for i, cfg in enumerate(cands):
                 ms = statistics.median(times[i]) if times[i] else float("nan")
                 ms_s = statistics.median(sustained[i]) if sustained[i] else float("nan")
+                joules = statistics.median(w.joules_per_call for w in energy[i]) if energy[i] else float("nan")
                 row = dict(
                     date=datetime.date.today().isoformat(),
                     block_m=args.block_m or 128,
@@ -284,12 +306,15 @@ def main(argv=None):
                     ms=round(ms, 4),
                     tflops=round(flops / ms / 1e9, 1),
                     tflops_sustained=round(flops / ms_s / 1e9, 1),
+                    joules=round(joules, 5),
+                    gflops_per_joule=round(flops / joules / 1e9, 1),
                     rel_err=f"{errs.get(i, float('nan')):.1e}",
                 )
                 rows.append(row)
                 print(
                     f"{name:>16} {kind:>11} #{i} {row['config']:<80} {row['tflops']:6.1f} TF/s burst "
-                    f"{row['tflops_sustained']:6.1f} sustained  err {row['rel_err']}",
+                    f"{row['tflops_sustained']:6.1f} sustained {row['gflops_per_joule']:6.1f} GFLOP/J  "
+                    f"err {row['rel_err']}",
                     flush=True,
                 )
     args.out.mkdir(parents=True, exist_ok=True)

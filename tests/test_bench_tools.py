@@ -70,3 +70,20 @@ def test_results_rows_append_atomically_and_keep_every_column(tmp_path):
         dict(a="4", b="5", energy="", c="6"),
     ]
     assert not path.with_suffix(".tmp").exists()
+
+
+def test_tile_sweep_has_dense_roofs_with_the_matmuls_flops():
+    """sweep_tiles' per-matmul cuBLAS roofs (dense_up / dense_down) run and match torch, with the FLOPs of the
+    expert matmuls they stand beside."""
+    import sweep_tiles
+
+    H, I, E, k, T = 32, 16, 4, 2, 24
+    problems = {kind: (flops, run, check) for kind, flops, run, check in sweep_tiles.problems(
+        "qwen3_30b_a3b", H, I, E, k, T, device="cpu", dtype=torch.float32)}
+    assert {"dense_up", "dense_down"} <= set(problems) <= set(sweep_tiles.KERNELS)
+    assert problems["dense_up"][0] == problems["fwd_gate_up"][0] == problems["bwd_dx"][0]
+    assert problems["dense_down"][0] == problems["fwd_down"][0] == problems["wgrad_down"][0]
+    for kind in ("dense_up", "dense_down"):
+        _, run, check = problems[kind]
+        run(None)
+        assert check() < 1e-5
