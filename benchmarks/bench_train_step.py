@@ -154,11 +154,9 @@ def main(argv=None):
     ids = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     tokens = args.batch * args.seq
     gpu = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
-    meter = None
-    if cuda:
-        import gpu_energy  # benchmarks/ is on sys.path when run as a script
+    import gpu_energy  # benchmarks/ is on sys.path when run as a script
 
-        meter = gpu_energy.EnergyMeter.open(device.index)
+    meter = gpu_energy.EnergyMeter.open(device.index) if cuda else None
     results = {}
     for variant in args.variants.split(","):
         model = copy.deepcopy(base)
@@ -187,11 +185,11 @@ def main(argv=None):
         energy = {}
         end_mj = meter.energy_mj() if meter else None
         if start_mj is not None and end_mj is not None:
-            joules = (end_mj - start_mj) / 1e3
+            window = gpu_energy.window(start_mj, end_mj, wall, args.steps, clocks=[])
             energy = dict(
-                step_joules=round(joules / args.steps, 2),
-                watts=round(joules / wall, 1),
-                tokens_per_joule=round(tokens * args.steps / joules, 1),
+                step_joules=round(window.joules_per_call, 2),
+                watts=round(window.watts, 1),
+                tokens_per_joule=round(tokens / window.joules_per_call, 1),
             )
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         results[variant] = dict(

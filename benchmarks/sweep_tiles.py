@@ -179,7 +179,7 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16, block_m=N
                 lambda: rel(x_rows[rows0], x[tok[rows0]])))
     # Dense roofs: one weight, the same FLOPs (cuBLAS).
     w_dense_up, w_dense_down = w1[0].T.contiguous(), w2[0].T.contiguous()  # [H, 2I], [I, H]
-    y_dense_up = torch.empty(S, 2 * I, **bf)
+    y_dense_up, y_dense_down = torch.empty(S, 2 * I, **bf), torch.empty(S, H, **bf)
 
     def dense(a, b, c_out):
         return lambda c: torch.mm(a, b, out=c_out)
@@ -187,8 +187,8 @@ def problems(name, H, I, E, k, T, device="cuda", dtype=torch.bfloat16, block_m=N
     out += [
         ("dense_up", flops_up, dense(x_rows, w_dense_up, y_dense_up),
          lambda: rel(y_dense_up[:64], x_rows[:64].float() @ w_dense_up.float())),
-        ("dense_down", flops_down, dense(h, w_dense_down, y),
-         lambda: rel(y[:64], h[:64].float() @ w_dense_down.float())),
+        ("dense_down", flops_down, dense(h, w_dense_down, y_dense_down),
+         lambda: rel(y_dense_down[:64], h[:64].float() @ w_dense_down.float())),
     ]
     # Vendor reference: torch._grouped_mm on pre-gathered rows (the forward without the fused activation).
     if hasattr(torch, "_grouped_mm") and not gpt_oss:
@@ -258,11 +258,11 @@ def main(argv=None):
             family = "wgrad" if kind.startswith("wgrad") else "gemm"
             num_b = 1
             listed = tuning.WGRAD_CANDIDATES if family == "wgrad" else tuning.GEMM_CANDIDATES
-            if kind == "gather_rows" or kind.endswith("_grouped_mm") or kind.startswith("dense_"):
-                listed = [dict(BLOCK_N=0, BLOCK_K=0, num_stages=1)]  # one run, no tiles
+            one_run = kind == "gather_rows" or kind.endswith("_grouped_mm") or kind.startswith("dense_")  # no tiles
+            if one_run:
+                listed = [dict(BLOCK_N=0, BLOCK_K=0, num_stages=1)]
             if kind == "fwd_gate_up" and not name.startswith("gpt_oss"):
                 listed, num_b = tuning.GATED_CANDIDATES, 2
-            one_run = kind == "gather_rows" or kind.endswith("_grouped_mm") or kind.startswith("dense_")
             cands = listed if one_run else [tuning.fit(family, c, limit, args.block_m or 128, num_b) for c in listed]
             cands = [c for i, c in enumerate(cands) if c not in cands[:i]]
             # First call of each candidate (compile, check the first), then timing in rounds over all candidates,
