@@ -12,7 +12,8 @@ timed. FLOPs are the three expert matmuls: forward ``6*T*k*H*I``, forward+backwa
 
 Roofs: ``dense_roof`` is one dense FFN over all ``T*k`` rows through autograd (cuBLAS matmuls plus the activation's
 elementwise kernels); ``gemm_roof`` is the six cuBLAS matmuls of forward+backward alone (two for the forward), on
-preallocated operands: nothing an experts layer can do is faster.
+preallocated operands: nothing an experts layer can do is faster. ``bmm_roof`` (not run by default) is the same six as
+batched matmuls over the experts' own weights, each expert's rows zero-padded to the largest expert's count.
 
 Timing is sustained by default: each provider runs back to back for a second, then is timed over a second (mean per
 call), in rounds that rotate the providers' order. An H100 / H200 runs these matmuls at its power limit, where a short
@@ -68,7 +69,8 @@ DEFAULT_SHAPES = ("qwen3_30b_a3b", "olmoe_1b_7b", "deepseek_v3_like", "gpt_oss_2
 PROVIDERS = ("eager", "grouped_mm", "hetermoe", "dense_roof", "gemm_roof")
 # Not run by default: hetermoe with HeterMoEConfig(recompute_gate_up=True), the memory-saving mode (no pre-activations
 # saved; the backward recomputes them, in chunks of sorted rows where that lowers its peak).
-MORE_PROVIDERS = ("hetermoe_recompute",)
+# bmm_roof: the six matmuls as cuBLAS batched matmuls over experts padded to the largest one's rows (see bmm_roof).
+MORE_PROVIDERS = ("hetermoe_recompute", "bmm_roof")
 # "hetermoe@VAR=VALUE" (any environment toggle of hf_hetermoe.env) times hetermoe with that toggle set: a before /
 # after comparison in the same run, e.g. --providers hetermoe hetermoe@HETERMOE_SPLIT_TAIL=0
 
@@ -178,6 +180,45 @@ def gemm_roof(T, H, I, k, dtype, frozen=False):
     return fwd, fwd_bwd
 
 
+def bmm_roof(T, H, I, E, k, index, dtype, frozen=False):
+    """The six matmuls as cuBLAS batched matmuls, one batch entry per expert (``torch.bmm`` on ``[E, C, .]``), each
+    expert's rows padded with zeros to ``C``, the largest expert's count of this routing rounded up to 64: what the
+    vendor library reaches with E distinct weights once routing is made rectangular. Same outputs as ``gemm_roof``
+    per expert (gu, y; g, dx, dW1, dW2). TF/s counts the routed rows' FLOPs only, so the padding is a cost here; it is
+    work on zeros, cheap in energy. Not a layer: no gather, activation or combine."""
+    counts = torch.bincount(index.flatten(), minlength=E)
+    cap = -(-int(counts.max()) // 64) * 64
+    live = (torch.arange(cap, device="cuda")[None, :] < counts[:, None])[..., None]  # [E, C, 1]
+
+    def rows(n):
+        return torch.randn(E, cap, n, device="cuda", dtype=dtype) * live
+
+    a, dy = rows(H), rows(H)
+    dgu, h = rows(2 * I), rows(I)
+    y, dx = (torch.empty(E, cap, H, device="cuda", dtype=dtype) for _ in range(2))
+    gu = torch.empty(E, cap, 2 * I, device="cuda", dtype=dtype)
+    g = torch.empty(E, cap, I, device="cuda", dtype=dtype)
+    w1, dw1 = (torch.randn(E, 2 * I, H, device="cuda", dtype=dtype) for _ in range(2))
+    w2, dw2 = (torch.randn(E, H, I, device="cuda", dtype=dtype) for _ in range(2))
+
+    def fwd():
+        torch.bmm(a, w1.transpose(1, 2), out=gu)
+        torch.bmm(h, w2.transpose(1, 2), out=y)
+        return y
+
+    def fwd_bwd():
+        fwd()
+        torch.bmm(dy, w2, out=g)
+        torch.bmm(dgu, w1, out=dx)
+        if frozen:
+            return (dx,)
+        torch.bmm(dgu.transpose(1, 2), a, out=dw1)
+        torch.bmm(dy.transpose(1, 2), h, out=dw2)
+        return dx, dw1, dw2
+
+    return fwd, fwd_bwd
+
+
 def _variant(provider: str) -> tuple[str, dict]:
     """``"hetermoe@VAR=VALUE"`` -> ("hetermoe", {VAR: VALUE}); plain names -> (name, {})."""
     base, _, setting = provider.partition("@")
@@ -278,7 +319,9 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             continue
         base, settings = _variant(provider)
         with _toggles(settings):  # read by hf_hetermoe.env at every launch
-            if base in ("dense_roof", "gemm_roof"):
+            if base == "bmm_roof":
+                fwd, fwd_bwd = bmm_roof(T, H, I, E, k, index, dtype, frozen=args.frozen_experts)
+            elif base in ("dense_roof", "gemm_roof"):
                 roof = dense_roof if base == "dense_roof" else gemm_roof
                 fwd, fwd_bwd = roof(T, H, I, k, dtype, frozen=args.frozen_experts)
             else:
