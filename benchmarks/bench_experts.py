@@ -445,9 +445,11 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             ),
             flush=True,
         )
-        if args.profile and p["base"].startswith("hetermoe"):
+        if args.profile and (p["base"].startswith("hetermoe") or p["base"] == "bmm_roof"):
             with _toggles(p["settings"]):
-                select_provider(module, p["base"])
+                if p["base"] != "bmm_roof":
+                    select_provider(module, p["base"])
+                print(f"  {provider}:")
                 print_kernel_times(p["fwd_bwd"])
     del module
     torch.cuda.empty_cache()
@@ -646,7 +648,9 @@ def main(argv=None):
         help="timing rounds over all providers, rotating their order; medians (default: 2 sustained, 3 burst)",
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--profile", action="store_true", help="print hetermoe's kernels of one fwd+bwd, timed")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the kernels of one fwd+bwd, timed (hetermoe and bmm_roof)"
+    )
     parser.add_argument(
         "--frozen-experts",
         action="store_true",
