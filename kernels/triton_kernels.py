@@ -5,7 +5,8 @@ Kernels, in Hexa-MoE's terms:
 - ``_gather_gemm_kernel``  ESMM: ``C[r] = A[row(r)] @ B[e(r)]^T`` over row tiles of one expert each, reading A
   rows in place (``row(r) = order[r] // k`` or ``r``); optionally two B operands (gate and up) with the gated
   activation fused into the epilogue. ``_gather_gemm_persistent_kernel``: the same tiles from one program per SM.
-- ``_combine_kernel``      ESS: ``out[t] = sum_j w[t, j] * Y[inverse[t*k + j]]``, fp32, deterministic (no atomics).
+- ``_combine_kernel``      ESS: ``out[t] = sum_j w[t, j] * (Y[inverse[t*k + j]] (+ bias[e]))``, fp32, deterministic (no
+                           atomics).
 - ``_sorted_rows_kernel``  ``dst[inverse[t*k + j]] = src[t]``: token rows in sorted order (operands of the vendor
   weight gradients), each source row read once.
 - ``_wgrad_kernel``        ESTMM: ``dW[e] = A_e^T B_e`` per expert, optional row gathers.
@@ -320,10 +321,13 @@ def _combine_kernel(
     inverse_ptr, w_ptr,  # inverse [T*k], w [T*k] routing weights
     out_ptr, stride_om, stride_on,  # out [T, N]
     N,
-    TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    bias_ptr, stride_be, stride_bn, expert_ptr,  # HAS_BIAS: Y[r] + bias[expert[r]], bias [E, N]
+    TOP_K: tl.constexpr, HAS_WEIGHTS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr = False,
 ):
     # The slot loop is unrolled (TOP_K is a compile-time constant): the k index loads, then the k row loads, are
     # all in flight at once instead of k dependent round trips per program.
+    # HAS_BIAS: the down projection's per-expert bias is added here, in fp32, instead of in the matmul's epilogue, so
+    # that matmul can be any of the sorted-row implementations (none of which takes a bias).
     token = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -331,6 +335,9 @@ def _combine_kernel(
     for j in tl.static_range(TOP_K):
         row = tl.load(inverse_ptr + token * TOP_K + j).to(tl.int64)
         y = tl.load(y_ptr + row * stride_ym + offs_n * stride_yn, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            expert = tl.load(expert_ptr + row).to(tl.int64)
+            y += tl.load(bias_ptr + expert * stride_be + offs_n * stride_bn, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_WEIGHTS:
             y = y * tl.load(w_ptr + token * TOP_K + j).to(tl.float32)
         acc += y
@@ -441,7 +448,10 @@ def _expert_colsum_kernel(
     mask_n = offs_n < N
     row_start = tl.load(offsets_ptr + expert)
     row_end = tl.load(offsets_ptr + expert + 1)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # Element-wise sums in a [BLOCK_M, BLOCK_N] accumulator, reduced over rows once at the end: a reduction across
+    # warps per step (shared memory and a barrier each time) held these passes at ~1.2 TB/s (benchmarks/NOTES.md,
+    # v2.24). The order of the additions is fixed by the tile shape: deterministic.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_M):
         offs_r = r0 + tl.arange(0, BLOCK_M)
         mask_r = offs_r < row_end
@@ -455,9 +465,9 @@ def _expert_colsum_kernel(
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         if SCALE:
             a = a * tl.load(w_ptr + flat, mask=mask_r, other=0.0).to(tl.float32)[:, None]
-        acc += tl.sum(a, axis=0)
-    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + offs_n * stride_on, acc.to(out_ptr.dtype.element_ty),
-             mask=mask_n)
+        acc += a
+    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + offs_n * stride_on,
+             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -493,7 +503,12 @@ def _glu_backward_kernel(
     dout_ptr, stride_om, stride_on, bias2_ptr, stride_b2e, stride_b2n, expert_ptr, top_k,  # bias term of dw
     I, H, alpha, limit,
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    PAIRED: tl.constexpr = False,
 ):
+    # PAIRED (GATED): gate and up interleaved in one [S, 2I] tensor ([g0, u0, g1, u1, ...]); ``gate_ptr`` and
+    # ``dgate_ptr`` are its base, with its own strides, and ``up_ptr`` / ``dup_ptr`` are unused. Each step reads and
+    # writes 2 * BLOCK_N contiguous elements and splits / joins them in registers: two stride-2 streams ran GPT-OSS's
+    # glu pass at ~1.9 TB/s (benchmarks/NOTES.md, v2.24).
     row = tl.program_id(0).to(tl.int64)
     flat = tl.load(order_ptr + row)
     w = tl.load(w_ptr + flat).to(tl.float32)
@@ -503,10 +518,17 @@ def _glu_backward_kernel(
         cols = n0 + offs
         mask = cols < I
         g = tl.load(g_ptr + row * stride_gm + cols * stride_gn, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        if PAIRED:
+            cols2 = 2 * n0 + tl.arange(0, 2 * BLOCK_N)
+            mask2 = cols2 < 2 * I
+            pre = tl.load(gate_ptr + row * stride_pm + cols2 * stride_pn, mask=mask2, other=0.0).to(tl.float32)
+            gate, up = tl.split(tl.reshape(pre, (BLOCK_N, 2)))
+        else:
+            up = tl.load(up_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
         dh = w * g
         if GATED:
-            gate = tl.load(gate_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+            if not PAIRED:
+                gate = tl.load(gate_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
             if ACT == SWIGLU_OAI:
                 gc = tl.minimum(gate, limit)
                 uc = tl.minimum(tl.maximum(up, -limit), limit)
@@ -520,11 +542,18 @@ def _glu_backward_kernel(
                 h = a * up
                 dgate = dh * up * _act_grad(gate, ACT)
                 dup = dh * a
-            tl.store(dgate_ptr + row * stride_dm + cols * stride_dn, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+            if PAIRED:
+                both = tl.reshape(tl.join(dgate, dup), (2 * BLOCK_N,))
+                tl.store(dgate_ptr + row * stride_dm + cols2 * stride_dn, both.to(dgate_ptr.dtype.element_ty),
+                         mask=mask2)
+            else:
+                tl.store(dgate_ptr + row * stride_dm + cols * stride_dn, dgate.to(dgate_ptr.dtype.element_ty),
+                         mask=mask)
         else:
             h = _act(up, ACT)
             dup = dh * _act_grad(up, ACT)
-        tl.store(dup_ptr + row * stride_dm + cols * stride_dn, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+        if not PAIRED:
+            tl.store(dup_ptr + row * stride_dm + cols * stride_dn, dup.to(dup_ptr.dtype.element_ty), mask=mask)
         h_low = h.to(hw_ptr.dtype.element_ty).to(tl.float32)
         tl.store(hw_ptr + row * stride_hm + cols * stride_hn, (w * h_low).to(hw_ptr.dtype.element_ty), mask=mask)
         dot += g * h_low

@@ -192,9 +192,15 @@ def gather_gemm(
 
 
 def combine(
-    y: torch.Tensor, routing: Routing, weights: torch.Tensor | None, num_tokens: int, top_k: int
+    y: torch.Tensor,
+    routing: Routing,
+    weights: torch.Tensor | None,
+    num_tokens: int,
+    top_k: int,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ESS: ``out[t] = sum_j w[t, j] * y[inverse[t*k + j]]`` in fp32, deterministic. ``y [S, N] -> out [T, N]``."""
+    """ESS: ``out[t] = sum_j w[t, j] * (y[r] + bias[e(r)])``, ``r = inverse[t*k + j]``, in fp32, deterministic.
+    ``y [S, N] -> out [T, N]``; ``bias [E, N]`` (the down projection's) is optional."""
     n = y.shape[1]
     out = y.new_empty(num_tokens, n)
     if num_tokens == 0:
@@ -211,9 +217,14 @@ def combine(
         out.stride(0),
         out.stride(1),
         n,
+        bias if bias is not None else y,
+        bias.stride(0) if bias is not None else 0,
+        bias.stride(1) if bias is not None else 0,
+        routing.expert,
         TOP_K=top_k,
         HAS_WEIGHTS=weights is not None,
         BLOCK_N=block_n,
+        HAS_BIAS=bias is not None,
         num_warps=4,
     )
     return out
@@ -619,21 +630,16 @@ def experts_forward(
     """``out [T, H]`` and the saved pre-activations ``gu [S, N1]``; same contract as ``reference.experts_forward``.
     ``keep_gu=False`` (nothing will run the backward): ``gu`` is ``None``, and the gated kernel stores only the
     activation, ``S * N1`` elements less written and held."""
-    num_tokens, hidden = x.shape
+    num_tokens = x.shape[0]
     top_k = top_k_weights.shape[-1]
-    num_pairs = routing.order.numel()
     toggles = env.toggles()  # once per call: the launchers' cached decisions are keyed on them
     gu, h = gate_up(x, w1_logical(w1, layout), b1, routing, top_k, layout, block_m, toggles, keep_pre=keep_gu)
-    if b2 is None:
-        y = sorted_matmul(h, w2_logical(w2, layout), routing, top_k, block_m=block_m, toggles=toggles)
-    else:
-        y = x.new_empty(num_pairs, hidden)
-        gather_gemm(
-            h, w2_logical(w2, layout), routing, top_k, gather_a=False, bias=b2, out=y, block_m=block_m,
-            toggles=toggles,
-        )
+    # The down projection's bias, if any, is added by the combine (in fp32), so the matmul is a plain sorted-row one
+    # (Gluon, CUTLASS or Triton, as the tuner measures): on GPT-OSS-20B at T=4096 the Triton kernel with the bias in
+    # its epilogue took 500 us where cuBLAS takes 425 (benchmarks/NOTES.md, v2.24).
+    y = sorted_matmul(h, w2_logical(w2, layout), routing, top_k, block_m=block_m, toggles=toggles)
     del h  # free before combine allocates `out`
-    return combine(y, routing, top_k_weights, num_tokens, top_k), gu
+    return combine(y, routing, top_k_weights, num_tokens, top_k, bias=b2), gu
 
 
 def gate_up(
@@ -798,8 +804,10 @@ def _glu_backward(g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout
     num_pairs, inter = g.shape
     if num_pairs == 0:
         return
-    gu_gate, gu_up = _halves(gu, 1, layout)
-    dgu_gate, dgu_up = _halves(dgu, 1, layout)
+    # Interleaved gate/up: the kernel reads and writes the pairs as one contiguous stream.
+    paired = layout.has_gate and not layout.is_concatenated
+    gu_gate, gu_up = (gu, gu) if paired else _halves(gu, 1, layout)
+    dgu_gate, dgu_up = (dgu, dgu) if paired else _halves(dgu, 1, layout)
     fast(tk._glu_backward_kernel)[(num_pairs,)](
         g,
         g.stride(0),
@@ -834,6 +842,7 @@ def _glu_backward(g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout
         ACT=layout.act_code,
         HAS_BIAS=b2 is not None,
         BLOCK_N=row_block_n(g, inter),
+        PAIRED=paired,
         num_warps=4,
     )
 
