@@ -412,6 +412,8 @@ def select(name: str, candidates: list[dict], measure: Callable[[list[dict]], li
                 "tuned %s in %.1f s (compiling and timing %d candidates; once per shape bucket, cached in %s): %s",
                 name, seconds, len(candidates), cache_path(), cfg,
             )
+            # What each candidate measured: why the choice fell as it did (ms; inf: could not run).
+            logger.debug("%s: %s", name, "; ".join(f"{c} {t:.4f} ms" for c, t in zip(candidates, times)))
         _memory[name] = cfg
     return cfg
 
