@@ -821,3 +821,45 @@ def test_sorted_rows_equal_the_sorted_gather(T, N, E, k):
     got = triton_ops.sorted_rows(src, routing, k)
     assert got.shape == (T * k, N)
     assert torch.equal(got, src[routing.order.long() // k])
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_combine_weights_and_adds_the_down_bias(bias):
+    """``combine``: each token's k rows, each plus its expert's down-projection bias, weighted and summed in fp32."""
+    triton_ops = _triton_ops()
+    T, N, E, k = 11, 70, 5, 3
+    index = torch.rand(T, E, device=DEVICE).topk(k, dim=-1).indices
+    routing = build_routing(index, E, triton_ops.block_m_for(DEVICE))
+    y = torch.randn(T * k, N, device=DEVICE)
+    weights = torch.softmax(torch.randn(T, k, device=DEVICE), -1)
+    b2 = torch.randn(E, N, device=DEVICE) if bias else None
+    got = triton_ops.combine(y, routing, weights, T, k, bias=b2)
+    rows = y[routing.inverse.long()].reshape(T, k, N)  # pair t*k + j's row
+    if bias:
+        rows = rows + b2[index]
+    assert torch.allclose(got, (weights[..., None] * rows).sum(1), atol=1e-5, rtol=1e-5)
+
+
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("gather, scale", [(False, False), (True, True)], ids=["sorted_rows", "token_rows_scaled"])
+def test_expert_colsum_is_each_experts_column_sum(gather, scale):
+    """The bias gradients: per expert, the column sums of its rows (sorted ones, or token rows gathered and scaled
+    by each pair's routing weight), with empty experts summing to zero."""
+    triton_ops = _triton_ops()
+    T, N, E, k = 40, 150, 7, 2  # experts of several row tiles, some empty
+    index = (torch.rand(T, E, device=DEVICE) * torch.tensor([1.0] * 5 + [0.0] * 2, device=DEVICE)).topk(k, -1).indices
+    routing = build_routing(index, E, triton_ops.block_m_for(DEVICE))
+    a = torch.randn(T if gather else T * k, N, device=DEVICE)
+    w = torch.rand(T * k, device=DEVICE)
+    out = torch.empty(E, N, device=DEVICE)
+    triton_ops.expert_colsum(a, routing, k, out, gather_a=gather, scale=w if scale else None)
+    order = routing.order.long()
+    rows = a[order // k] if gather else a
+    if scale:
+        rows = rows * w[order][:, None]
+    want = torch.zeros(E, N, device=DEVICE).index_add_(0, routing.expert.long(), rows)
+    assert torch.allclose(out, want, atol=1e-4, rtol=1e-5)
+    assert torch.count_nonzero(out[5:]) == 0
