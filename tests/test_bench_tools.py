@@ -87,3 +87,35 @@ def test_tile_sweep_has_dense_roofs_with_the_matmuls_flops():
         _, run, check = problems[kind]
         run(None)
         assert check() < 1e-5
+
+
+def test_merging_device_results_appends_new_rows_once(tmp_path, capsys):
+    """A device run's CSV merged into the results: new rows appended with every column kept, providers relabelled
+    where asked, and a second merge of the same file adds nothing."""
+    import csv
+
+    import merge_results
+
+    results, fetched = tmp_path / "results", tmp_path / "out"
+    results.mkdir()
+    fetched.mkdir()
+    old = [{"run": "r1", "shape": "s", "T": "4096", "provider": "hetermoe", "fwd_bwd_tflops": "360", "old_col": "x"}]
+    new = [
+        {"run": "r2", "shape": "s", "T": "4096", "provider": "hetermoe", "fwd_bwd_tflops": "370", "joules": "1.7"},
+        {"run": "r2", "shape": "s", "T": "4096", "provider": "grouped_mm", "fwd_bwd_tflops": "160", "joules": "2.4"},
+    ]
+    for path, rows in ((results / "experts_gpu.csv", old), (fetched / "experts_gpu.csv", new)):
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    relabel = {"hetermoe": "hetermoe@old-code"}
+    assert merge_results.merge(fetched / "experts_gpu.csv", results, relabel) == 2
+    assert merge_results.merge(fetched / "experts_gpu.csv", results, relabel) == 0
+    with open(results / "experts_gpu.csv", newline="") as f:
+        merged = list(csv.DictReader(f))
+    assert [r["provider"] for r in merged] == ["hetermoe", "hetermoe@old-code", "grouped_mm"]
+    assert merged[0]["old_col"] == "x" and merged[0]["joules"] == "" and merged[2]["joules"] == "2.4"
+    with pytest.raises(SystemExit):
+        merge_results.main(["--relabel", "hetermoe", str(fetched / "experts_gpu.csv")])
+    assert "write it OLD=NEW" in capsys.readouterr().err
