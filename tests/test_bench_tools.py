@@ -119,3 +119,31 @@ def test_merging_device_results_appends_new_rows_once(tmp_path, capsys):
     with pytest.raises(SystemExit):
         merge_results.main(["--relabel", "hetermoe", str(fetched / "experts_gpu.csv")])
     assert "write it OLD=NEW" in capsys.readouterr().err
+
+
+def test_ab_code_prepares_the_old_package_and_refuses_bad_input(tmp_path):
+    """``benchmarks/ab_code.sh prepare <ref>`` exports the package at a commit (with its REF) for a device A/B;
+    an unknown commit, or ``run`` before ``prepare`` or without ``OUT``, stops with a message saying what to do."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "benchmarks" / "ab_code.sh"
+
+    def ab(*args, **env):
+        return subprocess.run(
+            ["bash", str(script), *args], capture_output=True, text=True, env={**os.environ, **env}, cwd=root
+        )
+
+    old = tmp_path / "ab_old"
+    done = ab("prepare", "HEAD", AB_OLD=str(old))
+    assert done.returncode == 0, done.stderr
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
+    assert (old / "REF").read_text().strip() == head
+    assert (old / "kernels" / "triton_ops.py").is_file() and (old / "pyproject.toml").is_file()
+    bad = ab("prepare", "no-such-ref", AB_OLD=str(tmp_path / "other"))
+    assert bad.returncode == 2 and "no commit 'no-such-ref'" in bad.stderr
+    early = ab("run", "1", AB_OLD=str(tmp_path / "missing"))
+    assert early.returncode == 2 and "prepare <git-ref>' first" in early.stderr
+    no_out = ab("run", "1", AB_OLD=str(old), OUT="")
+    assert no_out.returncode != 0 and "set OUT" in no_out.stderr
