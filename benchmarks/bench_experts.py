@@ -153,28 +153,37 @@ def dense_roof(T, H, I, k, dtype, frozen=False):
 
 def gemm_roof(T, H, I, k, dtype, frozen=False):
     """The six cuBLAS matmuls of a dense FFN's forward+backward over all T*k rows, alone, into preallocated
-    outputs: gu = a w1^T, y = h w2^T; g = dy w2, dx = dgu w1, dW1 = dgu^T a, dW2 = dy^T h (the last two not with
-    ``frozen`` weights)."""
+    outputs (``_six_matmuls``; the weight gradients not with ``frozen`` weights)."""
     S = T * k
     a, dy, y, dx = (torch.randn(S, H, device="cuda", dtype=dtype) for _ in range(4))
     gu, dgu = (torch.randn(S, 2 * I, device="cuda", dtype=dtype) for _ in range(2))
     h, g = (torch.randn(S, I, device="cuda", dtype=dtype) for _ in range(2))
     w1, dw1 = (torch.randn(2 * I, H, device="cuda", dtype=dtype) for _ in range(2))
     w2, dw2 = (torch.randn(H, I, device="cuda", dtype=dtype) for _ in range(2))
+    return _six_matmuls(torch.mm, a, dy, dgu, h, y, dx, gu, g, w1, dw1, w2, dw2, frozen)
+
+
+def _six_matmuls(mm, a, dy, dgu, h, y, dx, gu, g, w1, dw1, w2, dw2, frozen):
+    """``fwd`` and ``fwd_bwd`` of the roofs: gu = a w1^T, y = h w2^T; g = dy w2, dx = dgu w1, dW1 = dgu^T a,
+    dW2 = dy^T h, each through ``mm`` (``torch.mm``, or ``torch.bmm`` on a leading expert dimension) into the given
+    outputs; without the weight gradients when ``frozen``."""
+
+    def t(m):
+        return m.transpose(-2, -1)
 
     def fwd():
-        torch.mm(a, w1.t(), out=gu)
-        torch.mm(h, w2.t(), out=y)
+        mm(a, t(w1), out=gu)
+        mm(h, t(w2), out=y)
         return y
 
     def fwd_bwd():
         fwd()
-        torch.mm(dy, w2, out=g)
-        torch.mm(dgu, w1, out=dx)
+        mm(dy, w2, out=g)
+        mm(dgu, w1, out=dx)
         if frozen:
             return (dx,)
-        torch.mm(dgu.t(), a, out=dw1)
-        torch.mm(dy.t(), h, out=dw2)
+        mm(t(dgu), a, out=dw1)
+        mm(t(dy), h, out=dw2)
         return dx, dw1, dw2
 
     return fwd, fwd_bwd
@@ -200,23 +209,7 @@ def bmm_roof(T, H, I, E, k, index, dtype, frozen=False):
     g = torch.empty(E, cap, I, device="cuda", dtype=dtype)
     w1, dw1 = (torch.randn(E, 2 * I, H, device="cuda", dtype=dtype) for _ in range(2))
     w2, dw2 = (torch.randn(E, H, I, device="cuda", dtype=dtype) for _ in range(2))
-
-    def fwd():
-        torch.bmm(a, w1.transpose(1, 2), out=gu)
-        torch.bmm(h, w2.transpose(1, 2), out=y)
-        return y
-
-    def fwd_bwd():
-        fwd()
-        torch.bmm(dy, w2, out=g)
-        torch.bmm(dgu, w1, out=dx)
-        if frozen:
-            return (dx,)
-        torch.bmm(dgu.transpose(1, 2), a, out=dw1)
-        torch.bmm(dy.transpose(1, 2), h, out=dw2)
-        return dx, dw1, dw2
-
-    return fwd, fwd_bwd
+    return _six_matmuls(torch.bmm, a, dy, dgu, h, y, dx, gu, g, w1, dw1, w2, dw2, frozen)
 
 
 def _variant(provider: str) -> tuple[str, dict]:
