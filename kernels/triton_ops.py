@@ -576,31 +576,6 @@ def backward_g(
 SORTED_G_MIN_ROWS = 2048
 
 
-def expert_colsum(
-    a: torch.Tensor, routing: Routing, top_k: int, out: torch.Tensor, *, gather_a: bool, scale: torch.Tensor | None
-) -> None:
-    """Bias gradients: ``out[e] = sum_{r in e} scale(r) * a[ra(r)]`` (fp32 sums), ``out [E, N]``."""
-    num_experts, n = out.shape
-    block_n = 32 if _interpreting(a) else 128
-    fast(tk._expert_colsum_kernel)[(num_experts, triton.cdiv(n, block_n))](
-        a,
-        a.stride(0),
-        a.stride(1),
-        routing.order,
-        scale if scale is not None else a,
-        top_k,
-        out,
-        out.stride(0),
-        out.stride(1),
-        routing.offsets,
-        n,
-        GATHER_A=gather_a,
-        SCALE=scale is not None,
-        BLOCK_M=16 if _interpreting(a) else 32,
-        BLOCK_N=block_n,
-    )
-
-
 def _split_tail(block_m: int, num_pairs: int, num_experts: int, toggles: env.Toggles) -> bool:
     """Half-height tail tiles (``SPLIT_TAIL``) where experts average at most 4 row tiles, so that a partial last tile
     is a sizeable share of the work. Measured on an H200 (benchmarks/NOTES.md, v2.8): forward +3.5% at Qwen3-30B-A3B
@@ -796,19 +771,31 @@ def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, to
     )
 
 
-def _glu_backward(g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout, b2, top_k: int, layout) -> None:
-    """The activation's backward over ``routing``'s rows, one program per row: ``dgu`` from ``g`` and ``gu``, ``hw``
-    (the routing weight times the recomputed activation, dW2's operand), and each pair's routing-weight gradient
-    written into its slot of ``dweights``. Works in place (``dgu`` may be ``gu``, ``hw`` may be ``g``): a program reads
-    its row's values before it writes the same positions."""
+def _glu_backward(
+    g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout, b2, top_k: int, layout, block_m: int = 0,
+    db1=None, db2=None, biased: bool = False,
+) -> None:
+    """The activation's backward over ``routing``'s rows: ``dgu`` from ``g`` and ``gu``, ``hw`` (the routing weight
+    times the recomputed activation, dW2's operand), and each pair's routing-weight gradient written into its slot of
+    ``dweights``. Works in place (``dgu`` may be ``gu``, ``hw`` may be ``g``): every element is read before the same
+    position is written, by the same program.
+
+    ``db1`` / ``db2`` (``[E, N1]`` / ``[E, H]``, optional): the bias gradients, written too. Then the kernel runs one
+    program per (row tile of ``block_m`` rows, as the routing was built; column block) and writes each tile's column
+    sums, which a small kernel adds per expert in a fixed order. ``biased`` (the layout has biases) takes that kernel
+    even without them (frozen experts), so that ``dx`` and the routing weights' gradient do not depend on whether the
+    weights are trained; else one program per row."""
     num_pairs, inter = g.shape
     if num_pairs == 0:
+        for db in (db1, db2):
+            if db is not None:
+                db.zero_()
         return
     # Interleaved gate/up: the kernel reads and writes the pairs as one contiguous stream.
     paired = layout.has_gate and not layout.is_concatenated
     gu_gate, gu_up = (gu, gu) if paired else _halves(gu, 1, layout)
     dgu_gate, dgu_up = (dgu, dgu) if paired else _halves(dgu, 1, layout)
-    fast(tk._glu_backward_kernel)[(num_pairs,)](
+    operands = (
         g,
         g.stride(0),
         g.stride(1),
@@ -825,25 +812,93 @@ def _glu_backward(g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout
         hw.stride(1),
         routing.order,
         weights_flat,
-        dweights,
+    )
+    bias = (
         dout,
         dout.stride(0),
         dout.stride(1),
         b2 if b2 is not None else dout,
         b2.stride(0) if b2 is not None else 0,
         b2.stride(1) if b2 is not None else 0,
-        routing.expert,
+    )
+    hidden = dout.shape[1]
+    flags = dict(GATED=layout.has_gate, ACT=layout.act_code, HAS_BIAS=b2 is not None, PAIRED=paired)
+    if not (biased or db1 is not None or db2 is not None):
+        fast(tk._glu_backward_kernel)[(num_pairs,)](
+            *operands, dweights, *bias, routing.expert, top_k, inter, hidden, layout.alpha, layout.limit,
+            BLOCK_N=row_block_n(g, inter), num_warps=4, **flags,
+        )
+        return
+    if db2 is not None and b2 is None:
+        raise ValueError("_glu_backward: db2 needs b2 (the down projection's bias)")
+    interp = _interpreting(g)
+    block_n, sub_m = (32, 16) if interp else (64, 32)
+    if block_m < sub_m or block_m % sub_m:
+        raise ValueError(f"_glu_backward: block_m={block_m} (the routing's) must be a multiple of {sub_m} here")
+    tiles = routing.tile_expert.numel()
+    blocks = triton.cdiv(inter, block_n) + (triton.cdiv(hidden, block_n) if b2 is not None else 0)
+    dot = g.new_empty(num_pairs, blocks, dtype=torch.float32)
+    part1 = g.new_empty(tiles, gu.shape[1], dtype=torch.float32) if db1 is not None else None
+    part2 = g.new_empty(tiles, hidden, dtype=torch.float32) if db2 is not None else None
+    p1_gate, p1_up = ((part1, part1) if paired else _halves(part1, 1, layout)) if part1 is not None else (g, g)
+    fast(tk._glu_backward_tile_kernel)[(tiles, blocks)](
+        *operands,
+        *bias,
         top_k,
+        routing.tile_expert,
+        routing.tile_start,
+        routing.offsets,
+        routing.offsets.numel() - 1,
+        dot,
+        dot.stride(0),
+        dot.stride(1),
+        p1_gate,
+        p1_up,
+        p1_up.stride(0) if part1 is not None else 0,
+        p1_up.stride(1) if part1 is not None else 0,
+        part2 if part2 is not None else g,
+        part2.stride(0) if part2 is not None else 0,
+        part2.stride(1) if part2 is not None else 0,
         inter,
-        dout.shape[1],
+        hidden,
         layout.alpha,
         layout.limit,
-        GATED=layout.has_gate,
-        ACT=layout.act_code,
-        HAS_BIAS=b2 is not None,
-        BLOCK_N=row_block_n(g, inter),
-        PAIRED=paired,
+        DB1=db1 is not None,
+        DB2=db2 is not None,
+        TILE_M=block_m,
+        SUB_M=sub_m,
+        BLOCK_N=block_n,
         num_warps=4,
+        **flags,
+    )
+    block_r = 32
+    fast(tk._glu_dw_kernel)[(triton.cdiv(num_pairs, block_r),)](
+        dot, dot.stride(0), dot.stride(1), routing.order, dweights, num_pairs, blocks,
+        BLOCK_R=block_r, BLOCKS_POW2=triton.next_power_of_2(blocks),
+    )
+    for part, db in ((part1, db1), (part2, db2)):
+        if db is not None:
+            _expert_partials_sum(part, routing, db, block_m)
+
+
+def _expert_partials_sum(part: torch.Tensor, routing: Routing, out: torch.Tensor, block_m: int) -> None:
+    """``out[e]`` = the sum of expert ``e``'s rows of ``part`` (one per routing row tile), in a fixed order."""
+    num_experts, n = out.shape
+    block_n = 32 if _interpreting(part) else 128
+    fast(tk._expert_partials_sum_kernel)[(num_experts, triton.cdiv(n, block_n))](
+        part,
+        part.stride(0),
+        part.stride(1),
+        out,
+        out.stride(0),
+        out.stride(1),
+        routing.offsets,
+        num_experts,
+        n,
+        TILE_M=block_m,
+        E_POW2=triton.next_power_of_2(max(num_experts, 1)),
+        BLOCK_P=8 if _interpreting(part) else 16,
+        BLOCK_N=block_n,
     )
 
 
@@ -889,7 +944,13 @@ def experts_backward(
     dgu, hw = gu, g
     # The routing weights' gradient, written by the glu kernel straight into each pair's slot.
     dweights = torch.empty(top_k_weights.shape, dtype=top_k_weights.dtype, device=x.device)
-    _glu_backward(g, gu, dgu, hw, routing, weights_flat, dweights, dout, b2, top_k, layout)
+    # The bias gradients come out of the same pass (its column sums of dgu and of w * dout).
+    db1 = torch.empty_like(b1) if weight_grads and b1 is not None else None
+    db2 = torch.empty_like(b2) if weight_grads and b2 is not None else None
+    _glu_backward(
+        g, gu, dgu, hw, routing, weights_flat, dweights, dout, b2, top_k, layout, block_m, db1, db2,
+        biased=b1 is not None or b2 is not None,
+    )
 
     # Transients are dropped as soon as their last reader is queued (the caching allocator reuses them at once).
     # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
@@ -898,10 +959,7 @@ def experts_backward(
     # dW1 first, `gu` freed, and dW2's gathered rows take its place.
     del g
     dw2_last = vendor and release_gu and dout_sorted is None  # vendor implies weight_grads
-    dw1 = dw2 = db1 = db2 = None
-    if weight_grads and b2 is not None:
-        db2 = torch.empty_like(b2)
-        expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
+    dw1 = dw2 = None
     if not dw2_last:
         if weight_grads:
             dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles, dout_sorted=dout_sorted)
@@ -917,9 +975,6 @@ def experts_backward(
     elif weight_grads:
         dw1 = torch.empty_like(w1)
         wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, toggles=toggles)
-    if weight_grads and b1 is not None:
-        db1 = torch.empty_like(b1)
-        expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
     if vendor and release_gu:
         gu.untyped_storage().resize_(0)  # dgu (the same storage) has had its last reader queued
     if dw2_last:
@@ -1000,12 +1055,9 @@ def experts_backward_recompute(
     dw1 = dw2 = db1 = db2 = None
     if weight_grads:
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        if b2 is not None:
-            db2 = torch.empty_like(b2)
-            expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
-        if b1 is not None:
-            db1_sum = torch.zeros(b1.shape, dtype=torch.float32, device=b1.device)
-            db1_part = torch.empty_like(db1_sum)
+        # The bias gradients: each chunk's glu pass writes its part (fp32), added in chunk order.
+        db_sums = [None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=b.device) for b in (b1, b2)]
+        db_parts = [torch.empty_like(d) if d is not None else None for d in db_sums]
         if num_pairs == 0:  # no chunk runs: every expert's gradient is zero
             dw1.zero_()
             dw2.zero_()
@@ -1029,7 +1081,14 @@ def experts_backward_recompute(
         gu, _ = gate_up(x, w1l, b1, chunk, top_k, layout, block_m, toggles, keep_act=False)
         g, _ = backward_g(dout, w2l, chunk, top_k, block_m=block_m, vendor=False, toggles=toggles)
         dgu, hw = gu, g  # in place, as in experts_backward
-        _glu_backward(g, gu, dgu, hw, chunk, weights_flat, dweights, dout, b2, top_k, layout)
+        _glu_backward(
+            g, gu, dgu, hw, chunk, weights_flat, dweights, dout, b2, top_k, layout, block_m,
+            *(db_parts if weight_grads else (None, None)), biased=b1 is not None or b2 is not None,
+        )
+        if weight_grads:
+            for total, part in zip(db_sums, db_parts):
+                if total is not None:
+                    total += part
         del g, gu
         places = (routing.offsets, start, end, num_pairs)
         tokens = (chunk.order // top_k).long() if gluon else None
@@ -1049,11 +1108,8 @@ def experts_backward_recompute(
                 dgu, x, chunk, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, config=dw1_cfg,
                 toggles=toggles, accumulate=places,
             )
-        if weight_grads and b1 is not None:
-            expert_colsum(dgu, chunk, top_k, db1_part, gather_a=False, scale=None)
-            db1_sum += db1_part
         del dgu
-    if weight_grads and b1 is not None:
-        db1 = db1_sum.to(b1.dtype)
+    if weight_grads:
+        db1, db2 = (total.to(b.dtype) if b is not None else None for total, b in zip(db_sums, (b1, b2)))
     dx = combine(dx_sorted, routing, None, num_tokens, top_k)
     return dx, dweights, dw1, dw2, db1, db2
