@@ -10,11 +10,12 @@ Kernels, in Hexa-MoE's terms:
 - ``_sorted_rows_kernel``  ``dst[inverse[t*k + j]] = src[t]``: token rows in sorted order (operands of the vendor
   weight gradients), each source row read once.
 - ``_wgrad_kernel``        ESTMM: ``dW[e] = A_e^T B_e`` per expert, optional row gathers.
+- ``_expert_colsum_kernel`` bias gradients: ``db[e] = sum_{r in e} scale(r) * A[row(r)]``.
 - ``_glu_backward_kernel`` the gated activation's backward, the routing-weight gradient and ``w * h`` (the B
   operand of dW2, so the weight-gradient kernel needs no per-row scaling), one sorted row each.
-  ``_glu_backward_tile_kernel``: the same per (row tile, column block), for layouts with biases, with each tile's
-  column sums of ``dgu`` and ``w * dout`` (the bias gradients' terms); ``_glu_dw_kernel`` and
-  ``_expert_partials_sum_kernel`` add up its per-block and per-tile parts.
+  ``_glu_backward_tile_kernel`` (``HETERMOE_GLU_TILES=1``): the same per (row tile, column block), for layouts with
+  biases, with each tile's column sums of ``dgu`` and ``w * dout`` (the bias gradients' terms); ``_glu_dw_kernel``
+  and ``_expert_partials_sum_kernel`` add up its per-block and per-tile parts.
 
 Row indices are widened to int64 before they multiply a stride: ``T * H`` passes 2**31 at long context.
 """
@@ -454,6 +455,41 @@ def _wgrad_kernel(
         mask_c = mask_c & (owns | (adds & (splat + row_end > row_start)))
         acc += tl.load(c_ptr + c_off, mask=mask_c & adds, other=0.0).to(tl.float32)
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
+def _expert_colsum_kernel(
+    a_ptr, stride_am, stride_an,  # A [*, N]: out[e][n] = sum_r scale(r) * A[ra(r), n]   (bias gradients)
+    order_ptr, w_ptr, top_k,  # ra(r) = order[r] // top_k when GATHER_A; scale(r) = w[order[r]] when SCALE
+    out_ptr, stride_oe, stride_on,  # [E, N]
+    offsets_ptr, N,
+    GATHER_A: tl.constexpr, SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    row_start = tl.load(offsets_ptr + expert)
+    row_end = tl.load(offsets_ptr + expert + 1)
+    # Element-wise sums in a [BLOCK_M, BLOCK_N] accumulator, reduced over rows once at the end: a reduction across
+    # warps per step (shared memory and a barrier each time) held these passes at ~1.2 TB/s (benchmarks/NOTES.md,
+    # v2.24). The order of the additions is fixed by the tile shape: deterministic.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        offs_r = r0 + tl.arange(0, BLOCK_M)
+        mask_r = offs_r < row_end
+        if GATHER_A or SCALE:
+            flat = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
+        if GATHER_A:
+            rows = (flat // top_k).to(tl.int64)
+        else:
+            rows = offs_r.to(tl.int64)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_n[None, :] * stride_an,
+                    mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        if SCALE:
+            a = a * tl.load(w_ptr + flat, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+        acc += a
+    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + offs_n * stride_on,
+             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit

@@ -576,6 +576,31 @@ def backward_g(
 SORTED_G_MIN_ROWS = 2048
 
 
+def expert_colsum(
+    a: torch.Tensor, routing: Routing, top_k: int, out: torch.Tensor, *, gather_a: bool, scale: torch.Tensor | None
+) -> None:
+    """Bias gradients: ``out[e] = sum_{r in e} scale(r) * a[ra(r)]`` (fp32 sums), ``out [E, N]``."""
+    num_experts, n = out.shape
+    block_n = 32 if _interpreting(a) else 128
+    fast(tk._expert_colsum_kernel)[(num_experts, triton.cdiv(n, block_n))](
+        a,
+        a.stride(0),
+        a.stride(1),
+        routing.order,
+        scale if scale is not None else a,
+        top_k,
+        out,
+        out.stride(0),
+        out.stride(1),
+        routing.offsets,
+        n,
+        GATHER_A=gather_a,
+        SCALE=scale is not None,
+        BLOCK_M=16 if _interpreting(a) else 32,
+        BLOCK_N=block_n,
+    )
+
+
 def _split_tail(block_m: int, num_pairs: int, num_experts: int, toggles: env.Toggles) -> bool:
     """Half-height tail tiles (``SPLIT_TAIL``) where experts average at most 4 row tiles, so that a partial last tile
     is a sizeable share of the work. Measured on an H200 (benchmarks/NOTES.md, v2.8): forward +3.5% at Qwen3-30B-A3B
@@ -944,12 +969,12 @@ def experts_backward(
     dgu, hw = gu, g
     # The routing weights' gradient, written by the glu kernel straight into each pair's slot.
     dweights = torch.empty(top_k_weights.shape, dtype=top_k_weights.dtype, device=x.device)
-    # The bias gradients come out of the same pass (its column sums of dgu and of w * dout).
-    db1 = torch.empty_like(b1) if weight_grads and b1 is not None else None
-    db2 = torch.empty_like(b2) if weight_grads and b2 is not None else None
+    # HETERMOE_GLU_TILES: the bias gradients come out of the same pass (its column sums of dgu and of w * dout).
+    glu_tiles = toggles.glu_tiles and (b1 is not None or b2 is not None)
+    db1 = torch.empty_like(b1) if glu_tiles and weight_grads and b1 is not None else None
+    db2 = torch.empty_like(b2) if glu_tiles and weight_grads and b2 is not None else None
     _glu_backward(
-        g, gu, dgu, hw, routing, weights_flat, dweights, dout, b2, top_k, layout, block_m, db1, db2,
-        biased=b1 is not None or b2 is not None,
+        g, gu, dgu, hw, routing, weights_flat, dweights, dout, b2, top_k, layout, block_m, db1, db2, biased=glu_tiles
     )
 
     # Transients are dropped as soon as their last reader is queued (the caching allocator reuses them at once).
@@ -960,6 +985,9 @@ def experts_backward(
     del g
     dw2_last = vendor and release_gu and dout_sorted is None  # vendor implies weight_grads
     dw1 = dw2 = None
+    if weight_grads and b2 is not None and not glu_tiles:
+        db2 = torch.empty_like(b2)
+        expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     if not dw2_last:
         if weight_grads:
             dw2 = _dw2(dout, hw, routing, top_k, w2, layout, vendor, toggles, dout_sorted=dout_sorted)
@@ -975,6 +1003,9 @@ def experts_backward(
     elif weight_grads:
         dw1 = torch.empty_like(w1)
         wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, toggles=toggles)
+    if weight_grads and b1 is not None and not glu_tiles:
+        db1 = torch.empty_like(b1)
+        expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
     if vendor and release_gu:
         gu.untyped_storage().resize_(0)  # dgu (the same storage) has had its last reader queued
     if dw2_last:
@@ -1047,6 +1078,7 @@ def experts_backward_recompute(
     # A chunk has no ``inverse``: the paths that copy token rows to sorted order (CUTLASS's gate/up, ``g`` on sorted
     # rows) are not taken.
     toggles = env.toggles()._replace(vendor_gate_up=False, sorted_g=False)
+    glu_tiles = toggles.glu_tiles and (b1 is not None or b2 is not None)
     w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
     w1t = w1l.transpose(1, 2)
 
@@ -1055,8 +1087,13 @@ def experts_backward_recompute(
     dw1 = dw2 = db1 = db2 = None
     if weight_grads:
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        # The bias gradients: each chunk's glu pass writes its part (fp32), added in chunk order.
+        # The bias gradients: db2 in one pass here, db1 a part per chunk (fp32), added in order; under
+        # HETERMOE_GLU_TILES both come from each chunk's glu pass.
         db_sums = [None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=b.device) for b in (b1, b2)]
+        if b2 is not None and not glu_tiles:
+            db_sums[1] = None
+            db2 = torch.empty_like(b2)
+            expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
         db_parts = [torch.empty_like(d) if d is not None else None for d in db_sums]
         if num_pairs == 0:  # no chunk runs: every expert's gradient is zero
             dw1.zero_()
@@ -1083,8 +1120,10 @@ def experts_backward_recompute(
         dgu, hw = gu, g  # in place, as in experts_backward
         _glu_backward(
             g, gu, dgu, hw, chunk, weights_flat, dweights, dout, b2, top_k, layout, block_m,
-            *(db_parts if weight_grads else (None, None)), biased=b1 is not None or b2 is not None,
+            *(db_parts if weight_grads and glu_tiles else (None, None)), biased=glu_tiles,
         )
+        if weight_grads and b1 is not None and not glu_tiles:
+            expert_colsum(dgu, chunk, top_k, db_parts[0], gather_a=False, scale=None)
         if weight_grads:
             for total, part in zip(db_sums, db_parts):
                 if total is not None:
@@ -1110,6 +1149,8 @@ def experts_backward_recompute(
             )
         del dgu
     if weight_grads:
-        db1, db2 = (total.to(b.dtype) if b is not None else None for total, b in zip(db_sums, (b1, b2)))
+        db1 = db_sums[0].to(b1.dtype) if b1 is not None else None
+        if db_sums[1] is not None:
+            db2 = db_sums[1].to(b2.dtype)
     dx = combine(dx_sorted, routing, None, num_tokens, top_k)
     return dx, dweights, dw1, dw2, db1, db2

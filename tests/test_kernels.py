@@ -210,6 +210,29 @@ def test_recompute_backward_in_chunks_matches_reference(layout, dtype, monkeypat
 
 @requires_triton
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("chunks", ["1", "3"], ids=["whole", "chunks"])
+@pytest.mark.parametrize("layout", ["gpt_oss", "no_gate_relu2_bias"])
+def test_glu_tiles_toggle_matches_reference(layout, chunks, monkeypatch):
+    """``HETERMOE_GLU_TILES=1`` (layouts with biases): the bias gradients from the tile-wise glu pass, whole or in
+    recompute chunks, match the reference, with every other gradient."""
+    monkeypatch.setenv("HETERMOE_GLU_TILES", "1")
+    monkeypatch.setenv("HETERMOE_RECOMPUTE_CHUNKS", chunks)
+    layout = LAYOUTS[layout]
+    T, H, I, E, k = 45, 40, 24, 5, 2
+    x, index, weights, w1, w2, b1, b2 = make_inputs(T, H, I, E, k, layout, torch.float32, DEVICE)
+    leaves = [t.requires_grad_() for t in (x, weights, w1, w2, b1, b2)]
+    dout = torch.randn(T, H, device=DEVICE)
+    recompute = chunks != "1"
+    out = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="triton", recompute=recompute)
+    got = torch.autograd.grad(out, leaves, dout)
+    out_r = moe_experts(x, index, weights, w1, w2, b1, b2, layout=layout, backend="reference")
+    want = torch.autograd.grad(out_r, leaves, dout)
+    for name, g, w in zip(["dx", "dweights", "dw1", "dw2", "db1", "db2"], got, want):
+        assert rel_err(g, w) < TOLERANCE[torch.float32], f"{name}: {rel_err(g, w):.2e}"
+
+
+@requires_triton
+@pytest.mark.triton_interpret
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", list(EDGE_SHAPES), ids=list(EDGE_SHAPES))
 def test_recompute_backward_in_small_chunks_edge_shapes(shape, dtype):
@@ -290,11 +313,13 @@ def test_recompute_chunks_setting(monkeypatch):
 @pytest.mark.parametrize(
     "backend", ["reference", pytest.param("triton", marks=[requires_triton, pytest.mark.triton_interpret])]
 )
-@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("layout", ["mixtral", "gpt_oss", "gpt_oss_glu_tiles"])
 def test_frozen_experts_skip_the_weight_gradients(layout, backend, monkeypatch):
     """Expert weights that require no gradient (LoRA on attention, frozen experts) get none computed: dx and the
     routing weights' gradient equal the full backward's, and no weight-gradient kernel runs."""
-    layout = LAYOUTS[layout]
+    if layout.endswith("_glu_tiles"):
+        monkeypatch.setenv("HETERMOE_GLU_TILES", "1")
+    layout = LAYOUTS[layout.removesuffix("_glu_tiles")]
     x, index, weights, w1, w2, b1, b2 = make_inputs(17, 32, 16, 4, 2, layout, torch.float32, DEVICE)
     x.requires_grad_()
     weights.requires_grad_()
@@ -316,7 +341,7 @@ def test_frozen_experts_skip_the_weight_gradients(layout, backend, monkeypatch):
         def fail(*args, **kwargs):
             raise AssertionError("a weight gradient was computed for frozen experts")
 
-        for name in ("wgrad", "_dw2", "_vendor_wgrad", "_expert_partials_sum"):
+        for name in ("wgrad", "_dw2", "_vendor_wgrad", "expert_colsum", "_expert_partials_sum"):
             monkeypatch.setattr(triton_ops, name, fail)
     got = torch.autograd.grad(run(), [x, weights], dout)
     for g, w in zip(got, want):
