@@ -1087,14 +1087,16 @@ def experts_backward_recompute(
     dw1 = dw2 = db1 = db2 = None
     if weight_grads:
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        # The bias gradients: db2 in one pass here, db1 a part per chunk (fp32), added in order; under
-        # HETERMOE_GLU_TILES both come from each chunk's glu pass.
-        db_sums = [None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=b.device) for b in (b1, b2)]
+        # The bias gradients: db1 a part per chunk (fp32), added in chunk order; db2 in one pass here, or under
+        # HETERMOE_GLU_TILES a part per chunk too, both from each chunk's glu pass.
+        def zeros32(b):
+            return None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=b.device)
+
+        db_sums = [zeros32(b1), zeros32(b2) if glu_tiles else None]
+        db_parts = [torch.empty_like(d) if d is not None else None for d in db_sums]
         if b2 is not None and not glu_tiles:
-            db_sums[1] = None
             db2 = torch.empty_like(b2)
             expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
-        db_parts = [torch.empty_like(d) if d is not None else None for d in db_sums]
         if num_pairs == 0:  # no chunk runs: every expert's gradient is zero
             dw1.zero_()
             dw2.zero_()
