@@ -13,7 +13,6 @@
 | ``HETERMOE_SORTED_G=0`` | the backward's first matmul always gathers ``dout``'s rows (default: tuned, long experts) |
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
-| ``HETERMOE_GLU_TILES=1`` | biased layouts: bias gradients in a tile-wise glu pass (off: not yet GPU-measured) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
 | ``HETERMOE_FAST_LAUNCH=0`` | launches through Triton's ``kernel[grid](...)`` (default: compiled kernel; at import) |
 | ``HETERMOE_COMPILE_THREADS`` | threads compiling a tuning's candidate kernels at once (default: this rank's CPUs) |
@@ -96,12 +95,6 @@ def one_dot_gate_up() -> bool:
     return _flag("HETERMOE_ONE_DOT_GATE_UP", True)
 
 
-def glu_tiles() -> bool:
-    """``HETERMOE_GLU_TILES``: for layouts with biases, the bias gradients from a glu backward run per (row tile,
-    column block) instead of two passes of their own. Off until measured on a GPU (benchmarks/NOTES.md, v2.26)."""
-    return _flag("HETERMOE_GLU_TILES", False)
-
-
 def persistent() -> bool | None:
     """``HETERMOE_PERSISTENT``: ``None`` (auto: the tuner decides), ``True`` (only) or ``False`` (never)."""
     value = os.environ.get("HETERMOE_PERSISTENT", "").strip().lower()
@@ -132,7 +125,6 @@ class Toggles(NamedTuple):
     split_tail: bool
     one_dot_gate_up: bool
     persistent: bool | None
-    glu_tiles: bool
 
 
 def toggles() -> Toggles:
@@ -148,7 +140,6 @@ def toggles() -> Toggles:
         split_tail(),
         one_dot_gate_up(),
         persistent(),
-        glu_tiles(),
     )
 
 

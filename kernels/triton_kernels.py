@@ -13,9 +13,6 @@ Kernels, in Hexa-MoE's terms:
 - ``_expert_colsum_kernel`` bias gradients: ``db[e] = sum_{r in e} scale(r) * A[row(r)]``.
 - ``_glu_backward_kernel`` the gated activation's backward, the routing-weight gradient and ``w * h`` (the B
   operand of dW2, so the weight-gradient kernel needs no per-row scaling), one sorted row each.
-  ``_glu_backward_tile_kernel`` (``HETERMOE_GLU_TILES=1``): the same per (row tile, column block), for layouts with
-  biases, with each tile's column sums of ``dgu`` and ``w * dout`` (the bias gradients' terms); ``_glu_dw_kernel``
-  and ``_expert_partials_sum_kernel`` add up its per-block and per-tile parts.
 
 Row indices are widened to int64 before they multiply a stride: ``T * H`` passes 2**31 at long context.
 """
@@ -79,25 +76,6 @@ def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
     else:
         h = _act(gate, ACT) * up
     return h
-
-
-@triton.jit
-def _glu_grad(gate, up, dh, ACT: tl.constexpr, alpha, limit):
-    """``(dgate, dup, h)`` of the gated activation ``h = act(gate) * up`` given ``dh``, element-wise in fp32."""
-    if ACT == SWIGLU_OAI:
-        gc = tl.minimum(gate, limit)
-        uc = tl.minimum(tl.maximum(up, -limit), limit)
-        s = tl.sigmoid(gc * alpha)
-        glu = gc * s
-        h = (uc + 1.0) * glu
-        dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
-        dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
-    else:
-        a = _act(gate, ACT)
-        h = a * up
-        dgate = dh * up * _act_grad(gate, ACT)
-        dup = dh * a
-    return dgate, dup, h
 
 
 @triton.jit
@@ -551,7 +529,19 @@ def _glu_backward_kernel(
         if GATED:
             if not PAIRED:
                 gate = tl.load(gate_ptr + row * stride_pm + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            dgate, dup, h = _glu_grad(gate, up, dh, ACT, alpha, limit)
+            if ACT == SWIGLU_OAI:
+                gc = tl.minimum(gate, limit)
+                uc = tl.minimum(tl.maximum(up, -limit), limit)
+                s = tl.sigmoid(gc * alpha)
+                glu = gc * s
+                h = (uc + 1.0) * glu
+                dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
+                dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+            else:
+                a = _act(gate, ACT)
+                h = a * up
+                dgate = dh * up * _act_grad(gate, ACT)
+                dup = dh * a
             if PAIRED:
                 both = tl.reshape(tl.join(dgate, dup), (2 * BLOCK_N,))
                 tl.store(dgate_ptr + row * stride_dm + cols2 * stride_dn, both.to(dgate_ptr.dtype.element_ty),
@@ -578,161 +568,3 @@ def _glu_backward_kernel(
             dot += d * b
     # Straight to the pair's slot in the routing weights' dtype: ``order`` is a permutation, so each is written once.
     tl.store(dw_ptr + flat, tl.sum(dot, axis=0).to(dw_ptr.dtype.element_ty))
-
-
-@triton.jit
-def _glu_backward_tile_kernel(
-    g_ptr, stride_gm, stride_gn,  # as _glu_backward_kernel
-    gate_ptr, up_ptr, stride_pm, stride_pn,
-    dgate_ptr, dup_ptr, stride_dm, stride_dn,
-    hw_ptr, stride_hm, stride_hn,
-    order_ptr, w_ptr,
-    dout_ptr, stride_om, stride_on, bias2_ptr, stride_b2e, stride_b2n, top_k,
-    tile_expert_ptr, tile_start_ptr, offsets_ptr, num_experts,  # the routing's row tiles of TILE_M rows
-    dot_ptr, stride_tm, stride_tn,  # fp32 [S, blocks_I + blocks_H]: each row's dw terms per column block
-    part1_gate_ptr, part1_up_ptr, stride_p1m, stride_p1n,  # fp32 [tiles, N1]: column sums of dgu, in dgu's layout
-    part2_ptr, stride_p2m, stride_p2n,  # fp32 [tiles, H]: column sums of w * dout[token]
-    I, H, alpha, limit,
-    GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DB1: tl.constexpr, DB2: tl.constexpr,
-    PAIRED: tl.constexpr, TILE_M: tl.constexpr, SUB_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # The glu backward for layouts with biases, one program per (routing row tile, column block): the column block's
-    # part of _glu_backward_kernel for the tile's rows, SUB_M rows per step. Column sums (the bias gradients' terms)
-    # gather in a [SUB_M, BLOCK_N] accumulator reduced once at the end (one row of ``part1`` / ``part2`` per tile,
-    # added per expert by _expert_partials_sum_kernel); each row's routing-weight-gradient terms for the block go to
-    # ``dot`` (added per row by _glu_dw_kernel). Programs of the columns past I (HAS_BIAS) do the bias term
-    # dout[token] . b2[e] and w * dout's column sums instead. Many programs with a few independent steps each: one
-    # program per 32-row slice looping over all columns ran 4x slower than the row kernel (benchmarks/NOTES.md, v2.25).
-    tile = tl.program_id(0)
-    block = tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + tile)
-    used = expert < num_experts  # an unused tile gets no rows: its partial rows are never read
-    expert = tl.minimum(expert, num_experts - 1).to(tl.int64)
-    tile_start = tl.load(tile_start_ptr + tile)
-    row_end = tl.where(used, tl.minimum(tl.load(offsets_ptr + expert + 1), tile_start + TILE_M), tile_start)
-    blocks_i = tl.cdiv(I, BLOCK_N)
-    offs = tl.arange(0, BLOCK_N)
-    tile64 = tile.to(tl.int64)
-    if block < blocks_i:
-        cols = block * BLOCK_N + offs
-        mask_n = cols < I
-        cols2 = 2 * block * BLOCK_N + tl.arange(0, 2 * BLOCK_N)  # PAIRED: the interleaved gate/up columns
-        mask2_n = cols2 < 2 * I
-        acc_gate = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
-        acc_up = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(tile_start, row_end, SUB_M):
-            offs_r = r0 + tl.arange(0, SUB_M)
-            mask_r = offs_r < row_end
-            rows = offs_r.to(tl.int64)
-            mask = mask_r[:, None] & mask_n[None, :]
-            w = tl.load(w_ptr + tl.load(order_ptr + offs_r, mask=mask_r, other=0), mask=mask_r, other=0.0)
-            w = w.to(tl.float32)
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + cols[None, :] * stride_gn, mask=mask, other=0.0)
-            g = g.to(tl.float32)
-            if PAIRED:
-                mask2 = mask_r[:, None] & mask2_n[None, :]
-                pre = tl.load(gate_ptr + rows[:, None] * stride_pm + cols2[None, :] * stride_pn, mask=mask2, other=0.0)
-                gate, up = tl.split(tl.reshape(pre.to(tl.float32), (SUB_M, BLOCK_N, 2)))
-            else:
-                up = tl.load(up_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn, mask=mask, other=0.0)
-                up = up.to(tl.float32)
-            dh = w[:, None] * g
-            if GATED:
-                if not PAIRED:
-                    gate = tl.load(gate_ptr + rows[:, None] * stride_pm + cols[None, :] * stride_pn, mask=mask,
-                                   other=0.0).to(tl.float32)
-                dgate, dup, h = _glu_grad(gate, up, dh, ACT, alpha, limit)
-                dgate = dgate.to(dgate_ptr.dtype.element_ty)
-                dup = dup.to(dgate_ptr.dtype.element_ty)
-                if PAIRED:
-                    both = tl.reshape(tl.join(dgate, dup), (SUB_M, 2 * BLOCK_N))
-                    tl.store(dgate_ptr + rows[:, None] * stride_dm + cols2[None, :] * stride_dn, both, mask=mask2)
-                else:
-                    tl.store(dgate_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn, dgate, mask=mask)
-                if DB1:  # masked rows and columns hold zeros
-                    acc_gate += dgate.to(tl.float32)
-            else:
-                h = _act(up, ACT)
-                dup = (dh * _act_grad(up, ACT)).to(dup_ptr.dtype.element_ty)
-            if not PAIRED:
-                tl.store(dup_ptr + rows[:, None] * stride_dm + cols[None, :] * stride_dn, dup, mask=mask)
-            if DB1:
-                acc_up += dup.to(tl.float32)
-            h_low = h.to(hw_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(hw_ptr + rows[:, None] * stride_hm + cols[None, :] * stride_hn,
-                     (w[:, None] * h_low).to(hw_ptr.dtype.element_ty), mask=mask)
-            tl.store(dot_ptr + rows * stride_tm + block * stride_tn, tl.sum(g * h_low, axis=1), mask=mask_r)
-        if DB1:
-            su = tl.sum(acc_up, axis=0)
-            if PAIRED:
-                sums = tl.reshape(tl.join(tl.sum(acc_gate, axis=0), su), (2 * BLOCK_N,))
-                tl.store(part1_gate_ptr + tile64 * stride_p1m + cols2 * stride_p1n, sums, mask=mask2_n)
-            else:
-                if GATED:
-                    tl.store(part1_gate_ptr + tile64 * stride_p1m + cols * stride_p1n, tl.sum(acc_gate, axis=0),
-                             mask=mask_n)
-                tl.store(part1_up_ptr + tile64 * stride_p1m + cols * stride_p1n, su, mask=mask_n)
-    elif HAS_BIAS:
-        cols = (block - blocks_i) * BLOCK_N + offs
-        mask_n = cols < H
-        b = tl.load(bias2_ptr + expert * stride_b2e + cols * stride_b2n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(tile_start, row_end, SUB_M):
-            offs_r = r0 + tl.arange(0, SUB_M)
-            mask_r = offs_r < row_end
-            flat = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
-            tokens = (flat // top_k).to(tl.int64)
-            mask = mask_r[:, None] & mask_n[None, :]
-            d = tl.load(dout_ptr + tokens[:, None] * stride_om + cols[None, :] * stride_on, mask=mask, other=0.0)
-            d = d.to(tl.float32)
-            tl.store(dot_ptr + offs_r.to(tl.int64) * stride_tm + block * stride_tn, tl.sum(d * b[None, :], axis=1),
-                     mask=mask_r)
-            if DB2:
-                acc += tl.load(w_ptr + flat, mask=mask_r, other=0.0).to(tl.float32)[:, None] * d
-        if DB2:
-            tl.store(part2_ptr + tile64 * stride_p2m + cols * stride_p2n, tl.sum(acc, axis=0), mask=mask_n)
-
-
-@triton.jit
-def _glu_dw_kernel(
-    dot_ptr, stride_tm, stride_tn,  # fp32 [S, blocks]
-    order_ptr, dw_ptr, num_rows, blocks,
-    BLOCK_R: tl.constexpr, BLOCKS_POW2: tl.constexpr,
-):
-    # Each sorted row's routing-weight gradient: its terms from _glu_backward_tile_kernel's column blocks, added in
-    # block order, written to the pair's slot.
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_r = offs_r < num_rows
-    offs_b = tl.arange(0, BLOCKS_POW2)
-    terms = tl.load(dot_ptr + offs_r.to(tl.int64)[:, None] * stride_tm + offs_b[None, :] * stride_tn,
-                    mask=mask_r[:, None] & (offs_b < blocks)[None, :], other=0.0)
-    flat = tl.load(order_ptr + offs_r, mask=mask_r, other=0)
-    tl.store(dw_ptr + flat, tl.sum(terms, axis=1).to(dw_ptr.dtype.element_ty), mask=mask_r)
-
-
-@triton.jit
-def _expert_partials_sum_kernel(
-    part_ptr, stride_pm, stride_pn,  # fp32 [tiles, N]: one row per routing row tile
-    out_ptr, stride_oe, stride_on,  # [E, N]
-    offsets_ptr, num_experts, N,
-    TILE_M: tl.constexpr, E_POW2: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # out[e] = the sum of expert e's tile rows. Its tiles are contiguous and follow those of experts < e
-    # (routing._row_tiles): the first is the sum of the earlier experts' tile counts, read here from ``offsets``.
-    expert = tl.program_id(0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    offs_e = tl.arange(0, E_POW2)
-    mask_e = offs_e < num_experts
-    counts = (tl.load(offsets_ptr + offs_e + 1, mask=mask_e, other=0)
-              - tl.load(offsets_ptr + offs_e, mask=mask_e, other=0))
-    tiles = (counts + TILE_M - 1) // TILE_M
-    first = tl.sum(tl.where(offs_e < expert, tiles, 0), axis=0)
-    end = first + tl.sum(tl.where(offs_e == expert, tiles, 0), axis=0)
-    acc = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
-    for p0 in range(first, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        acc += tl.load(part_ptr + offs_p.to(tl.int64)[:, None] * stride_pm + offs_n[None, :] * stride_pn,
-                       mask=(offs_p < end)[:, None] & mask_n[None, :], other=0.0)
-    tl.store(out_ptr + expert.to(tl.int64) * stride_oe + offs_n * stride_on,
-             tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=mask_n)

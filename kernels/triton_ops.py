@@ -796,31 +796,19 @@ def _gate_up_two_operands(x, w1l, b1, routing, top_k, gu, h, layout, block_m, to
     )
 
 
-def _glu_backward(
-    g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout, b2, top_k: int, layout, block_m: int = 0,
-    db1=None, db2=None, biased: bool = False,
-) -> None:
-    """The activation's backward over ``routing``'s rows: ``dgu`` from ``g`` and ``gu``, ``hw`` (the routing weight
-    times the recomputed activation, dW2's operand), and each pair's routing-weight gradient written into its slot of
-    ``dweights``. Works in place (``dgu`` may be ``gu``, ``hw`` may be ``g``): every element is read before the same
-    position is written, by the same program.
-
-    ``db1`` / ``db2`` (``[E, N1]`` / ``[E, H]``, optional): the bias gradients, written too. Then the kernel runs one
-    program per (row tile of ``block_m`` rows, as the routing was built; column block) and writes each tile's column
-    sums, which a small kernel adds per expert in a fixed order. ``biased`` (the layout has biases) takes that kernel
-    even without them (frozen experts), so that ``dx`` and the routing weights' gradient do not depend on whether the
-    weights are trained; else one program per row."""
+def _glu_backward(g, gu, dgu, hw, routing: Routing, weights_flat, dweights, dout, b2, top_k: int, layout) -> None:
+    """The activation's backward over ``routing``'s rows, one program per row: ``dgu`` from ``g`` and ``gu``, ``hw``
+    (the routing weight times the recomputed activation, dW2's operand), and each pair's routing-weight gradient
+    written into its slot of ``dweights``. Works in place (``dgu`` may be ``gu``, ``hw`` may be ``g``): a program reads
+    its row's values before it writes the same positions."""
     num_pairs, inter = g.shape
     if num_pairs == 0:
-        for db in (db1, db2):
-            if db is not None:
-                db.zero_()
         return
     # Interleaved gate/up: the kernel reads and writes the pairs as one contiguous stream.
     paired = layout.has_gate and not layout.is_concatenated
     gu_gate, gu_up = (gu, gu) if paired else _halves(gu, 1, layout)
     dgu_gate, dgu_up = (dgu, dgu) if paired else _halves(dgu, 1, layout)
-    operands = (
+    fast(tk._glu_backward_kernel)[(num_pairs,)](
         g,
         g.stride(0),
         g.stride(1),
@@ -837,93 +825,25 @@ def _glu_backward(
         hw.stride(1),
         routing.order,
         weights_flat,
-    )
-    bias = (
+        dweights,
         dout,
         dout.stride(0),
         dout.stride(1),
         b2 if b2 is not None else dout,
         b2.stride(0) if b2 is not None else 0,
         b2.stride(1) if b2 is not None else 0,
-    )
-    hidden = dout.shape[1]
-    flags = dict(GATED=layout.has_gate, ACT=layout.act_code, HAS_BIAS=b2 is not None, PAIRED=paired)
-    if not (biased or db1 is not None or db2 is not None):
-        fast(tk._glu_backward_kernel)[(num_pairs,)](
-            *operands, dweights, *bias, routing.expert, top_k, inter, hidden, layout.alpha, layout.limit,
-            BLOCK_N=row_block_n(g, inter), num_warps=4, **flags,
-        )
-        return
-    if db2 is not None and b2 is None:
-        raise ValueError("_glu_backward: db2 needs b2 (the down projection's bias)")
-    interp = _interpreting(g)
-    block_n, sub_m = (32, 16) if interp else (64, 32)
-    if block_m < sub_m or block_m % sub_m:
-        raise ValueError(f"_glu_backward: block_m={block_m} (the routing's) must be a multiple of {sub_m} here")
-    tiles = routing.tile_expert.numel()
-    blocks = triton.cdiv(inter, block_n) + (triton.cdiv(hidden, block_n) if b2 is not None else 0)
-    dot = g.new_empty(num_pairs, blocks, dtype=torch.float32)
-    part1 = g.new_empty(tiles, gu.shape[1], dtype=torch.float32) if db1 is not None else None
-    part2 = g.new_empty(tiles, hidden, dtype=torch.float32) if db2 is not None else None
-    p1_gate, p1_up = ((part1, part1) if paired else _halves(part1, 1, layout)) if part1 is not None else (g, g)
-    fast(tk._glu_backward_tile_kernel)[(tiles, blocks)](
-        *operands,
-        *bias,
+        routing.expert,
         top_k,
-        routing.tile_expert,
-        routing.tile_start,
-        routing.offsets,
-        routing.offsets.numel() - 1,
-        dot,
-        dot.stride(0),
-        dot.stride(1),
-        p1_gate,
-        p1_up,
-        p1_up.stride(0) if part1 is not None else 0,
-        p1_up.stride(1) if part1 is not None else 0,
-        part2 if part2 is not None else g,
-        part2.stride(0) if part2 is not None else 0,
-        part2.stride(1) if part2 is not None else 0,
         inter,
-        hidden,
+        dout.shape[1],
         layout.alpha,
         layout.limit,
-        DB1=db1 is not None,
-        DB2=db2 is not None,
-        TILE_M=block_m,
-        SUB_M=sub_m,
-        BLOCK_N=block_n,
+        GATED=layout.has_gate,
+        ACT=layout.act_code,
+        HAS_BIAS=b2 is not None,
+        BLOCK_N=row_block_n(g, inter),
+        PAIRED=paired,
         num_warps=4,
-        **flags,
-    )
-    block_r = 32
-    fast(tk._glu_dw_kernel)[(triton.cdiv(num_pairs, block_r),)](
-        dot, dot.stride(0), dot.stride(1), routing.order, dweights, num_pairs, blocks,
-        BLOCK_R=block_r, BLOCKS_POW2=triton.next_power_of_2(blocks),
-    )
-    for part, db in ((part1, db1), (part2, db2)):
-        if db is not None:
-            _expert_partials_sum(part, routing, db, block_m)
-
-
-def _expert_partials_sum(part: torch.Tensor, routing: Routing, out: torch.Tensor, block_m: int) -> None:
-    """``out[e]`` = the sum of expert ``e``'s rows of ``part`` (one per routing row tile), in a fixed order."""
-    num_experts, n = out.shape
-    block_n = 32 if _interpreting(part) else 128
-    fast(tk._expert_partials_sum_kernel)[(num_experts, triton.cdiv(n, block_n))](
-        part,
-        part.stride(0),
-        part.stride(1),
-        out,
-        out.stride(0),
-        out.stride(1),
-        routing.offsets,
-        num_experts,
-        n,
-        TILE_M=block_m,
-        E_POW2=triton.next_power_of_2(max(num_experts, 1)),
-        BLOCK_P=8 if _interpreting(part) else 16,
-        BLOCK_N=block_n,
     )
 
 
@@ -969,13 +889,7 @@ def experts_backward(
     dgu, hw = gu, g
     # The routing weights' gradient, written by the glu kernel straight into each pair's slot.
     dweights = torch.empty(top_k_weights.shape, dtype=top_k_weights.dtype, device=x.device)
-    # HETERMOE_GLU_TILES: the bias gradients come out of the same pass (its column sums of dgu and of w * dout).
-    glu_tiles = toggles.glu_tiles and (b1 is not None or b2 is not None)
-    db1 = torch.empty_like(b1) if glu_tiles and weight_grads and b1 is not None else None
-    db2 = torch.empty_like(b2) if glu_tiles and weight_grads and b2 is not None else None
-    _glu_backward(
-        g, gu, dgu, hw, routing, weights_flat, dweights, dout, b2, top_k, layout, block_m, db1, db2, biased=glu_tiles
-    )
+    _glu_backward(g, gu, dgu, hw, routing, weights_flat, dweights, dout, b2, top_k, layout)
 
     # Transients are dropped as soon as their last reader is queued (the caching allocator reuses them at once).
     # dW2[e] = sum_r (w_r dout[tok_r])^T h_r = sum_r dout[tok_r]^T (w_r h_r): the glu kernel already wrote w * h.
@@ -984,8 +898,8 @@ def experts_backward(
     # dW1 first, `gu` freed, and dW2's gathered rows take its place.
     del g
     dw2_last = vendor and release_gu and dout_sorted is None  # vendor implies weight_grads
-    dw1 = dw2 = None
-    if weight_grads and b2 is not None and not glu_tiles:
+    dw1 = dw2 = db1 = db2 = None
+    if weight_grads and b2 is not None:
         db2 = torch.empty_like(b2)
         expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
     if not dw2_last:
@@ -1003,7 +917,7 @@ def experts_backward(
     elif weight_grads:
         dw1 = torch.empty_like(w1)
         wgrad(dgu, x, routing, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, toggles=toggles)
-    if weight_grads and b1 is not None and not glu_tiles:
+    if weight_grads and b1 is not None:
         db1 = torch.empty_like(b1)
         expert_colsum(dgu, routing, top_k, db1, gather_a=False, scale=None)
     if vendor and release_gu:
@@ -1078,7 +992,6 @@ def experts_backward_recompute(
     # A chunk has no ``inverse``: the paths that copy token rows to sorted order (CUTLASS's gate/up, ``g`` on sorted
     # rows) are not taken.
     toggles = env.toggles()._replace(vendor_gate_up=False, sorted_g=False)
-    glu_tiles = toggles.glu_tiles and (b1 is not None or b2 is not None)
     w1l, w2l = w1_logical(w1, layout), w2_logical(w2, layout)
     w1t = w1l.transpose(1, 2)
 
@@ -1087,16 +1000,12 @@ def experts_backward_recompute(
     dw1 = dw2 = db1 = db2 = None
     if weight_grads:
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        # The bias gradients: db1 a part per chunk (fp32), added in chunk order; db2 in one pass here, or under
-        # HETERMOE_GLU_TILES a part per chunk too, both from each chunk's glu pass.
-        def zeros32(b):
-            return None if b is None else torch.zeros(b.shape, dtype=torch.float32, device=b.device)
-
-        db_sums = [zeros32(b1), zeros32(b2) if glu_tiles else None]
-        db_parts = [torch.empty_like(d) if d is not None else None for d in db_sums]
-        if b2 is not None and not glu_tiles:
+        if b2 is not None:
             db2 = torch.empty_like(b2)
             expert_colsum(dout, routing, top_k, db2, gather_a=True, scale=weights_flat)
+        if b1 is not None:
+            db1_sum = torch.zeros(b1.shape, dtype=torch.float32, device=b1.device)
+            db1_part = torch.empty_like(db1_sum)
         if num_pairs == 0:  # no chunk runs: every expert's gradient is zero
             dw1.zero_()
             dw2.zero_()
@@ -1120,16 +1029,7 @@ def experts_backward_recompute(
         gu, _ = gate_up(x, w1l, b1, chunk, top_k, layout, block_m, toggles, keep_act=False)
         g, _ = backward_g(dout, w2l, chunk, top_k, block_m=block_m, vendor=False, toggles=toggles)
         dgu, hw = gu, g  # in place, as in experts_backward
-        _glu_backward(
-            g, gu, dgu, hw, chunk, weights_flat, dweights, dout, b2, top_k, layout, block_m,
-            *(db_parts if weight_grads and glu_tiles else (None, None)), biased=glu_tiles,
-        )
-        if weight_grads and b1 is not None and not glu_tiles:
-            expert_colsum(dgu, chunk, top_k, db_parts[0], gather_a=False, scale=None)
-        if weight_grads:
-            for total, part in zip(db_sums, db_parts):
-                if total is not None:
-                    total += part
+        _glu_backward(g, gu, dgu, hw, chunk, weights_flat, dweights, dout, b2, top_k, layout)
         del g, gu
         places = (routing.offsets, start, end, num_pairs)
         tokens = (chunk.order // top_k).long() if gluon else None
@@ -1149,10 +1049,11 @@ def experts_backward_recompute(
                 dgu, x, chunk, top_k, w1_logical(dw1, layout), gather_a=False, gather_b=True, config=dw1_cfg,
                 toggles=toggles, accumulate=places,
             )
+        if weight_grads and b1 is not None:
+            expert_colsum(dgu, chunk, top_k, db1_part, gather_a=False, scale=None)
+            db1_sum += db1_part
         del dgu
-    if weight_grads:
-        db1 = db_sums[0].to(b1.dtype) if b1 is not None else None
-        if db_sums[1] is not None:
-            db2 = db_sums[1].to(b2.dtype)
+    if weight_grads and b1 is not None:
+        db1 = db1_sum.to(b1.dtype)
     dx = combine(dx_sorted, routing, None, num_tokens, top_k)
     return dx, dweights, dw1, dw2, db1, db2
