@@ -119,16 +119,24 @@ def select_provider(module, provider: str) -> None:
 def run_provider(module, provider: str, x, index, weights, dout):
     """Closures for forward and forward+backward of one provider."""
     import hf_hetermoe  # noqa: F401  (registers "hetermoe")
+    from hf_hetermoe import HeterMoEConfig, env
 
     params = [p for p in module.parameters() if p.requires_grad]  # none with --frozen-experts
     select_provider(module, provider)
+    # What hetermoe.prepare sets for its user's loop (HeterMoEConfig.backward_on_calling_thread): the backward on
+    # the calling thread; hetermoe@HETERMOE_CALLING_THREAD_BACKWARD=0 keeps autograd's device thread, as the
+    # transformers baselines do (PyTorch's default).
+    calling_thread = provider.startswith("hetermoe") and env.calling_thread_backward(
+        HeterMoEConfig().backward_on_calling_thread
+    )
 
     def fwd():
         return module(x, index, weights)
 
     def fwd_bwd():
         out = module(x, index, weights)
-        return torch.autograd.grad(out, [x, weights, *params], dout)
+        with torch.autograd.set_multithreading_enabled(not calling_thread):
+            return torch.autograd.grad(out, [x, weights, *params], dout)
 
     return fwd, fwd_bwd
 

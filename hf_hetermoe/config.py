@@ -58,6 +58,18 @@ class HeterMoEConfig:
             "numerical check at prepare time, with the same roundings. CPU tensors keep the plain-PyTorch path."
         },
     )
+    backward_on_calling_thread: bool = field(
+        default=True,
+        metadata={
+            "help": "Run backward passes on the thread that calls them (torch.autograd.set_multithreading_enabled"
+            "(False) for the thread that calls prepare, the training loop's; unprepare restores it) instead of "
+            "handing the whole backward to autograd's per-device worker thread. On one GPU per process the "
+            "hand-off only costs host time: cold caches on the worker made the experts' backward take ~3x the "
+            "host time it takes on the calling thread on an H100 host (benchmarks/NOTES.md, v2.28), which bounds "
+            "small batches. PyTorch is moving to the same default (pytorch/pytorch#192082). "
+            "HETERMOE_CALLING_THREAD_BACKWARD=0/1 overrides it."
+        },
+    )
     implementation_name: str = field(
         default="hetermoe",
         metadata={
@@ -76,6 +88,10 @@ class HeterMoEConfig:
             raise ConfigError(f"HeterMoEConfig.fused_cross_entropy must be a bool, got {self.fused_cross_entropy!r}")
         if not isinstance(self.fused_rms_norm, bool):
             raise ConfigError(f"HeterMoEConfig.fused_rms_norm must be a bool, got {self.fused_rms_norm!r}")
+        if not isinstance(self.backward_on_calling_thread, bool):
+            raise ConfigError(
+                f"HeterMoEConfig.backward_on_calling_thread must be a bool, got {self.backward_on_calling_thread!r}"
+            )
         if not isinstance(self.implementation_name, str) or not self.implementation_name.isidentifier():
             raise ConfigError(
                 f"HeterMoEConfig.implementation_name={self.implementation_name!r} must be a Python identifier, "

@@ -14,6 +14,7 @@
 | ``HETERMOE_SPLIT_TAIL=0`` | every row tile at full height (default: tiles of <= half the rows run at half height) |
 | ``HETERMOE_ONE_DOT_GATE_UP=0`` | gate and up as two dots (default: one interleaved dot of twice the width) |
 | ``HETERMOE_PERSISTENT`` | one-program-per-SM matmul tiles: ``auto`` (the tuner weighs them), ``1`` only, ``0`` no |
+| ``HETERMOE_CALLING_THREAD_BACKWARD`` | ``0``/``1``: overrides ``HeterMoEConfig.backward_on_calling_thread`` |
 | ``HETERMOE_FAST_LAUNCH=0`` | launches through Triton's ``kernel[grid](...)`` (default: compiled kernel; at import) |
 | ``HETERMOE_COMPILE_THREADS`` | threads compiling a tuning's candidate kernels at once (default: this rank's CPUs) |
 | ``HETERMOE_RECOMPUTE_CHUNKS`` | chunks of the backward under ``recompute_gate_up``: 1 (default), N or ``auto`` |
@@ -59,6 +60,12 @@ def backend_override() -> str | None:
 
 def autotune() -> bool:
     return _flag("HETERMOE_AUTOTUNE", True)
+
+
+def calling_thread_backward(default: bool) -> bool:
+    """``HETERMOE_CALLING_THREAD_BACKWARD``: whether ``prepare`` runs the backward on the calling thread (see
+    ``HeterMoEConfig.backward_on_calling_thread``); unset, the config's ``default``."""
+    return _flag("HETERMOE_CALLING_THREAD_BACKWARD", default)
 
 
 def vendor_wgrad() -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from . import env, fused_loss
@@ -114,6 +115,10 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
 
     undo = []
+    if env.calling_thread_backward(config.backward_on_calling_thread) and torch._C._is_multithreading_enabled():
+        # Thread-local: the thread that prepares the model is the one whose loop calls backward (Trainer,
+        # accelerate scripts). The object's __exit__ puts back the previous mode.
+        undo.append(_calling_thread_backward())
     if config.fused_cross_entropy:
         restore = fused_loss.enable(model, _matched_type(model, patch), config.backend)
         if restore is not None:
@@ -152,6 +157,13 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
         setattr(module, RECOMPUTE_ATTR, config.recompute_gate_up)
     setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, previous, undo))
     return model
+
+
+def _calling_thread_backward():
+    """Backward passes started from this thread run on it, not on autograd's device worker threads. Returns the
+    undo."""
+    mode = torch.autograd.set_multithreading_enabled(False)  # as a function: set now, for this thread
+    return lambda: mode.__exit__(None, None, None)
 
 
 def unprepare(model: nn.Module) -> nn.Module:

@@ -55,6 +55,16 @@ def _fresh_launch_decisions():
 
 
 @pytest.fixture(autouse=True)
+def _autograd_threads_restored():
+    """``prepare`` runs later backward passes on the calling thread (``HeterMoEConfig.backward_on_calling_thread``,
+    a thread-local autograd mode): a test that prepares a model and does not unprepare it must not hand that mode to
+    the next test."""
+    mode = torch._C._is_multithreading_enabled()
+    yield
+    torch.autograd.set_multithreading_enabled(mode)
+
+
+@pytest.fixture(autouse=True)
 def _pinned_tiles():
     """On a GPU, the measured default tiles in every test: autotuning (on by default) compiles and times every
     candidate of every kernel for every new shape, which made two tiny-model tests take two minutes each on an H200

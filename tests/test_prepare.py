@@ -184,6 +184,33 @@ def test_tensors_on_the_wrong_device_name_both_devices():
         experts(x, index, torch.ones(4, 2))
 
 
+@pytest.mark.parametrize("env_value, config_value, expect_calling", [
+    (None, True, True), (None, False, False), ("0", True, False), ("1", False, True),
+])
+def test_backward_on_calling_thread_is_set_and_undone(monkeypatch, env_value, config_value, expect_calling):
+    if env_value is None:
+        monkeypatch.delenv("HETERMOE_CALLING_THREAD_BACKWARD", raising=False)
+    else:
+        monkeypatch.setenv("HETERMOE_CALLING_THREAD_BACKWARD", env_value)
+    torch.autograd.set_multithreading_enabled(True)
+    model = hetermoe.prepare(tiny_model("qwen3_moe"), hetermoe.HeterMoEConfig(backward_on_calling_thread=config_value))
+    assert torch._C._is_multithreading_enabled() is not expect_calling
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    _forward_backward(model, ids)  # a training step runs either way
+    hetermoe.unprepare(model)
+    assert torch._C._is_multithreading_enabled()
+
+
+def test_calling_thread_mode_set_by_the_user_is_kept(monkeypatch):
+    torch.autograd.set_multithreading_enabled(False)
+    model = hetermoe.prepare(tiny_model("qwen3_moe"))
+    hetermoe.unprepare(model)
+    assert not torch._C._is_multithreading_enabled()  # prepare found it off and had nothing to undo
+    monkeypatch.setenv("HETERMOE_CALLING_THREAD_BACKWARD", "maybe")
+    with pytest.raises(ValueError, match="HETERMOE_CALLING_THREAD_BACKWARD='maybe' is not a boolean"):
+        hetermoe.prepare(tiny_model("qwen3_moe"))
+
+
 def test_disable_env_leaves_model_untouched(monkeypatch):
     monkeypatch.setenv("HETERMOE_DISABLE", "1")
     model = tiny_model("mixtral")
