@@ -59,15 +59,15 @@ class HeterMoEConfig:
         },
     )
     backward_on_calling_thread: bool = field(
-        default=True,
+        default=False,
         metadata={
             "help": "Run backward passes on the thread that calls them (torch.autograd.set_multithreading_enabled"
             "(False) for the thread that calls prepare, the training loop's; unprepare restores it) instead of "
-            "handing the whole backward to autograd's per-device worker thread. On one GPU per process the "
-            "hand-off only costs host time: cold caches on the worker made the experts' backward take ~3x the "
-            "host time it takes on the calling thread on an H100 host (benchmarks/NOTES.md, v2.28), which bounds "
-            "small batches. PyTorch is moving to the same default (pytorch/pytorch#192082). "
-            "HETERMOE_CALLING_THREAD_BACKWARD=0/1 overrides it."
+            "handing the whole backward to autograd's per-device worker thread. Meant for host-bound steps (small "
+            "batches): on an H100 host the experts' backward issued in ~1.8 ms through autograd at Qwen3 T=2048, "
+            "its C++ calls ~2.5x slower than the same calls in the forward (benchmarks/NOTES.md, v2.28). Off until "
+            "measured on a GPU (benchmarks/results/logs/s25_d.sh.txt); PyTorch plans the same default "
+            "(pytorch/pytorch#192082). HETERMOE_CALLING_THREAD_BACKWARD=0/1 overrides it."
         },
     )
     implementation_name: str = field(

@@ -202,13 +202,15 @@ def test_backward_on_calling_thread_is_set_and_undone(monkeypatch, env_value, co
 
 
 def test_calling_thread_mode_set_by_the_user_is_kept(monkeypatch):
+    assert not hetermoe.HeterMoEConfig().backward_on_calling_thread  # off until measured on a GPU (NOTES v2.28)
     torch.autograd.set_multithreading_enabled(False)
-    model = hetermoe.prepare(tiny_model("qwen3_moe"))
+    model = hetermoe.prepare(tiny_model("qwen3_moe"), hetermoe.HeterMoEConfig(backward_on_calling_thread=True))
     hetermoe.unprepare(model)
     assert not torch._C._is_multithreading_enabled()  # prepare found it off and had nothing to undo
     monkeypatch.setenv("HETERMOE_CALLING_THREAD_BACKWARD", "maybe")
     with pytest.raises(ValueError, match="HETERMOE_CALLING_THREAD_BACKWARD='maybe' is not a boolean"):
         hetermoe.prepare(tiny_model("qwen3_moe"))
+    assert not torch._C._is_multithreading_enabled()  # the failed prepare changed nothing
 
 
 def test_disable_env_leaves_model_untouched(monkeypatch):
