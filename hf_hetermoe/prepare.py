@@ -12,6 +12,7 @@ kernelization, which would rebind them at every ``train()``/``eval()``, is turne
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -114,11 +115,8 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
         )
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
 
+    calling_thread = env.calling_thread_backward(config.backward_on_calling_thread)  # a bad value raises here
     undo = []
-    if env.calling_thread_backward(config.backward_on_calling_thread) and torch._C._is_multithreading_enabled():
-        # Thread-local: the thread that prepares the model is the one whose loop calls backward (Trainer,
-        # accelerate scripts). The object's __exit__ puts back the previous mode.
-        undo.append(_calling_thread_backward())
     if config.fused_cross_entropy:
         restore = fused_loss.enable(model, _matched_type(model, patch), config.backend)
         if restore is not None:
@@ -140,7 +138,7 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
             setattr(module, BACKEND_ATTR, config.backend)
             setattr(module, RECOMPUTE_ATTR, config.recompute_gate_up)
             undo.append(patch.patch_instance(module, layout, config.backend))
-        setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, [], undo))
+        _finish(model, _PreparedState(config, patch, experts, [], undo), calling_thread)
         return model
 
     register(config.implementation_name)
@@ -155,15 +153,20 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
         setattr(module, LAYOUT_ATTR, layout)
         setattr(module, BACKEND_ATTR, config.backend)
         setattr(module, RECOMPUTE_ATTR, config.recompute_gate_up)
-    setattr(model, STATE_ATTR, _PreparedState(config, patch, experts, previous, undo))
+    _finish(model, _PreparedState(config, patch, experts, previous, undo), calling_thread)
     return model
 
 
-def _calling_thread_backward():
-    """Backward passes started from this thread run on it, not on autograd's device worker threads. Returns the
-    undo."""
-    mode = torch.autograd.set_multithreading_enabled(False)  # as a function: set now, for this thread
-    return lambda: mode.__exit__(None, None, None)
+def _finish(model: nn.Module, state: _PreparedState, calling_thread: bool) -> None:
+    """Last step of ``prepare``, once nothing else can fail: backward passes started from this thread run on it
+    (when asked, and not so already), and the model records its state."""
+    if calling_thread and torch._C._is_multithreading_enabled():
+        # Thread-local: the thread that prepares the model is the one whose loop calls backward (Trainer,
+        # accelerate scripts). Called as a function it sets the mode at once. The undo puts PyTorch's default back
+        # (a partial, not a closure: prepared models are deep-copied and pickled whole).
+        torch.autograd.set_multithreading_enabled(False)
+        state.undo.append(functools.partial(torch.autograd.set_multithreading_enabled, True))
+    setattr(model, STATE_ATTR, state)
 
 
 def unprepare(model: nn.Module) -> nn.Module:

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import pickle
 import warnings
 
 import pytest
@@ -195,9 +196,12 @@ def test_backward_on_calling_thread_is_set_and_undone(monkeypatch, env_value, co
     torch.autograd.set_multithreading_enabled(True)
     model = hetermoe.prepare(tiny_model("qwen3_moe"), hetermoe.HeterMoEConfig(backward_on_calling_thread=config_value))
     assert torch._C._is_multithreading_enabled() is not expect_calling
+    copied = pickle.loads(pickle.dumps(model))  # whole prepared models are saved and copied (TRL, torch.save)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     _forward_backward(model, ids)  # a training step runs either way
     hetermoe.unprepare(model)
+    assert torch._C._is_multithreading_enabled()
+    hetermoe.unprepare(copied)
     assert torch._C._is_multithreading_enabled()
 
 
@@ -318,8 +322,6 @@ def test_deleted_prepared_model_is_freed_without_the_cycle_collector(model_type)
 def test_prepared_model_survives_deepcopy_and_pickle(model_type):
     """Instance patches are bound objects, not closures: a copy (TRL's reference model) or a torch.save'd whole
     model runs on its own weights, with everything prepare installed."""
-    import pickle
-
     model = hetermoe.prepare(tiny_model(model_type)).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     want = model(ids, labels=ids).loss
