@@ -34,6 +34,8 @@ VARIANTS = {
     "hetermoe_experts": dict(fused_cross_entropy=False, fused_rms_norm=False),
     "hetermoe": {},  # prepare's defaults: experts, fused linear cross-entropy, fused RMSNorm
     "hetermoe_recompute": dict(recompute_gate_up=True),  # not run by default: --variants ...,hetermoe_recompute
+    # not run by default: the backward on the calling thread instead of autograd's worker (benchmarks/NOTES.md, v2.28)
+    "hetermoe_calling_thread": dict(backward_on_calling_thread=True),
 }
 DEFAULT_VARIANTS = ("grouped_mm", "hetermoe_experts", "hetermoe")
 
@@ -215,6 +217,8 @@ def main(argv=None):
         print(results[variant], flush=True)
         if args.profile and cuda:
             print_top_kernels(step, variant)
+        if hetermoe.is_prepared(model):
+            hetermoe.unprepare(model)  # what prepare set for this thread (the calling-thread backward) goes back
         del model, opt, step
         gc.collect()  # whatever a variant left in reference cycles must not count toward the next one's peak
         if cuda:
