@@ -352,6 +352,8 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                         )
                 del grads
                 t_host = host_ms(fwd)
+                # The backward's issue time too: below T=4096 it is what bounds a call (NOTES v2.28).
+                t_host_fb = host_ms(fwd_bwd)
             except torch.OutOfMemoryError:
                 print(f"  {provider}: out of memory")
                 torch.cuda.empty_cache()
@@ -361,7 +363,8 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
                 continue
         ready[provider] = dict(
             base=base, settings=settings, fwd=fwd, fwd_bwd=fwd_bwd, peak_extra=peak_extra, grads_gib=grads_gib,
-            max_err=max_err, first_call_s=first_call_s, t_host=t_host, t_fwd=[], t_fb=[], energy=[], energy_fwd=[],
+            max_err=max_err, first_call_s=first_call_s, t_host=t_host, t_host_fb=t_host_fb, t_fwd=[], t_fb=[],
+            energy=[], energy_fwd=[],
         )
 
     # Timing in rounds, each round over every provider, starting one provider later each round: a GPU under
@@ -420,6 +423,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             max_rel_err_vs_fp32=f"{p['max_err']:.1e}",
             first_call_s=round(p["first_call_s"], 2),
             fwd_host_ms=round(p["t_host"], 4),
+            fwd_bwd_host_ms=round(p["t_host_fb"], 4),
             rounds=len(p["t_fb"]),
             timing=(
                 f"sustained {args.sustain_warmup:g}s+{args.sustain:g}s"
@@ -437,7 +441,7 @@ def bench_one(name, T, providers, dtype, args, writer, meta):
             f"  {provider:>11}: fwd {row['fwd_tflops']:6.1f} TF/s ({t_fwd:.3f} ms)  "
             f"fwd+bwd {row['fwd_bwd_tflops']:6.1f} TF/s ({t_fb:.3f} ms; rounds {row['fwd_bwd_tflops_spread']})  "
             f"peak extra {p['peak_extra']:.2f} GiB (gradients {p['grads_gib']:.2f})  "
-            f"first call {p['first_call_s']:.1f} s  host {p['t_host']:.3f} ms/fwd"
+            f"first call {p['first_call_s']:.1f} s  host {p['t_host']:.3f} ms/fwd {p['t_host_fb']:.3f} ms/fwd+bwd"
             + (
                 f"  {energy['fwd_bwd_joules']:.3f} J/call at {energy['fwd_bwd_watts']:.0f} W, "
                 f"{energy['fwd_bwd_sm_mhz']} MHz ({energy['fwd_bwd_gflops_per_joule']:.0f} GFLOP/J)"
@@ -704,7 +708,7 @@ def main(argv=None):
         *("fwd_bwd_tflops", "peak_extra_gib", "grads_gib", "max_rel_err_vs_fp32", "first_call_s", "fwd_host_ms"),
         *("rounds", "fwd_bwd_tflops_spread", "timing", "routing"),
         *("fwd_bwd_joules", "fwd_bwd_watts", "fwd_bwd_sm_mhz", "fwd_bwd_gflops_per_joule"),
-        *("fwd_joules", "fwd_gflops_per_joule"),
+        *("fwd_joules", "fwd_gflops_per_joule", "fwd_bwd_host_ms"),
     ]
     _migrate_header(csv_path, fields)
     new = not csv_path.exists()
