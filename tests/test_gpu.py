@@ -142,6 +142,42 @@ def test_prepared_qwen3_moe_bf16_on_gpu():
         assert rel_err(p.grad.float(), q.grad.float()) < 2 * scale + 1e-3, name
 
 
+@pytest.mark.parametrize("calling_thread", [False, True], ids=["worker_thread", "calling_thread"])
+def test_backward_thread_follows_backward_on_calling_thread(calling_thread):
+    """``HeterMoEConfig.backward_on_calling_thread``: the experts' backward (a tensor hook on their output runs
+    where their backward node runs) is on the thread that called ``loss.backward()``, or on autograd's CUDA worker
+    thread without it; the experts' gradients are the same either way."""
+    import threading
+
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+    )
+    base = AutoModelForCausalLM.from_config(config, experts_implementation="eager").to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 64), device="cuda")
+    grads = []
+    # PyTorch's own default may become the calling thread (pytorch/pytorch#192082): then both cases run there.
+    worker_by_default = torch._C._is_multithreading_enabled()
+    for on in (False, calling_thread):
+        model = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(backward_on_calling_thread=on))
+        experts = next(m for m in model.modules() if hasattr(m, "_hetermoe_layout"))
+        threads = []
+        handle = experts.register_forward_hook(
+            lambda mod, args, out: out.register_hook(lambda g: threads.append(threading.get_ident()))
+        )
+        model.train()(ids, labels=ids).loss.backward()
+        handle.remove()
+        assert threads and all(t == threading.get_ident() for t in threads) is (on or not worker_by_default)
+        # The experts' weights (one layer: their gradient flows from the head, not through attention's backward,
+        # which may accumulate with atomics): the same kernels in the same order, the same bits.
+        grads.append([p.grad for p in experts.parameters()])
+        hetermoe.unprepare(model)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offload"])
 def test_activation_checkpointing_in_bf16_on_gpu(offload):
     """The bf16 GPU path (vendor weight gradients, the saved pre-activations freed inside the backward) under
