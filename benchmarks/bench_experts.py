@@ -123,9 +123,9 @@ def run_provider(module, provider: str, x, index, weights, dout):
 
     params = [p for p in module.parameters() if p.requires_grad]  # none with --frozen-experts
     select_provider(module, provider)
-    # What hetermoe.prepare sets for its user's loop (HeterMoEConfig.backward_on_calling_thread, off by default:
-    # autograd's device worker thread, as for the transformers baselines);
-    # hetermoe@HETERMOE_CALLING_THREAD_BACKWARD=1 runs the backward on the calling thread.
+    # What hetermoe.prepare sets for its user's loop (HeterMoEConfig.backward_on_calling_thread, on by default since
+    # v2.29: the backward on the calling thread); hetermoe@HETERMOE_CALLING_THREAD_BACKWARD=0 runs it on autograd's
+    # device worker thread, as the transformers baselines do (PyTorch's default).
     calling_thread = provider.startswith("hetermoe") and env.calling_thread_backward(
         HeterMoEConfig().backward_on_calling_thread
     )

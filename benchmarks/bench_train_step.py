@@ -34,8 +34,9 @@ VARIANTS = {
     "hetermoe_experts": dict(fused_cross_entropy=False, fused_rms_norm=False),
     "hetermoe": {},  # prepare's defaults: experts, fused linear cross-entropy, fused RMSNorm
     "hetermoe_recompute": dict(recompute_gate_up=True),  # not run by default: --variants ...,hetermoe_recompute
-    # not run by default: the backward on the calling thread instead of autograd's worker (benchmarks/NOTES.md, v2.28)
-    "hetermoe_calling_thread": dict(backward_on_calling_thread=True),
+    # not run by default: the backward on autograd's device worker thread, PyTorch's default, instead of the calling
+    # thread (prepare's default since benchmarks/NOTES.md v2.29)
+    "hetermoe_worker_thread": dict(backward_on_calling_thread=False),
 }
 DEFAULT_VARIANTS = ("grouped_mm", "hetermoe_experts", "hetermoe")
 

@@ -164,9 +164,12 @@ def test_backward_thread_follows_backward_on_calling_thread(calling_thread):
         model = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(backward_on_calling_thread=on))
         experts = next(m for m in model.modules() if hasattr(m, "_hetermoe_layout"))
         threads = []
-        handle = experts.register_forward_hook(
-            lambda mod, args, out: out.register_hook(lambda g: threads.append(threading.get_ident()))
-        )
+
+        def record_backward_thread(module, args, out):
+            # A forward hook that returns something replaces the module's output: this one returns None.
+            out.register_hook(lambda grad: threads.append(threading.get_ident()))
+
+        handle = experts.register_forward_hook(record_backward_thread)
         model.train()(ids, labels=ids).loss.backward()
         handle.remove()
         assert threads and all(t == threading.get_ident() for t in threads) is (on or not worker_by_default)

@@ -206,7 +206,7 @@ def test_backward_on_calling_thread_is_set_and_undone(monkeypatch, env_value, co
 
 
 def test_calling_thread_mode_set_by_the_user_is_kept(monkeypatch):
-    assert not hetermoe.HeterMoEConfig().backward_on_calling_thread  # off until measured on a GPU (NOTES v2.28)
+    assert hetermoe.HeterMoEConfig().backward_on_calling_thread  # on by default since NOTES v2.29
     torch.autograd.set_multithreading_enabled(False)
     model = hetermoe.prepare(tiny_model("qwen3_moe"), hetermoe.HeterMoEConfig(backward_on_calling_thread=True))
     hetermoe.unprepare(model)
