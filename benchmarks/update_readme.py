@@ -93,11 +93,13 @@ def _gpu_table(rows: list[dict], gpu: str) -> list[str]:
     shown = [r for (_, _, p), r in latest.items() if p in PROVIDERS]
     runs = sorted({run_of(r) for r in shown})
     rounds = {r.get("rounds") or "1" for r in shown}
-    timing = (
-        f" Timing: median of {rounds.pop()} rounds over all providers, their order rotated each round"
-        if len(rounds) == 1 and "1" not in rounds
-        else " Timing:"
-    )
+    if len(rounds) == 1 and "1" not in rounds:
+        timing = f" Timing: median of {rounds.pop()} rounds over all providers, their order rotated each round"
+    elif len(rounds) == 1:
+        timing = " Timing: one round"
+    else:  # runs of different round counts: each row's own in the CSV's `rounds` column
+        counts = sorted(int(n) for n in rounds)
+        timing = f" Timing: the median of {counts[0]}-{counts[-1]} rounds (each run's in the CSV's `rounds` column)"
     windows = {timing_of(r)[1] for r in shown}
     # "1s+1s" -> "1 s", "1 s"; "25ms+50ms" -> "25 ms", "50 ms"
     window = re.sub(r"(\d)([a-z]+)", r"\1 \2", windows.pop()) if len(windows) == 1 else None
