@@ -62,9 +62,10 @@ class HeterMoEConfig:
         default=True,
         metadata={
             "help": "Run backward passes on the thread that calls them (torch.autograd.set_multithreading_enabled"
-            "(False) for the thread that calls prepare, the training loop's; unprepare restores it) instead of "
-            "handing the whole backward to autograd's per-device worker thread, where its C++ calls ran ~2.5x "
-            "slower than the same calls in the forward. It matters where steps are host-bound (small batches): "
+            "(False) for the thread that calls prepare, the training loop's; unpreparing the last model prepared "
+            "on that thread restores it) instead of handing the whole backward to autograd's per-device worker "
+            "thread, where its C++ calls ran ~2.5x slower than the same calls in the forward. It matters where "
+            "steps are host-bound (small batches): "
             "Qwen3-30B-A3B's experts on an H100 host, forward+backward, 113 -> 148 TF/s at T=1024, 211 -> 247 at "
             "T=2048, 350 -> 358 at T=4096, the same gradients to the bit (benchmarks/NOTES.md, v2.29). PyTorch "
             "plans the same default (pytorch/pytorch#192082). HETERMOE_CALLING_THREAD_BACKWARD=0/1 overrides it; "

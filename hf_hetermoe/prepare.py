@@ -12,7 +12,7 @@ kernelization, which would rebind them at every ``train()``/``eval()``, is turne
 
 from __future__ import annotations
 
-import functools
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +28,11 @@ from .model_patches.hub_kernels import turn_off_hub_kernels
 from .model_patches.norms import patch_rms_norms
 
 STATE_ATTR = "_hetermoe_state"
+
+# How many prepared models on this thread hold autograd's calling-thread mode (HeterMoEConfig.
+# backward_on_calling_thread): the mode goes back to PyTorch's default when the last of them is unprepared, not the
+# first (a policy and a reference model prepared side by side).
+_CALLING_THREAD = threading.local()
 
 
 @dataclass
@@ -160,13 +165,31 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
 def _finish(model: nn.Module, state: _PreparedState, calling_thread: bool) -> None:
     """Last step of ``prepare``, once nothing else can fail: backward passes started from this thread run on it
     (when asked, and not so already), and the model records its state."""
-    if calling_thread and torch._C._is_multithreading_enabled():
+    if calling_thread:
         # Thread-local: the thread that prepares the model is the one whose loop calls backward (Trainer,
-        # accelerate scripts). Called as a function it sets the mode at once. The undo puts PyTorch's default back
-        # (a partial, not a closure: prepared models are deep-copied and pickled whole).
-        torch.autograd.set_multithreading_enabled(False)
-        state.undo.append(functools.partial(torch.autograd.set_multithreading_enabled, True))
+        # accelerate scripts). Called as a function it sets the mode at once. The undo is a module-level function,
+        # not a closure: prepared models are deep-copied and pickled whole.
+        holders = getattr(_CALLING_THREAD, "holders", 0)
+        if torch._C._is_multithreading_enabled():
+            torch.autograd.set_multithreading_enabled(False)
+            _CALLING_THREAD.holders = 1  # earlier holders are moot: someone turned the mode back off since
+            state.undo.append(_release_calling_thread)
+        elif holders:
+            _CALLING_THREAD.holders = holders + 1
+            state.undo.append(_release_calling_thread)
+        # else the user set the mode themselves: theirs to keep, nothing to undo
     setattr(model, STATE_ATTR, state)
+
+
+def _release_calling_thread() -> None:
+    """Undo of the calling-thread mode for one prepared model: PyTorch's default comes back with the last one. A
+    copy's undo after its original's (deepcopy, pickle), or an undo on another thread, finds nothing to release."""
+    holders = getattr(_CALLING_THREAD, "holders", 0)
+    if holders <= 0:
+        return
+    _CALLING_THREAD.holders = holders - 1
+    if holders == 1:
+        torch.autograd.set_multithreading_enabled(True)
 
 
 def unprepare(model: nn.Module) -> nn.Module:

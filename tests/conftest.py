@@ -59,9 +59,14 @@ def _autograd_threads_restored():
     """``prepare`` runs later backward passes on the calling thread (``HeterMoEConfig.backward_on_calling_thread``,
     a thread-local autograd mode): a test that prepares a model and does not unprepare it must not hand that mode to
     the next test."""
+    import importlib
+
+    prepare = importlib.import_module("hf_hetermoe.prepare")  # the module: the package exports the function
+
     mode = torch._C._is_multithreading_enabled()
     yield
     torch.autograd.set_multithreading_enabled(mode)
+    prepare._CALLING_THREAD.holders = 0  # nor its count of models that hold the mode
 
 
 @pytest.fixture(autouse=True)

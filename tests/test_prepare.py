@@ -205,6 +205,29 @@ def test_backward_on_calling_thread_is_set_and_undone(monkeypatch, env_value, co
     assert torch._C._is_multithreading_enabled()
 
 
+def test_calling_thread_mode_lasts_until_the_last_prepared_model_is_unprepared(monkeypatch):
+    """A policy and a reference model prepared side by side (DPO, GRPO): unpreparing one leaves the other's mode."""
+    monkeypatch.delenv("HETERMOE_CALLING_THREAD_BACKWARD", raising=False)
+    torch.autograd.set_multithreading_enabled(True)
+    policy, reference = hetermoe.prepare(tiny_model("qwen3_moe")), hetermoe.prepare(tiny_model("qwen3_moe"))
+    copied = copy.deepcopy(policy)
+    hetermoe.unprepare(policy)
+    assert not torch._C._is_multithreading_enabled()  # the reference model is still prepared
+    hetermoe.unprepare(reference)
+    assert torch._C._is_multithreading_enabled()
+    hetermoe.unprepare(copied)  # a copy's undo finds nothing left to release
+    assert torch._C._is_multithreading_enabled()
+    # Turned back on by hand while a model held it: the next prepare takes it again, and its unprepare gives it back.
+    held = hetermoe.prepare(tiny_model("qwen3_moe"))
+    torch.autograd.set_multithreading_enabled(True)
+    again = hetermoe.prepare(tiny_model("qwen3_moe"))
+    assert not torch._C._is_multithreading_enabled()
+    hetermoe.unprepare(again)
+    assert torch._C._is_multithreading_enabled()
+    hetermoe.unprepare(held)
+    assert torch._C._is_multithreading_enabled()
+
+
 def test_calling_thread_mode_set_by_the_user_is_kept(monkeypatch):
     assert hetermoe.HeterMoEConfig().backward_on_calling_thread  # on by default since NOTES v2.29
     torch.autograd.set_multithreading_enabled(False)
