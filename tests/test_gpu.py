@@ -181,11 +181,15 @@ def test_backward_thread_follows_backward_on_calling_thread(calling_thread):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["on_device", "offload"])
-def test_activation_checkpointing_in_bf16_on_gpu(offload):
+@pytest.mark.parametrize(
+    "use_reentrant, offload", [(False, False), (False, True), (True, False)], ids=["on_device", "offload", "reentrant"]
+)
+def test_activation_checkpointing_in_bf16_on_gpu(use_reentrant, offload):
     """The bf16 GPU path (vendor weight gradients, the saved pre-activations freed inside the backward) under
     activation checkpointing: the recomputed forward's tensors feed the experts' backward, and the gradients equal
-    the same prepared model's without checkpointing (same kernels, deterministic: only the recompute differs)."""
+    the same prepared model's without checkpointing (same kernels, deterministic: only the recompute differs).
+    Reentrant checkpoints run a backward inside the backward: with ``prepare``'s default both run on the calling
+    thread (``HeterMoEConfig.backward_on_calling_thread``), not on autograd's CUDA worker."""
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     config = Qwen3MoeConfig(
@@ -195,7 +199,7 @@ def test_activation_checkpointing_in_bf16_on_gpu(offload):
     base = AutoModelForCausalLM.from_config(config, experts_implementation="eager").to("cuda", torch.bfloat16)
     plain = hetermoe.prepare(base)
     checkpointed = copy.deepcopy(plain)
-    enable_checkpointing(checkpointed, use_reentrant=False, offload=offload)
+    enable_checkpointing(checkpointed, use_reentrant=use_reentrant, offload=offload)
     ids = torch.randint(0, 512, (4, 128), device="cuda")
     losses = []
     for m in (plain, checkpointed):
