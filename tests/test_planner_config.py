@@ -80,6 +80,28 @@ def test_model_dims_families(cfg, expect):
     assert ModelDims.from_dict(d.to_dict()) == d
 
 
+@pytest.mark.parametrize("fields,expect", [
+    ({}, (True, True, True, True)),
+    ({"first_k_dense_replace": 1}, (False, True, True, True)),
+    ({"mlp_layer_types": ["dense", "sparse", "dense", "sparse"]}, (False, True, False, True)),
+    ({"expert_layer_period": 2, "expert_layer_offset": 1}, (False, True, False, True)),  # Jamba
+    ({"mlp_only_layers": [2], "decoder_sparse_step": 1}, (True, True, False, True)),  # Qwen2/3-MoE
+    ({"decoder_sparse_step": 2}, (False, True, False, True)),
+    ({"moe_layer_start_index": 1, "moe_layer_end_index": 2}, (False, True, True, False)),  # Ernie-4.5
+    ({"layers_block_type": ["mamba", "moe", "attention", "moe"]}, (False, True, False, True)),  # Nemotron-H
+    ({"layers_block_type": ["mamba", "attention", "mamba", "attention"]}, (True, True, True, True)),  # Jamba's
+])
+def test_model_dims_moe_layers(fields, expect):
+    """Which layers have routed experts, read as transformers' modeling files read it; the plan places experts on
+    exactly those (the runtime refuses a plan whose MoE layers differ from the model's)."""
+    d = model_dims({**SMALL, **fields})
+    assert tuple(d.is_moe_layer(li) for li in range(4)) == expect
+    assert d.num_moe_layers == sum(expect)
+    assert ModelDims.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    with pytest.raises(ConfigError, match="moe_layer_mask has 3 entries"):
+        ModelDims.from_dict({**d.to_dict(), "moe_layer_mask": [True, True, False]})
+
+
 def test_model_dims_not_moe():
     with pytest.raises(ConfigError, match="num_experts"):
         model_dims({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})

@@ -76,7 +76,7 @@ def base_placement(cost: CostModel, lay: ZPLayout, expert_ranks: list[int]) -> t
     """Experts of every MoE layer split over ``expert_ranks`` (local) in proportion to their expert speed,
     within memory. Returns the placement and ``n_min`` (experts that did not fit and must go elsewhere)."""
     d = cost.dims
-    moe_layers = list(range(d.first_dense_layers, d.num_layers))
+    moe_layers = [li for li in range(d.num_layers) if d.is_moe_layer(li)]
     tok = cost.tokens_per_expert(lay)
     speed = [1.0 / (cost.profile(lay.ranks[j]).expert_ms(tok) + cost.profile(lay.ranks[j]).expert_ms(tok, True))
              for j in expert_ranks]

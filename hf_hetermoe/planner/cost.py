@@ -103,7 +103,7 @@ class CostModel:
     def attn_ms(self, lay: ZPLayout, global_rank: int, layer: int, backward: bool) -> float:
         prof = self.profile(global_rank)
         t = prof.attn_ms(self.micro_batch_tokens(lay), backward)
-        if layer < self.dims.first_dense_layers and self.dims.dense_intermediate_size:
+        if not self.dims.is_moe_layer(layer) and self.dims.dense_intermediate_size:
             # A dense MLP: as many FLOPs as `scale` experts on all the micro-batch's tokens.
             scale = self.dims.dense_intermediate_size / self.dims.expert_intermediate_size
             t += scale * prof.expert_ms(self.micro_batch_tokens(lay), backward)

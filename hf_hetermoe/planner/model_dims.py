@@ -42,6 +42,14 @@ class ModelDims:
     num_shared_experts: int = field(default=0, metadata={"help": "Shared (always-on) experts, run on attention GPUs."})
     shared_intermediate_size: int = field(default=0, metadata={"help": "Intermediate width of one shared expert."})
     first_dense_layers: int = field(default=0, metadata={"help": "Leading dense (non-MoE) layers (DeepSeek)."})
+    moe_layer_mask: tuple[bool, ...] = field(
+        default=(),
+        metadata={
+            "help": "Per layer, whether it has routed experts, where the config says so layer by layer "
+            "(mlp_layer_types, mlp_only_layers / decoder_sparse_step, Jamba's expert_layer_period); empty: every "
+            "layer from first_dense_layers on."
+        },
+    )
     dense_intermediate_size: int = field(default=0, metadata={"help": "MLP width of the dense layers."})
     gated: bool = field(default=True, metadata={"help": "Gated (SwiGLU) experts: three matrices instead of two."})
     tie_word_embeddings: bool = field(default=False, metadata={"help": "LM head shares the embedding matrix."})
@@ -63,10 +71,21 @@ class ModelDims:
             raise ConfigError(
                 f"ModelDims.first_dense_layers={self.first_dense_layers} must be in [0, num_layers={self.num_layers})"
             )
+        self.moe_layer_mask = tuple(bool(m) for m in self.moe_layer_mask)  # JSON gives a list
+        if self.moe_layer_mask and (len(self.moe_layer_mask) != self.num_layers or not any(self.moe_layer_mask)):
+            raise ConfigError(
+                f"ModelDims.moe_layer_mask has {len(self.moe_layer_mask)} entries, "
+                f"{sum(self.moe_layer_mask)} of them MoE: it needs one per layer (num_layers={self.num_layers}) and "
+                "at least one MoE layer"
+            )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer ``layer`` has routed experts (the others are dense)."""
+        return self.moe_layer_mask[layer] if self.moe_layer_mask else layer >= self.first_dense_layers
 
     @property
     def num_moe_layers(self) -> int:
-        return self.num_layers - self.first_dense_layers
+        return sum(self.is_moe_layer(li) for li in range(self.num_layers))
 
     @property
     def q_dim(self) -> int:
@@ -95,7 +114,7 @@ class ModelDims:
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "moe_layer_mask": list(self.moe_layer_mask)}  # as JSON gives it back
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelDims:
@@ -104,6 +123,28 @@ class ModelDims:
         if unknown:
             raise ConfigError(f"unknown ModelDims keys {unknown}; allowed: {sorted(known)}")
         return cls(**data)
+
+
+def _moe_layer_mask(cfg: dict[str, Any], num_layers: int, first_dense: int) -> tuple[bool, ...]:
+    """Which layers have routed experts, as transformers' modeling files decide it from the config; ``()`` where a
+    prefix of ``first_dense`` dense layers (or none) says it all."""
+    kinds = cfg.get("layers_block_type")  # Nemotron-H: one block kind per layer ("mamba", "attention", "moe", ...)
+    if isinstance(kinds, (list, tuple)) and len(kinds) == num_layers and "moe" in kinds:
+        return tuple(k == "moe" for k in kinds)
+    types = cfg.get("mlp_layer_types")  # "dense" / "sparse" (or "moe", "hash_moe") per layer
+    if isinstance(types, (list, tuple)) and len(types) == num_layers:
+        return tuple(t != "dense" for t in types)
+    period = cfg.get("expert_layer_period")  # Jamba: experts where layer % period == offset
+    if period:
+        return tuple(li % int(period) == int(cfg.get("expert_layer_offset") or 0) for li in range(num_layers))
+    # Qwen2/3-MoE: mlp_only_layers and decoder_sparse_step; Ernie-4.5: moe_layer_interval, layers start..end.
+    only = set(cfg.get("mlp_only_layers") or ())
+    step = int(cfg.get("decoder_sparse_step") or cfg.get("moe_layer_interval") or 1)
+    last = cfg.get("moe_layer_end_index")
+    last = num_layers - 1 if last is None or last < 0 else int(last)
+    mask = tuple(li >= first_dense and li not in only and (li + 1) % step == 0 and li <= last
+                 for li in range(num_layers))
+    return () if mask == tuple(li >= first_dense for li in range(num_layers)) else mask
 
 
 def _first(cfg: dict[str, Any], quantity: str) -> Any:
@@ -150,6 +191,7 @@ def model_dims(config: Any) -> ModelDims:
     shared_size = int(cfg.get("shared_expert_intermediate_size") or cfg.get("moe_shared_expert_intermediate_size")
                       or (cfg.get("intermediate_size") if cfg.get("model_type") == "hunyuan_v1_moe" else 0)
                       or (values["expert_intermediate_size"] if n_shared else 0))
+    first_dense = int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index") or 0)
     gated = cfg.get("model_type") not in {"switch_transformers", "nllb_moe", "gpt_bigcode"} and act != "gelu_new"
     return ModelDims(
         **{q: int(v) for q, v in values.items()},
@@ -157,7 +199,8 @@ def model_dims(config: Any) -> ModelDims:
         head_dim=int(cfg.get("head_dim") or 0),
         num_shared_experts=n_shared,
         shared_intermediate_size=shared_size,
-        first_dense_layers=int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index") or 0),
+        first_dense_layers=first_dense,
+        moe_layer_mask=_moe_layer_mask(cfg, int(values["num_layers"]), first_dense),
         dense_intermediate_size=int(cfg.get("intermediate_size") or 0),
         gated=gated,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

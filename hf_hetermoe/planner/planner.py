@@ -195,7 +195,7 @@ def ep_layout(cost: CostModel) -> ZPLayout:
     ep = max(d for d in range(1, world + 1) if world % d == 0 and e % d == 0)
     groups = [list(range(i * ep, (i + 1) * ep)) for i in range(world // ep)]
     per = e // ep
-    placement = [{} if li < cost.dims.first_dense_layers else {r: tuple(range(r * per, (r + 1) * per))
+    placement = [{} if not cost.dims.is_moe_layer(li) else {r: tuple(range(r * per, (r + 1) * per))
                                                                   for r in range(ep)}
                  for li in range(cost.dims.num_layers)]
     seqs = math.ceil(cost.cluster.training.global_batch_sequences / world)

@@ -92,7 +92,7 @@ def simulate_data_parallel(cost: CostModel) -> SimResult:
     def layer_ms(rank: int, layer: int, backward: bool) -> float:
         prof = cost.profile(rank)
         t = prof.attn_ms(s, backward) + d.num_experts * prof.expert_ms(per_expert, backward)
-        if layer < d.first_dense_layers and d.dense_intermediate_size:
+        if not d.is_moe_layer(layer) and d.dense_intermediate_size:
             t += d.dense_intermediate_size / d.expert_intermediate_size * prof.expert_ms(s, backward)
         return t
 

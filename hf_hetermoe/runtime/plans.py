@@ -22,20 +22,9 @@ from hf_hetermoe.planner.schedule import build_zebra_schedule
 
 
 def _moe_layers(dims: ModelDims, model: Any = None) -> list[bool]:
-    """Which layers route to experts: the planner's leading dense layers, and (for a config object) Qwen-style
-    ``mlp_only_layers`` / ``decoder_sparse_step``, Ernie-style ``moe_layer_interval`` / ``moe_layer_end_index``."""
-    moe = [li >= dims.first_dense_layers for li in range(dims.num_layers)]
-    cfg = model if model is not None and hasattr(model, "to_dict") else None
-    if cfg is not None:
-        only = set(getattr(cfg, "mlp_only_layers", None) or ())
-        step = getattr(cfg, "decoder_sparse_step", None) or getattr(cfg, "moe_layer_interval", None) or 1
-        last = getattr(cfg, "moe_layer_end_index", None)  # Ernie-4.5: MoE layers start..end (inclusive)
-        last = dims.num_layers - 1 if last is None or last < 0 else last
-        moe = [m and li not in only and (li + 1) % step == 0 and li <= last for li, m in enumerate(moe)]
-        kinds = getattr(cfg, "layers_block_type", None)  # Nemotron-H: one block kind per layer
-        if isinstance(kinds, (list, tuple)) and len(kinds) == dims.num_layers:
-            moe = [k == "moe" for k in kinds]
-    return moe
+    """Which layers route to experts (``ModelDims.is_moe_layer``: the config's per-layer fields, as transformers'
+    modeling files read them)."""
+    return [dims.is_moe_layer(li) for li in range(dims.num_layers)]
 
 
 def spread(experts: list[int], ranks: list[int]) -> dict[int, tuple[int, ...]]:
