@@ -32,6 +32,29 @@ _TINY_EXTRA = {
         mamba_num_heads=4, mamba_head_dim=12, ssm_state_size=16, n_groups=1, chunk_size=16,
         moe_shared_expert_intermediate_size=32,
     ),
+    # Hybrid stacks: one linear-attention and one attention layer (with linear layers only, generate's cache has no
+    # attention layer to size its mask from).
+    "qwen3_next": dict(
+        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=12, linear_value_head_dim=12, shared_expert_intermediate_size=32,
+    ),
+    "qwen3_5_moe_text": dict(
+        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+        linear_key_head_dim=12, linear_value_head_dim=12, shared_expert_intermediate_size=32,
+    ),
+    "kimi_linear": dict(num_key_value_heads=4, layer_types=["linear_attention", "full_attention"]),
+    "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0, expert_layer_period=1),
+    # Multi-head latent attention: as many key/value heads as query heads; one dense layer, then a MoE one.
+    "deepseek_v32": dict(
+        num_key_value_heads=4, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+    ),
+    "glm_moe_dsa": dict(
+        num_key_value_heads=4, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
+        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+    ),
+    "glm4_moe_lite": dict(num_key_value_heads=4),
+    "dots1": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
 }
 
 
@@ -43,7 +66,9 @@ def _tiny_config(model_type: str):
     return AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if hasattr(known, k)})
 
 
-# (family, model_type, modeling package, experts class, decoder layer class or None when not splittable, notes)
+# (family, model_type or types (the tiny model is built from the last), modeling package, experts class, decoder
+# layer class(es) or None when not splittable, notes). The families after AFMoE were added on transformers 5.25
+# (benchmarks/NOTES.md v2.29); on an older transformers they are unavailable, as said above.
 _FAMILIES = (
     ("MiniMax", "minimax", "minimax", "MiniMaxExperts", "MiniMaxDecoderLayer",
      "softmax top-k; lightning (linear) + softmax attention layers"),
@@ -63,17 +88,55 @@ _FAMILIES = (
      "softmax top-k; post-feed-forward RMSNorm (no layer anatomy)"),
     ("AFMoE", "afmoe", "afmoe", "AfmoeExperts", None,
      "sigmoid / softmax top-k; post-MLP RMSNorm (no layer anatomy)"),
+    ("Qwen3-Next", "qwen3_next", "qwen3_next", "Qwen3NextExperts", "Qwen3NextDecoderLayer",
+     "hybrid Gated DeltaNet / attention layers; shared expert"),
+    ("Qwen3.5-MoE", ("qwen3_5_moe", "qwen3_5_moe_text"), "qwen3_5_moe", "Qwen3_5MoeExperts", "Qwen3_5MoeDecoderLayer",
+     "hybrid Gated DeltaNet / attention layers; shared expert; the vision-language model's text stack too"),
+    ("DeepSeek-V3.2", "deepseek_v32", "deepseek_v32", "DeepseekV32Experts", "DeepseekV32DecoderLayer",
+     "DeepSeek-V3 routing; sparse (indexer) attention; shared experts; dense first layers"),
+    ("GLM-MoE-DSA", "glm_moe_dsa", "glm_moe_dsa", "GlmMoeDsaExperts", None,
+     "DeepSeek-V3-style routing; sparse attention whose top-k indices each layer hands to the next (no layer "
+     "anatomy); shared experts; dense first layers"),
+    ("GLM4-MoE-Lite", "glm4_moe_lite", "glm4_moe_lite", "Glm4MoeLiteExperts", "Glm4MoeLiteDecoderLayer",
+     "DeepSeek-V3-style routing; latent attention; shared experts"),
+    ("Kimi-Linear", "kimi_linear", "kimi_linear", "KimiLinearExperts", "KimiLinearDecoderLayer",
+     "hybrid linear / latent attention layers; DeepSeek-V3-style routing; shared experts"),
+    ("Jamba", "jamba", "jamba", "JambaExperts", ("JambaAttentionDecoderLayer", "JambaMambaDecoderLayer"),
+     "hybrid Mamba / attention layers; softmax top-k; experts every `expert_layer_period` layers"),
+    ("dots1", "dots1", "dots1", "Dots1Experts", "Dots1DecoderLayer",
+     "DeepSeek-V3-style routing; shared experts; dense first layers"),
+    ("MiMo-V2-Flash", "mimo_v2_flash", "mimo_v2_flash", "MiMoV2FlashExperts", "MiMoV2FlashDecoderLayer",
+     "sigmoid group-limited top-k; sliding-window and full attention layers"),
+    ("MiniCPM5-MoE", "minicpm5_moe", "minicpm5_moe", "MiniCPM5MoeExperts", "MiniCPM5MoeDecoderLayer",
+     "sigmoid group-limited top-k; shared experts"),
+    ("GraniteMoE-SWA", "granitemoe_swa", "granitemoe_swa", "GraniteMoeSWAExperts", "GraniteMoeSWADecoderLayer",
+     "GraniteMoE with sliding-window attention layers"),
+    ("HY-V3", "hy_v3", "hy_v3", "HYV3Experts", "HYV3DecoderLayer", "score-correction bias top-k; shared experts"),
+    ("Kolibri1", "kolibri1", "kolibri1", "Kolibri1Experts", None,
+     "shared experts; post-MLP RMSNorm (no layer anatomy)"),
+    ("Laguna", "laguna", "laguna", "LagunaExperts", "LagunaDecoderLayer", "shared experts; gated attention"),
+    ("Lara-Mini", "lara_mini", "lara_mini", "LaraMiniExperts", "LaraMiniDecoderLayer",
+     "hybrid Gated DeltaNet / attention layers"),
+    ("Mellum", "mellum", "mellum", "MellumExperts", "MellumDecoderLayer",
+     "dense and sparse layers (`mlp_layer_types`)"),
 )
+
+
+def _layer_anatomy(layer):
+    if layer is None:
+        return None
+    return LayerAnatomy(layer_classes=(layer,) if isinstance(layer, str) else tuple(layer))
+
 
 PATCHES = [
     register_model_patch(
         ModelPatch(
             family=family,
-            model_types=(model_type,),
+            model_types=(model_type,) if isinstance(model_type, str) else model_type,
             modeling_module=f"transformers.models.{package}.modeling_{package}",
             experts_class=experts,
-            tiny_config=partial(_tiny_config, model_type),
-            anatomy=LayerAnatomy(layer_classes=(layer,)) if layer else None,
+            tiny_config=partial(_tiny_config, model_type if isinstance(model_type, str) else model_type[-1]),
+            anatomy=_layer_anatomy(layer),
             notes=notes,
         )
     )
