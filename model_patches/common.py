@@ -15,11 +15,15 @@ from ..errors import UnsupportedLayoutError
 from ..kernels.layout import ExpertLayout
 
 
-def activation_name(act_fn: nn.Module) -> str:
+def activation_name(act_fn: nn.Module | Callable) -> str:
     """Map a transformers/torch activation module to a kernel activation name."""
     from transformers import activations as A
 
-    name = type(act_fn).__name__
+    name = getattr(act_fn, "__name__", None) or type(act_fn).__name__
+    # A plain function stored as act_fn (LFM2-MoE's F.silu): the same math as its module.
+    for fn, kernel_name in ((nn.functional.silu, "silu"), (nn.functional.gelu, "gelu"), (nn.functional.relu, "relu")):
+        if act_fn is fn:
+            return kernel_name
     if isinstance(act_fn, (A.SiLUActivation, nn.SiLU)):
         return "silu"
     if isinstance(act_fn, nn.GELU):

@@ -55,6 +55,8 @@ _TINY_EXTRA = {
     ),
     "glm4_moe_lite": dict(num_key_value_heads=4),
     "dots1": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert only
 }
 
 
@@ -119,6 +121,11 @@ _FAMILIES = (
      "hybrid Gated DeltaNet / attention layers"),
     ("Mellum", "mellum", "mellum", "MellumExperts", "MellumDecoderLayer",
      "dense and sparse layers (`mlp_layer_types`)"),
+    ("LFM2-MoE", "lfm2_moe", "lfm2_moe", "Lfm2MoeExperts", "Lfm2MoeDecoderLayer",
+     "hybrid short-convolution / attention layers; dense first layers (`num_dense_layers`)"),
+    ("ZAYA", "zaya", "zaya", "ZayaExperts", None,
+     "top-1 routing; no layer anatomy (the split layer's gradients differ from the whole layer's by 1.8e-3, "
+     "not investigated)"),
 )
 
 

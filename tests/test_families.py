@@ -209,3 +209,21 @@ def test_upstream_error_must_be_reproduced():
     assert report.passed
     report.upstream_error_reproduced = False
     assert "did not" in report.failures()[0]
+
+
+@pytest.mark.parametrize("act_fn, name", [
+    (torch.nn.SiLU(), "silu"), (torch.nn.functional.silu, "silu"), (torch.nn.GELU(approximate="tanh"), "gelu_tanh"),
+    (torch.nn.functional.gelu, "gelu"), (torch.nn.ReLU(), "relu"), (torch.nn.functional.relu, "relu"),
+])
+def test_activation_name_takes_modules_and_plain_functions(act_fn, name):
+    """LFM2-MoE stores ``F.silu`` itself as its experts' ``act_fn``; the kernels read it as the module's math."""
+    from hf_hetermoe.model_patches import activation_name
+
+    assert activation_name(act_fn) == name
+
+
+def test_activation_name_refuses_what_the_kernels_lack():
+    from hf_hetermoe.model_patches import activation_name
+
+    with pytest.raises(UnsupportedLayoutError, match="activation tanh is not covered"):
+        activation_name(torch.tanh)

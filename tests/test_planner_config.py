@@ -83,6 +83,7 @@ def test_model_dims_families(cfg, expect):
 @pytest.mark.parametrize("fields,expect", [
     ({}, (True, True, True, True)),
     ({"first_k_dense_replace": 1}, (False, True, True, True)),
+    ({"num_dense_layers": 2}, (False, False, True, True)),  # LFM2-MoE
     ({"mlp_layer_types": ["dense", "sparse", "dense", "sparse"]}, (False, True, False, True)),
     ({"expert_layer_period": 2, "expert_layer_offset": 1}, (False, True, False, True)),  # Jamba
     ({"mlp_only_layers": [2], "decoder_sparse_step": 1}, (True, True, False, True)),  # Qwen2/3-MoE

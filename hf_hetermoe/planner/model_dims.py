@@ -191,7 +191,8 @@ def model_dims(config: Any) -> ModelDims:
     shared_size = int(cfg.get("shared_expert_intermediate_size") or cfg.get("moe_shared_expert_intermediate_size")
                       or (cfg.get("intermediate_size") if cfg.get("model_type") == "hunyuan_v1_moe" else 0)
                       or (values["expert_intermediate_size"] if n_shared else 0))
-    first_dense = int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index") or 0)
+    first_dense = int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index")
+                      or cfg.get("num_dense_layers") or 0)  # DeepSeek, Ernie-4.5, LFM2-MoE
     gated = cfg.get("model_type") not in {"switch_transformers", "nllb_moe", "gpt_bigcode"} and act != "gelu_new"
     return ModelDims(
         **{q: int(v) for q, v in values.items()},

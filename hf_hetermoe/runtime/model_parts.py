@@ -28,7 +28,8 @@ from hf_hetermoe.model_patches.anatomy import moe_module
 EXPERT_PARAM_PREFIXES = ("gate_up_proj", "down_proj", "up_proj")
 
 
-FINAL_NORMS = ("norm", "norm_f", "final_layernorm")  # the base model's last norm, by family
+# The base model's last norm, by family (LFM2-MoE's ``embedding_norm`` runs after the layers, despite its name).
+FINAL_NORMS = ("norm", "norm_f", "final_layernorm", "embedding_norm")
 
 
 @dataclass
