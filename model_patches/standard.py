@@ -25,6 +25,11 @@ _TINY = dict(
 )
 
 
+# Qwen3-Next and Qwen3.5-MoE: Gated DeltaNet widths and the shared expert's.
+_GATED_DELTANET = dict(
+    layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+    linear_key_head_dim=12, linear_value_head_dim=12, shared_expert_intermediate_size=32,
+)
 # Per-family sizes the shared ones do not cover (Nemotron-H's Mamba2 mixer and shared expert default to 8192 and
 # 7688 wide, which makes its CPU chunk scan take ~10 s a step).
 _TINY_EXTRA = {
@@ -34,14 +39,8 @@ _TINY_EXTRA = {
     ),
     # Hybrid stacks: one linear-attention and one attention layer (with linear layers only, generate's cache has no
     # attention layer to size its mask from).
-    "qwen3_next": dict(
-        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
-        linear_key_head_dim=12, linear_value_head_dim=12, shared_expert_intermediate_size=32,
-    ),
-    "qwen3_5_moe_text": dict(
-        layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
-        linear_key_head_dim=12, linear_value_head_dim=12, shared_expert_intermediate_size=32,
-    ),
+    "qwen3_next": _GATED_DELTANET,
+    "qwen3_5_moe_text": _GATED_DELTANET,
     "kimi_linear": dict(num_key_value_heads=4, layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0, expert_layer_period=1),
     # Multi-head latent attention: as many key/value heads as query heads; one dense layer, then a MoE one.

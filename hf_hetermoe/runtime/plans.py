@@ -21,7 +21,7 @@ from hf_hetermoe.planner.plan import Plan
 from hf_hetermoe.planner.schedule import build_zebra_schedule
 
 
-def _moe_layers(dims: ModelDims, model: Any = None) -> list[bool]:
+def _moe_layers(dims: ModelDims) -> list[bool]:
     """Which layers route to experts (``ModelDims.is_moe_layer``: the config's per-layer fields, as transformers'
     modeling files read them)."""
     return [dims.is_moe_layer(li) for li in range(dims.num_layers)]
@@ -115,7 +115,7 @@ def zebra_plan(
     attn = list(range(attention_ranks))
     exp_ranks = list(range(attention_ranks, size)) or attn
     placement: list[dict[int, tuple[int, ...]]] = []
-    for li, moe in enumerate(_moe_layers(dims, model)):
+    for li, moe in enumerate(_moe_layers(dims)):
         if not moe:
             placement.append({})
             continue
@@ -137,7 +137,7 @@ def ep_plan(model: Any, world: int, sequences_per_rank: int = 1, seq_len: int = 
     """EP baseline: every rank runs attention on an equal batch and holds E/world experts of every MoE layer."""
     dims = model_dims(model)
     placement = [spread(list(range(dims.num_experts)), list(range(world))) if moe else {}
-                 for moe in _moe_layers(dims, model)]
+                 for moe in _moe_layers(dims)]
     return plan_from_layout(model, [list(range(world))], list(range(world)), placement, 1, sequences_per_rank,
                             seq_len, devices, notes=[f"EP over {world} ranks"])
 
@@ -161,7 +161,7 @@ def dp_plan(model: Any, sequences: list[int], seq_len: int = 128, devices: list[
     dims = model_dims(model)
     if any(s < 1 for s in sequences):
         raise ConfigError(f"every rank needs >= 1 sequence, got {sequences}")
-    placement = [{0: tuple(range(dims.num_experts))} if moe else {} for moe in _moe_layers(dims, model)]
+    placement = [{0: tuple(range(dims.num_experts))} if moe else {} for moe in _moe_layers(dims)]
     groups = [[r] for r in range(len(sequences))]
     return plan_from_layout(model, groups, [0], placement, 1, max(sequences), seq_len, devices, sequences=sequences,
                             notes=[f"speed-balanced DP, sequences per rank {sequences}"])
