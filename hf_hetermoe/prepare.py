@@ -7,7 +7,9 @@ router or hook changes, so the state dict, ``save_pretrained``, PEFT ``target_pa
 switch: on a causal LM, the fused linear cross-entropy (``fused_loss.py``: in training mode with labels the loss
 comes without logits), and RMSNorm modules on a fused kernel (``model_patches/norms.py``; transformers' Hub
 kernelization, which would rebind them at every ``train()``/``eval()``, is turned off first:
-``model_patches/hub_kernels.py``). ``unprepare`` undoes all of it.
+``model_patches/hub_kernels.py``). Outside the instance it changes one thing: backward passes started from the
+calling thread run on that thread (``HeterMoEConfig.backward_on_calling_thread``, a thread-local autograd mode).
+``unprepare`` undoes all of it.
 """
 
 from __future__ import annotations
