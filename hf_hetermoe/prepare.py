@@ -1,6 +1,6 @@
 """``hetermoe.prepare(model)``: swap a transformers MoE model's routed experts onto hf-hetermoe's kernels.
 
-It acts on the instance only: it selects the registered ``"hetermoe"`` experts implementation on the
+It acts on the instance: it selects the registered ``"hetermoe"`` experts implementation on the
 configs of the model's experts modules and records each module's weight layout. No parameter, buffer,
 router or hook changes, so the state dict, ``save_pretrained``, PEFT ``target_parameters`` and
 ``output_router_logits`` behave exactly as before. Two more instance-level swaps, each one ``HeterMoEConfig``
