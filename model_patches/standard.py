@@ -56,7 +56,19 @@ _TINY_EXTRA = {
     "dots1": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert only
+    # Gemma4's text stack has experts only with enable_moe_block; its per-layer input embeddings default to 262,144.
+    "gemma4_text": dict(
+        enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
+        layer_types=["sliding_attention", "full_attention"], sliding_window=16, global_head_dim=12,
+    ),
 }
+
+
+def _has_field(config, name: str) -> bool:
+    try:
+        return hasattr(config, name)
+    except Exception:  # noqa: BLE001  (Gemma4's per-layer fields refuse attribute access on the whole config)
+        return name in config.to_dict()
 
 
 def _tiny_config(model_type: str):
@@ -64,7 +76,7 @@ def _tiny_config(model_type: str):
 
     known = CONFIG_MAPPING[model_type]()
     sizes = {**_TINY, **_TINY_EXTRA.get(model_type, {})}
-    return AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if hasattr(known, k)})
+    return AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if _has_field(known, k)})
 
 
 # (family, model_type or types (the tiny model is built from the last), modeling package, experts class, decoder
@@ -122,6 +134,9 @@ _FAMILIES = (
      "dense and sparse layers (`mlp_layer_types`)"),
     ("LFM2-MoE", "lfm2_moe", "lfm2_moe", "Lfm2MoeExperts", "Lfm2MoeDecoderLayer",
      "hybrid short-convolution / attention layers; dense first layers (`num_dense_layers`)"),
+    ("Gemma4 (MoE)", "gemma4_text", "gemma4", "Gemma4TextExperts", None,
+     "the text stack's experts (`enable_moe_block`, loaded with AutoModelForCausalLM); a dense MLP beside them and "
+     "post-feed-forward norms (no layer anatomy)"),
     ("ZAYA", "zaya", "zaya", "ZayaExperts", None,
      "top-1 routing; no layer anatomy (the split layer's gradients differ from the whole layer's by 1.8e-3, "
      "not investigated)"),
