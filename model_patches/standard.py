@@ -56,6 +56,12 @@ _TINY_EXTRA = {
     "dots1": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert only
+    # LongCat-Flash: latent attention (its rope part is head_dim); the router picks among 6 experts and 2 identity
+    # ("zero") experts.
+    "longcat_flash": dict(
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, head_dim=4, zero_expert_num=2,
+    ),
     # Gemma4's text stack has experts only with enable_moe_block; its per-layer input embeddings default to 262,144.
     "gemma4_text": dict(
         enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
@@ -137,6 +143,8 @@ _FAMILIES = (
     ("Gemma4 (MoE)", "gemma4_text", "gemma4", "Gemma4TextExperts", None,
      "the text stack's experts (`enable_moe_block`, loaded with AutoModelForCausalLM); a dense MLP beside them and "
      "post-feed-forward norms (no layer anatomy)"),
+    ("LongCat-Flash", "longcat_flash", "longcat_flash", "LongcatFlashExperts", "LongcatFlashDecoderLayer",
+     "latent attention; identity (\"zero\") experts among the router's choices, added outside the experts"),
     ("ZAYA", "zaya", "zaya", "ZayaExperts", None,
      "top-1 routing; no layer anatomy (the split layer's gradients differ from the whole layer's by 1.8e-3, "
      "not investigated)"),
