@@ -62,6 +62,9 @@ _TINY_EXTRA = {
         num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
         v_head_dim=8, head_dim=4, zero_expert_num=2,
     ),
+    "axk2": dict(
+        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+    ),
     # Gemma4's text stack has experts only with enable_moe_block; its per-layer input embeddings default to 262,144.
     "gemma4_text": dict(
         enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
@@ -145,6 +148,8 @@ _FAMILIES = (
      "post-feed-forward norms (no layer anatomy)"),
     ("LongCat-Flash", "longcat_flash", "longcat_flash", "LongcatFlashExperts", "LongcatFlashDecoderLayer",
      "latent attention; identity (\"zero\") experts among the router's choices, added outside the experts"),
+    ("A.X-K2", "axk2", "axk2", "AXK2Experts", "AXK2DecoderLayer",
+     "latent attention with a sparse-attention indexer; optional group-limited top-k; dense and sparse layers"),
     ("ZAYA", "zaya", "zaya", "ZayaExperts", None,
      "top-1 routing; no layer anatomy (the split layer's gradients differ from the whole layer's by 1.8e-3, "
      "not investigated)"),
