@@ -171,15 +171,15 @@ def _finish(model: nn.Module, state: _PreparedState, calling_thread: bool) -> No
         # Thread-local: the thread that prepares the model is the one whose loop calls backward (Trainer,
         # accelerate scripts). Called as a function it sets the mode at once. The undo is a module-level function,
         # not a closure: prepared models are deep-copied and pickled whole.
-        holders = getattr(_CALLING_THREAD, "holders", 0)
-        if torch._C._is_multithreading_enabled():
+        taken = torch._C._is_multithreading_enabled()
+        if taken:
             torch.autograd.set_multithreading_enabled(False)
-            _CALLING_THREAD.holders = 1  # earlier holders are moot: someone turned the mode back off since
-            state.undo.append(_release_calling_thread)
-        elif holders:
+        # Earlier holders are moot once someone turned the mode back off; with none and the mode found off, the user
+        # set it themselves: theirs to keep, nothing to undo.
+        holders = 0 if taken else getattr(_CALLING_THREAD, "holders", 0)
+        if taken or holders:
             _CALLING_THREAD.holders = holders + 1
             state.undo.append(_release_calling_thread)
-        # else the user set the mode themselves: theirs to keep, nothing to undo
     setattr(model, STATE_ATTR, state)
 
 

@@ -30,6 +30,10 @@ _GATED_DELTANET = dict(
     layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
     linear_key_head_dim=12, linear_value_head_dim=12, shared_expert_intermediate_size=32,
 )
+# Multi-head latent attention (DeepSeek-V3.2 and its kin): as many key/value heads as query heads, small ranks.
+_LATENT_ATTENTION = dict(
+    num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+)
 # Per-family sizes the shared ones do not cover (Nemotron-H's Mamba2 mixer and shared expert default to 8192 and
 # 7688 wide, which makes its CPU chunk scan take ~10 s a step).
 _TINY_EXTRA = {
@@ -43,28 +47,17 @@ _TINY_EXTRA = {
     "qwen3_5_moe_text": _GATED_DELTANET,
     "kimi_linear": dict(num_key_value_heads=4, layer_types=["linear_attention", "full_attention"]),
     "jamba": dict(attn_layer_offset=1, attn_layer_period=2, expert_layer_offset=0, expert_layer_period=1),
-    # Multi-head latent attention: as many key/value heads as query heads; one dense layer, then a MoE one.
-    "deepseek_v32": dict(
-        num_key_value_heads=4, first_k_dense_replace=1, n_group=2, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-    ),
-    "glm_moe_dsa": dict(
-        num_key_value_heads=4, first_k_dense_replace=1, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=24,
-        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-    ),
+    # Latent attention; one dense layer, then a MoE one.
+    "deepseek_v32": dict(_LATENT_ATTENTION, first_k_dense_replace=1, n_group=2, topk_group=1),
+    "glm_moe_dsa": dict(_LATENT_ATTENTION, first_k_dense_replace=1, n_group=1, topk_group=1),
     "glm4_moe_lite": dict(num_key_value_heads=4),
     "dots1": dict(first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "zaya": dict(num_experts_per_tok=1),  # ZAYA routes each token to one expert only
     # LongCat-Flash: latent attention (its rope part is head_dim); the router picks among 6 experts and 2 identity
     # ("zero") experts.
-    "longcat_flash": dict(
-        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=8, head_dim=4, zero_expert_num=2,
-    ),
-    "axk2": dict(
-        num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-    ),
+    "longcat_flash": dict(_LATENT_ATTENTION, head_dim=4, zero_expert_num=2),
+    "axk2": _LATENT_ATTENTION,
     # Gemma4's text stack has experts only with enable_moe_block; its per-layer input embeddings default to 262,144.
     "gemma4_text": dict(
         enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
