@@ -20,15 +20,22 @@ import torch
 
 # Activation codes shared by the Triton kernels and the reference. Gated layouts compute
 # act(gate) * up, except "swiglu_oai" (GPT-OSS) which combines gate and up itself.
-ACTIVATIONS = {
+_PLAIN = {
     "silu": 0,
     "gelu": 1,
     "gelu_tanh": 2,
     "relu": 3,
     "relu2": 4,
-    "swiglu_oai": 5,
 }
-GATED_ONLY = {"swiglu_oai"}
+# "<act>_clamped" (DeepSeek-V4, HY-V4): act(min(gate, limit)) * clamp(up, -limit, limit); its code is the plain
+# activation's plus CLAMPED.
+CLAMPED = 8
+ACTIVATIONS = {
+    **_PLAIN,
+    "swiglu_oai": 5,
+    **{f"{name}_clamped": code + CLAMPED for name, code in _PLAIN.items()},
+}
+GATED_ONLY = {"swiglu_oai", *(f"{name}_clamped" for name in _PLAIN)}
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,8 @@ class ExpertLayout:
         is_concatenated: gate rows first then up rows; False means interleaved ``[g0, u0, g1, u1, ...]``.
         has_bias: ``gate_up_proj_bias [E, N1]`` and ``down_proj_bias [E, H]`` exist.
         activation: one of ``ACTIVATIONS``.
-        alpha, limit: parameters of ``swiglu_oai`` (ignored otherwise).
+        alpha: parameter of ``swiglu_oai`` (ignored otherwise).
+        limit: the clamp of ``swiglu_oai`` and of the ``*_clamped`` activations (ignored otherwise).
     """
 
     has_gate: bool = True
@@ -61,6 +69,16 @@ class ExpertLayout:
     @property
     def act_code(self) -> int:
         return ACTIVATIONS[self.activation]
+
+    @property
+    def clamped(self) -> bool:
+        """``act(min(gate, limit)) * clamp(up, -limit, limit)`` (an ``*_clamped`` activation)."""
+        return self.activation.endswith("_clamped")
+
+    @property
+    def plain_activation(self) -> str:
+        """The activation applied to the (clamped) gate: ``"silu"`` for ``"silu_clamped"``."""
+        return self.activation.removesuffix("_clamped")
 
 
 def w1_logical(w1: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:

@@ -84,6 +84,9 @@ def glu_forward(gate: torch.Tensor | None, up: torch.Tensor, layout: ExpertLayou
         g = gate.clamp(max=layout.limit)
         u = up.clamp(-layout.limit, layout.limit)
         return (u + 1) * g * torch.sigmoid(g * layout.alpha)
+    if layout.clamped:
+        limit = layout.limit
+        return act_forward(gate.clamp(max=limit), layout.plain_activation) * up.clamp(-limit, limit)
     return act_forward(gate, layout.activation) * up
 
 
@@ -100,6 +103,13 @@ def glu_backward(
         s = torch.sigmoid(g * alpha)
         dg = dh * (u + 1) * (s + alpha * g * s * (1 - s)) * (gate <= limit)
         du = dh * g * s * ((up >= -limit) & (up <= limit))
+        return dg, du
+    if layout.clamped:
+        limit, name = layout.limit, layout.plain_activation
+        g = gate.clamp(max=limit)
+        u = up.clamp(-limit, limit)
+        dg = dh * u * act_derivative(g, name) * (gate <= limit)
+        du = dh * act_forward(g, name) * ((up >= -limit) & (up <= limit))
         return dg, du
     return dh * up * act_derivative(gate, layout.activation), dh * act_forward(gate, layout.activation)
 

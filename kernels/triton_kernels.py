@@ -27,6 +27,7 @@ GELU_TANH = tl.constexpr(2)
 RELU = tl.constexpr(3)
 RELU2 = tl.constexpr(4)
 SWIGLU_OAI = tl.constexpr(5)
+CLAMPED = tl.constexpr(8)  # plus a plain code: act(min(gate, limit)) * clamp(up, -limit, limit)
 
 
 @triton.jit
@@ -73,6 +74,8 @@ def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
         g = tl.minimum(gate, limit)
         u = tl.minimum(tl.maximum(up, -limit), limit)
         h = (u + 1.0) * g * tl.sigmoid(g * alpha)
+    elif ACT >= CLAMPED:
+        h = _act(tl.minimum(gate, limit), ACT - CLAMPED) * tl.minimum(tl.maximum(up, -limit), limit)
     else:
         h = _act(gate, ACT) * up
     return h
@@ -537,6 +540,13 @@ def _glu_backward_kernel(
                 h = (uc + 1.0) * glu
                 dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
                 dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+            elif ACT >= CLAMPED:
+                gc = tl.minimum(gate, limit)
+                uc = tl.minimum(tl.maximum(up, -limit), limit)
+                a = _act(gc, ACT - CLAMPED)
+                h = a * uc
+                dgate = tl.where(gate <= limit, dh * uc * _act_grad(gc, ACT - CLAMPED), 0.0)
+                dup = tl.where((up >= -limit) & (up <= limit), dh * a, 0.0)
             else:
                 a = _act(gate, ACT)
                 h = a * up

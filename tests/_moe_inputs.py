@@ -12,6 +12,8 @@ LAYOUTS = {
     "no_gate_relu2_bias": ExpertLayout(has_gate=False, has_bias=True, activation="relu2"),
     "transposed_gelu_tanh": ExpertLayout(is_transposed=True, activation="gelu_tanh"),
     "interleaved_gelu": ExpertLayout(is_concatenated=False, activation="gelu"),
+    # DeepSeek-V4 / HY-V4; the limit is low enough that both clamps bite on these random inputs.
+    "silu_clamped": ExpertLayout(activation="silu_clamped", limit=0.5),
 }
 
 
