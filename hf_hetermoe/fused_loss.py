@@ -61,9 +61,15 @@ class _State:
 
 
 def causal_lm_with_head(model: nn.Module) -> nn.Module | None:
-    """The ``*ForCausalLM`` module (``model`` or a wrapped one, e.g. under PEFT) with an ``nn.Linear`` head."""
+    """The ``*ForCausalLM`` module (``model`` or a wrapped one, e.g. under PEFT) with an ``nn.Linear`` head, or a
+    decoder-only ``*ForConditionalGeneration`` one (a vision-language model; never an encoder-decoder)."""
     for module in model.modules():
-        if type(module).__name__.endswith("ForCausalLM") and type(getattr(module, "lm_head", None)) is nn.Linear:
+        name = type(module).__name__
+        causal = name.endswith("ForCausalLM") or (
+            name.endswith("ForConditionalGeneration")
+            and not getattr(getattr(module, "config", None), "is_encoder_decoder", True)
+        )
+        if causal and type(getattr(module, "lm_head", None)) is nn.Linear:
             return module
     return None
 
@@ -146,7 +152,7 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     """Install the fused loss on ``model``'s causal LM; returns an undo function, or ``None`` when the model is
     not a causal LM this applies to (then nothing changed)."""
     lm = causal_lm_with_head(model)
-    if lm is None or not _standard_loss(lm) or getattr(lm.config, "final_logit_softcapping", None):
+    if lm is None or not _standard_loss(lm) or getattr(lm.config.get_text_config(), "final_logit_softcapping", None):
         return None
     head = lm.lm_head
     if "forward" in lm.__dict__ or "forward" in head.__dict__:

@@ -6,6 +6,7 @@ One file per family; importing this package registers them all. To add a family:
 """
 
 from . import (  # noqa: F401  (registration on import)
+    apply_gate,
     dbrx,
     deepseek_v2,
     deepseek_v3,
@@ -23,6 +24,7 @@ from . import (  # noqa: F401  (registration on import)
     qwen3_moe,
     standard,
     switch_transformers,
+    vision_language,
 )
 from .anatomy import LayerAnatomy, LayerSplit, attention_half, decoder_layers, expert_half, finish
 from .common import activation_name, default_layout

@@ -45,7 +45,12 @@ from .anatomy import LayerAnatomy
 from .common import default_layout
 
 DISPATCHES = ("experts_interface", "instance_patch")
-TASKS = ("causal_lm", "seq2seq_lm")
+# The transformers auto class each task's model is built with (tests, compatibility matrix, demo).
+TASKS = {
+    "causal_lm": "AutoModelForCausalLM",
+    "seq2seq_lm": "AutoModelForSeq2SeqLM",
+    "image_text_to_text": "AutoModelForImageTextToText",  # vision-language models: their text stack has the experts
+}
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ class ModelPatch:
             class) and returns a zero-argument function that restores it.
         anatomy: how a decoder layer splits into an attention half and an expert half (``anatomy.py``);
             ``None`` where no split is offered.
-        task: "causal_lm" (``AutoModelForCausalLM``) or "seq2seq_lm" (``AutoModelForSeq2SeqLM``).
+        task: "causal_lm" (``AutoModelForCausalLM``), "seq2seq_lm" (``AutoModelForSeq2SeqLM``) or
+            "image_text_to_text" (``AutoModelForImageTextToText``: a vision-language model, verified on text).
         notes: one line on the family's routing and weight layout (README table).
         quirks: upstream behaviours a prepared model reproduces on purpose (listed in the docs).
     """
@@ -113,7 +119,7 @@ class ModelPatch:
         """The transformers auto class that builds this family's model with a language-modelling head."""
         import transformers
 
-        return transformers.AutoModelForSeq2SeqLM if self.task == "seq2seq_lm" else transformers.AutoModelForCausalLM
+        return getattr(transformers, TASKS[self.task])
 
 
 MODEL_PATCHES: dict[str, ModelPatch] = {}
@@ -126,7 +132,7 @@ def register_model_patch(patch: ModelPatch) -> ModelPatch:
     if patch.dispatch not in DISPATCHES:
         raise ValueError(f"ModelPatch {patch.family!r}: dispatch={patch.dispatch!r} is not one of {DISPATCHES}")
     if patch.task not in TASKS:
-        raise ValueError(f"ModelPatch {patch.family!r}: task={patch.task!r} is not one of {TASKS}")
+        raise ValueError(f"ModelPatch {patch.family!r}: task={patch.task!r} is not one of {sorted(TASKS)}")
     if (patch.dispatch == "instance_patch") != (patch.patch_instance is not None):
         raise ValueError(
             f"ModelPatch {patch.family!r}: patch_instance is required exactly when dispatch='instance_patch'"
@@ -176,6 +182,8 @@ def supported_models_markdown() -> str:
     for patch in model_patches():
         types = ", ".join(f"`{t}`" for t in patch.model_types)
         dispatch = "experts interface" if patch.dispatch == "experts_interface" else "instance patch"
-        anatomy = "yes" if patch.anatomy is not None else "no"
+        anatomy = "no"
+        if patch.anatomy is not None:  # the zebra runtime trains decoder-only causal LMs (runtime/model_parts.py)
+            anatomy = "yes" if patch.task == "causal_lm" else "yes (not yet in the zebra runtime)"
         rows.append(f"| {patch.family} | {types} | {dispatch} | {anatomy} | {patch.notes} |")
     return "\n".join(rows) + "\n"

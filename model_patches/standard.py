@@ -73,12 +73,39 @@ def _has_field(config, name: str) -> bool:
         return name in config.to_dict()
 
 
-def _tiny_config(model_type: str):
+def _tiny_config(model_type: str, **overrides):
+    """A small ``model_type`` config: the shared sizes, then ``_TINY_EXTRA``'s and ``overrides``, each set only where
+    the config has that field."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
     known = CONFIG_MAPPING[model_type]()
-    sizes = {**_TINY, **_TINY_EXTRA.get(model_type, {})}
+    sizes = {**_TINY, **_TINY_EXTRA.get(model_type, {}), **overrides}
     return AutoConfig.for_model(model_type, **{k: v for k, v in sizes.items() if _has_field(known, k)})
+
+
+# A vision tower of one small layer whose output width is the tiny text stack's (vision-language families; the fields
+# a vision config lacks are skipped).
+_TINY_VISION = dict(
+    depth=1, num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_heads=2, num_attention_heads=2,
+    num_key_value_heads=2, out_hidden_size=_TINY["hidden_size"], deepstack_visual_indexes=[0],
+    num_position_embeddings=16,
+)
+# Multimodal rotary sections (temporal, height, width) that fit the tiny head_dim of 12: 6 = 2 + 2 + 2 rotary pairs.
+_MROPE = {"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 2, 2]}
+
+
+def _tiny_vl_config(model_type: str, text: dict | None = None, vision: dict | None = None):
+    """A small vision-language config: the shared text sizes (and ``text``) on its text config, ``_TINY_VISION`` (and
+    ``vision``) on its vision config, each set only where that config has the field."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    known = CONFIG_MAPPING[model_type]()
+    text_sizes = {**_TINY, **(text or {})}
+    parts = {"text_config": {k: v for k, v in text_sizes.items() if _has_field(known.get_text_config(), k)}}
+    if getattr(known, "vision_config", None) is not None:
+        vision_sizes = {**_TINY_VISION, **(vision or {})}
+        parts["vision_config"] = {k: v for k, v in vision_sizes.items() if _has_field(known.vision_config, k)}
+    return AutoConfig.for_model(model_type, **parts)
 
 
 # (family, model_type or types (the tiny model is built from the last), modeling package, experts class, decoder

@@ -145,13 +145,17 @@ def _pair(model_type):
     return patch, plain, fused
 
 
-CAUSAL = sorted(t for t, p in MODEL_PATCHES.items() if p.task == "causal_lm")
+CAUSAL = sorted(t for t, p in MODEL_PATCHES.items() if p.task != "seq2seq_lm")  # vision-language models too
 
 
 @pytest.mark.parametrize("model_type", CAUSAL)
 def test_family_loss_and_gradients_match_unfused(model_type):
     patch, plain, fused = _pair(model_type)
     assert fused_loss.causal_lm_with_head(fused) is not None
+    # Soft-capped logits (Gemma's, Mistral-Large-4's, on the text config of a vision-language model too) are not
+    # fused: the model is left to compute its own loss.
+    capped = bool(getattr(plain.config.get_text_config(), "final_logit_softcapping", None))
+    assert ("forward" in fused_loss.causal_lm_with_head(fused).__dict__) != capped
     inputs = tiny_inputs(patch, plain)
     try:
         want, want_grads = _train_step(plain, inputs)
@@ -160,18 +164,23 @@ def test_family_loss_and_gradients_match_unfused(model_type):
         router_logits = False
         want, want_grads = _train_step(plain, inputs, router_logits)
     got, got_grads = _train_step(fused, inputs, router_logits)
-    assert want.logits is not None and got.logits is None
+    assert want.logits is not None and (got.logits is None) != capped
     torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     if getattr(want, "aux_loss", None) is not None:
         torch.testing.assert_close(got.aux_loss, want.aux_loss)
+    # Relative to each gradient, or, for a gradient that is itself a near-cancelling sum (DeepSeek-V4's
+    # hyper-connection scale: ~5e-8 where the largest are ~0.6), to the model's largest: the fused loss sums its
+    # logit gradients in another order, so such a gradient moves by the same absolute round-off as any other.
+    scale = max(g.float().abs().max().item() for g in want_grads.values() if g is not None)
     for name, grad in want_grads.items():
         if grad is None:
             assert got_grads[name] is None, name
         else:
-            assert _rel(got_grads[name], grad) < 1e-4, name
+            abs_err = (got_grads[name].float() - grad.float()).abs().max().item()
+            assert _rel(got_grads[name], grad) < 1e-4 or abs_err < 1e-7 * scale, name
 
 
-@pytest.mark.parametrize("model_type", sorted(t for t, p in MODEL_PATCHES.items() if p.task != "causal_lm"))
+@pytest.mark.parametrize("model_type", sorted(t for t, p in MODEL_PATCHES.items() if p.task == "seq2seq_lm"))
 def test_seq2seq_families_are_left_alone(model_type):
     _, _, fused = _pair(model_type)
     assert fused_loss.causal_lm_with_head(fused) is None

@@ -1,0 +1,127 @@
+"""Families whose experts override ``_apply_gate`` with a clamped SwiGLU, on transformers' default weight layout
+(``gate_up_proj [E, 2I, H]``, gate rows first):
+
+- DeepSeek-V4, HY-V4, HY-V4-VL: ``silu(min(gate, limit)) * clamp(up, -limit, limit)`` (``"silu_clamped"``);
+- MiniMax-M3-VL: GPT-OSS's SwiGLU, ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``, on
+  concatenated rather than interleaved gate/up (``"swiglu_oai"``).
+
+The layout is declared per family and checked against the module's own ``_apply_gate`` before ``prepare`` changes
+anything: the kernels' reference activation runs next to it on values that cross both clamps. A subclass, or a later
+transformers, that computes something else is refused with a clear error instead of training with the wrong
+activation.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedLayoutError
+from ..kernels import reference
+from ..kernels.layout import ExpertLayout, split_gate_up
+from .anatomy import LayerAnatomy
+from .common import activation_name
+from .registry import ModelPatch, register_model_patch
+from .standard import _MROPE, _tiny_config, _tiny_vl_config
+
+
+def _probe(limit: float, width: int = 64) -> torch.Tensor:
+    """``[4, 2 * width]`` fp32 gate/up values from ``-3 * limit`` to ``3 * limit``: both clamps and the open range
+    between them, in a fixed (seeded) order so the check is deterministic."""
+    values = torch.linspace(-3 * limit, 3 * limit, 8 * width)
+    perm = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(0))
+    return values[perm].reshape(4, 2 * width)
+
+
+def checked_layout(
+    experts: nn.Module, *, modeling_module: str, experts_class: str, activation: str, limit_attr: str,
+    alpha_attr: str | None = None,
+) -> ExpertLayout:
+    """The family's layout with ``activation`` (``"<act>_clamped"`` takes ``<act>`` from ``experts.act_fn``, SiLU
+    without one), ``limit`` (and ``alpha``) read off the module; checked against its ``_apply_gate``."""
+    cls = getattr(importlib.import_module(modeling_module), experts_class)
+    name = type(experts).__name__
+    if type(experts)._apply_gate is not cls._apply_gate:
+        raise UnsupportedLayoutError(
+            f"{name} overrides {experts_class}._apply_gate; hetermoe's kernels implement only {experts_class}'s "
+            "gated activation. Use experts_implementation='grouped_mm' for this model."
+        )
+    if getattr(experts, "_is_expert_parallel", False):
+        raise UnsupportedLayoutError(f"{name} is sharded by transformers' expert parallelism; load without tp_plan")
+    if activation.endswith("_clamped") and hasattr(experts, "act_fn"):
+        activation = f"{activation_name(experts.act_fn)}_clamped"
+    layout = ExpertLayout(
+        has_gate=True, is_transposed=getattr(experts, "is_transposed", False),
+        is_concatenated=getattr(experts, "is_concatenated", True), has_bias=getattr(experts, "has_bias", False),
+        activation=activation, limit=float(getattr(experts, limit_attr)),
+        **({"alpha": float(getattr(experts, alpha_attr))} if alpha_attr else {}),
+    )
+    gate_up = _probe(layout.limit)
+    with torch.no_grad():
+        got = experts._apply_gate(gate_up)
+        want = reference.glu_forward(*split_gate_up(gate_up, -1, layout), layout)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        raise UnsupportedLayoutError(
+            f"{name}._apply_gate does not compute {layout.activation} (limit {layout.limit}, alpha {layout.alpha}), "
+            "the activation hetermoe's kernels would apply: this transformers version changed it. Use "
+            "experts_implementation='grouped_mm' for this model, or open an issue."
+        )
+    return layout
+
+
+def _register(family, model_types, package, experts_class, tiny_config, notes, *, task="causal_lm", layer=None,
+              **layout):
+    modeling = f"transformers.models.{package}.modeling_{package}"
+    return register_model_patch(
+        ModelPatch(
+            family=family,
+            model_types=model_types,
+            modeling_module=modeling,
+            experts_class=experts_class,
+            tiny_config=tiny_config,
+            layout=partial(checked_layout, modeling_module=modeling, experts_class=experts_class, **layout),
+            anatomy=LayerAnatomy(layer_classes=(layer,)) if layer else None,
+            task=task,
+            notes=notes,
+        )
+    )
+
+
+# The tiny models' swiglu_limit is far below the real 10.0 (7.0 for MiniMax-M3), near the median |gate| of their
+# freshly initialised experts, so that both clamps bite. DeepSeek-V4's first layers route by a token-id table
+# (``hash_moe``) that a fresh model holds as zeros: every token would pick expert 0 k times and the router's weight
+# would get no gradient at all, so the tiny model's layers use the learned top-k router (the experts run the same).
+PATCHES = [
+    _register(
+        "DeepSeek-V4", ("deepseek_v4",), "deepseek_v4", "DeepseekV4Experts",
+        partial(_tiny_config, "deepseek_v4", swiglu_limit=0.1, mlp_layer_types=["moe", "moe"]),
+        "sigmoid-family top-k or token-id hash routing; clamped SwiGLU; hyper-connections (several residual streams "
+        "per layer: no layer anatomy); shared experts",
+        activation="silu_clamped", limit_attr="limit",
+    ),
+    _register(
+        "HY-V4", ("hy_v4",), "hy_v4", "HYV4Experts", partial(_tiny_config, "hy_v4", swiglu_limit=0.02),
+        "clamped SwiGLU; hyper-connections and sparse-attention indices handed from layer to layer (no layer "
+        "anatomy); shared experts",
+        activation="silu_clamped", limit_attr="swiglu_limit",
+    ),
+    _register(
+        "HY-V4-VL", ("hy_v4_vl",), "hy_v4_vl", "HYV4VLExperts",
+        partial(
+            _tiny_vl_config, "hy_v4_vl", text=dict(swiglu_limit=0.02, rope_parameters=_MROPE, qk_rope_head_dim=12)
+        ),
+        "vision-language; its text stack as HY-V4's (clamped SwiGLU, hyper-connections: no layer anatomy)",
+        task="image_text_to_text", activation="silu_clamped", limit_attr="swiglu_limit",
+    ),
+    _register(
+        "MiniMax-M3-VL", ("minimax_m3_vl_text", "minimax_m3_vl"), "minimax_m3_vl", "MiniMaxM3VLExperts",
+        partial(_tiny_vl_config, "minimax_m3_vl", text=dict(swiglu_limit=0.1)),
+        "vision-language (and its text-only causal LM); GPT-OSS's clamped SwiGLU on concatenated gate/up; the routed "
+        "sum scaled after the experts (no layer anatomy); shared experts",
+        task="image_text_to_text", activation="swiglu_oai",
+        limit_attr="swiglu_limit", alpha_attr="swiglu_alpha",
+    ),
+]

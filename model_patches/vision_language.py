@@ -1,0 +1,57 @@
+"""Vision-language families whose text stack is an experts-interface MoE with transformers' default layout.
+
+``prepare`` runs on the whole ``*ForConditionalGeneration`` model: only the text stack's experts change, the vision
+tower and the projector are left as they are. The tiny models (tests, ``MODEL_COMPATIBILITY.md``) are built with
+``AutoModelForImageTextToText`` and verified on text-only batches, which run the same decoder layers and experts as
+image-and-text ones (the image features only replace some input embeddings).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+from .anatomy import LayerAnatomy
+from .registry import ModelPatch, register_model_patch
+from .standard import _LATENT_ATTENTION, _MROPE, _tiny_vl_config
+
+# (family, model types (the tiny model is built from the last), modeling package, experts class, decoder layer class,
+# text-config sizes beyond the shared ones, notes)
+_FAMILIES = (
+    ("Qwen3-VL-MoE", ("qwen3_vl_moe",), "qwen3_vl_moe", "Qwen3VLMoeTextExperts", "Qwen3VLMoeTextDecoderLayer", {},
+     "Qwen3-MoE text stack (softmax top-k); DeepStack visual features added to the first layers' inputs"),
+    ("GLM4V-MoE", ("glm4v_moe",), "glm4v_moe", "Glm4vMoeTextExperts", "Glm4vMoeTextDecoderLayer",
+     dict(rope_parameters={**_MROPE, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 1]}),
+     "GLM-4.5V / 4.6V: GLM4-MoE text stack (sigmoid group-limited top-k, shared experts, dense first layers)"),
+    ("Aria", ("aria",), "aria", "AriaExperts", "AriaTextDecoderLayer", {},
+     "softmax top-k; shared experts"),
+    ("Mistral-Large-4", ("mistral_large4",), "mistral_large4", "MistralLarge4TextExperts",
+     "MistralLarge4TextDecoderLayer", _LATENT_ATTENTION,
+     "DeepSeek-V3-style text stack: latent attention, group-limited top-k, shared experts"),
+    ("Unlimited-OCR", ("unlimited_ocr",), "unlimited_ocr", "UnlimitedOcrTextExperts", "UnlimitedOcrTextDecoderLayer",
+     dict(num_key_value_heads=4), "document OCR model with a DeepSeek-V2-style MoE text stack"),
+)
+# Vision towers with sub-towers of their own (the shared small sizes do not reach them).
+_VISION = {
+    "unlimited_ocr": dict(
+        sam_config=dict(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, global_attn_indexes=[0]
+        ),
+        encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+    ),
+}
+
+PATCHES = [
+    register_model_patch(
+        ModelPatch(
+            family=family,
+            model_types=model_types,
+            modeling_module=f"transformers.models.{package}.modeling_{package}",
+            experts_class=experts,
+            tiny_config=partial(_tiny_vl_config, model_types[-1], text=text, vision=_VISION.get(model_types[-1])),
+            anatomy=LayerAnatomy(layer_classes=(layer,)),
+            task="image_text_to_text",
+            notes=notes,
+        )
+    )
+    for family, model_types, package, experts, layer, text, notes in _FAMILIES
+]
