@@ -117,6 +117,39 @@ def test_gpt_oss_with_another_gate_is_refused():
         hetermoe.prepare(model)
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v4", "minimax_m3_vl"])
+def test_declared_gates_are_checked_against_apply_gate(model_type, monkeypatch):
+    """Families whose experts override ``_apply_gate`` (apply_gate.py): a subclass with another gate is refused, and
+    so is a class whose own ``_apply_gate`` no longer computes the declared activation (a later transformers), before
+    ``prepare`` changes anything."""
+    patch = get_model_patch(model_type)
+    if not patch.available():
+        pytest.skip(f"{patch.family} is not in this transformers")
+    model = build_tiny_model(patch)
+    experts = next(m for m in model.modules() if isinstance(m, patch.experts_type()))
+    assert patch.layout(experts).activation in ("silu_clamped", "swiglu_oai")
+
+    class OtherGate(type(experts)):
+        def _apply_gate(self, gate_up):
+            return gate_up.chunk(2, dim=-1)[0]
+
+    experts.__class__ = OtherGate
+    with pytest.raises(UnsupportedLayoutError, match="overrides"):
+        hetermoe.prepare(model)
+    experts.__class__ = patch.experts_type()
+
+    def unclamped(self, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    monkeypatch.setattr(patch.experts_type(), "_apply_gate", unclamped)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsupportedLayoutError, match="does not compute"):
+        hetermoe.prepare(model)
+    assert "hetermoe" not in str(model.config._experts_implementation)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def _logits(model, inputs):
     with torch.no_grad():
         return model(**inputs).logits
