@@ -28,14 +28,17 @@ _PLAIN = {
     "relu2": 4,
 }
 # "<act>_clamped" (DeepSeek-V4, HY-V4): act(min(gate, limit)) * clamp(up, -limit, limit); its code is the plain
-# activation's plus CLAMPED.
+# activation's plus CLAMPED. "<act>_clamped_after" (Step-3.7): min(act(gate), limit) * clamp(up, -limit, limit), the
+# plain code plus CLAMPED_AFTER.
 CLAMPED = 8
+CLAMPED_AFTER = 16
+_SUFFIXES = {"_clamped": CLAMPED, "_clamped_after": CLAMPED_AFTER}
 ACTIVATIONS = {
     **_PLAIN,
     "swiglu_oai": 5,
-    **{f"{name}_clamped": code + CLAMPED for name, code in _PLAIN.items()},
+    **{f"{name}{suffix}": code + offset for suffix, offset in _SUFFIXES.items() for name, code in _PLAIN.items()},
 }
-GATED_ONLY = {"swiglu_oai", *(f"{name}_clamped" for name in _PLAIN)}
+GATED_ONLY = {name for name in ACTIVATIONS if name not in _PLAIN}
 
 
 @dataclass(frozen=True)
@@ -71,14 +74,16 @@ class ExpertLayout:
         return ACTIVATIONS[self.activation]
 
     @property
-    def clamped(self) -> bool:
-        """``act(min(gate, limit)) * clamp(up, -limit, limit)`` (an ``*_clamped`` activation)."""
-        return self.activation.endswith("_clamped")
+    def clamp(self) -> str | None:
+        """``"before"`` the activation (``*_clamped``), ``"after"`` it (``*_clamped_after``), or None."""
+        if self.activation.endswith("_clamped_after"):
+            return "after"
+        return "before" if self.activation.endswith("_clamped") else None
 
     @property
     def plain_activation(self) -> str:
-        """The activation applied to the (clamped) gate: ``"silu"`` for ``"silu_clamped"``."""
-        return self.activation.removesuffix("_clamped")
+        """The activation applied to the gate: ``"silu"`` for ``"silu_clamped"`` and ``"silu_clamped_after"``."""
+        return self.activation.removesuffix("_after").removesuffix("_clamped")
 
 
 def w1_logical(w1: torch.Tensor, layout: ExpertLayout) -> torch.Tensor:

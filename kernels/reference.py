@@ -84,9 +84,12 @@ def glu_forward(gate: torch.Tensor | None, up: torch.Tensor, layout: ExpertLayou
         g = gate.clamp(max=layout.limit)
         u = up.clamp(-layout.limit, layout.limit)
         return (u + 1) * g * torch.sigmoid(g * layout.alpha)
-    if layout.clamped:
+    if layout.clamp == "before":
         limit = layout.limit
         return act_forward(gate.clamp(max=limit), layout.plain_activation) * up.clamp(-limit, limit)
+    if layout.clamp == "after":
+        limit = layout.limit
+        return act_forward(gate, layout.plain_activation).clamp(max=limit) * up.clamp(-limit, limit)
     return act_forward(gate, layout.activation) * up
 
 
@@ -104,13 +107,15 @@ def glu_backward(
         dg = dh * (u + 1) * (s + alpha * g * s * (1 - s)) * (gate <= limit)
         du = dh * g * s * ((up >= -limit) & (up <= limit))
         return dg, du
-    if layout.clamped:
+    if layout.clamp is not None:
         limit, name = layout.limit, layout.plain_activation
-        g = gate.clamp(max=limit)
         u = up.clamp(-limit, limit)
-        dg = dh * u * act_derivative(g, name) * (gate <= limit)
-        du = dh * act_forward(g, name) * ((up >= -limit) & (up <= limit))
-        return dg, du
+        du_mask = (up >= -limit) & (up <= limit)
+        if layout.clamp == "before":
+            g = gate.clamp(max=limit)
+            return dh * u * act_derivative(g, name) * (gate <= limit), dh * act_forward(g, name) * du_mask
+        a = act_forward(gate, name)
+        return dh * u * act_derivative(gate, name) * (a <= limit), dh * a.clamp(max=limit) * du_mask
     return dh * up * act_derivative(gate, layout.activation), dh * act_forward(gate, layout.activation)
 
 

@@ -28,6 +28,7 @@ RELU = tl.constexpr(3)
 RELU2 = tl.constexpr(4)
 SWIGLU_OAI = tl.constexpr(5)
 CLAMPED = tl.constexpr(8)  # plus a plain code: act(min(gate, limit)) * clamp(up, -limit, limit)
+CLAMPED_AFTER = tl.constexpr(16)  # plus a plain code: min(act(gate), limit) * clamp(up, -limit, limit)
 
 
 @triton.jit
@@ -74,6 +75,8 @@ def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
         g = tl.minimum(gate, limit)
         u = tl.minimum(tl.maximum(up, -limit), limit)
         h = (u + 1.0) * g * tl.sigmoid(g * alpha)
+    elif ACT >= CLAMPED_AFTER:
+        h = tl.minimum(_act(gate, ACT - CLAMPED_AFTER), limit) * tl.minimum(tl.maximum(up, -limit), limit)
     elif ACT >= CLAMPED:
         h = _act(tl.minimum(gate, limit), ACT - CLAMPED) * tl.minimum(tl.maximum(up, -limit), limit)
     else:
@@ -540,6 +543,12 @@ def _glu_backward_kernel(
                 h = (uc + 1.0) * glu
                 dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
                 dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+            elif ACT >= CLAMPED_AFTER:
+                uc = tl.minimum(tl.maximum(up, -limit), limit)
+                a = _act(gate, ACT - CLAMPED_AFTER)
+                h = tl.minimum(a, limit) * uc
+                dgate = tl.where(a <= limit, dh * uc * _act_grad(gate, ACT - CLAMPED_AFTER), 0.0)
+                dup = tl.where((up >= -limit) & (up <= limit), dh * tl.minimum(a, limit), 0.0)
             elif ACT >= CLAMPED:
                 gc = tl.minimum(gate, limit)
                 uc = tl.minimum(tl.maximum(up, -limit), limit)

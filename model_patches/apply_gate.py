@@ -1,7 +1,10 @@
 """Families whose experts override ``_apply_gate`` with a clamped SwiGLU, on transformers' default weight layout
 (``gate_up_proj [E, 2I, H]``, gate rows first):
 
-- DeepSeek-V4, HY-V4, HY-V4-VL: ``silu(min(gate, limit)) * clamp(up, -limit, limit)`` (``"silu_clamped"``);
+- DeepSeek-V4, HY-V4, HY-V4-VL, GLM5-Next: ``silu(min(gate, limit)) * clamp(up, -limit, limit)``
+  (``"silu_clamped"``);
+- Step-3.7: ``min(silu(gate), limit) * clamp(up, -limit, limit)`` (``"silu_clamped_after"``), a limit per layer (none:
+  plain SiLU);
 - MiniMax-M3-VL: GPT-OSS's SwiGLU, ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``, on
   concatenated rather than interleaved gate/up (``"swiglu_oai"``).
 
@@ -25,7 +28,7 @@ from ..kernels.layout import ExpertLayout, split_gate_up
 from .anatomy import LayerAnatomy
 from .common import activation_name
 from .registry import ModelPatch, register_model_patch
-from .standard import _MROPE, _tiny_config, _tiny_vl_config
+from .standard import _LATENT_ATTENTION, _MROPE, _tiny_config, _tiny_vl_config
 
 
 def _probe(limit: float, width: int = 64) -> torch.Tensor:
@@ -51,12 +54,16 @@ def checked_layout(
         )
     if getattr(experts, "_is_expert_parallel", False):
         raise UnsupportedLayoutError(f"{name} is sharded by transformers' expert parallelism; load without tp_plan")
-    if activation.endswith("_clamped") and hasattr(experts, "act_fn"):
-        activation = f"{activation_name(experts.act_fn)}_clamped"
+    limit = getattr(experts, limit_attr)
+    suffix = activation[activation.index("_clamped"):] if "_clamped" in activation else ""
+    if suffix:
+        plain = activation_name(experts.act_fn) if hasattr(experts, "act_fn") else "silu"
+        # A layer without a limit (Step-3.7's per-layer limits of 0 or None) applies the plain activation.
+        activation = plain + suffix if limit is not None else plain
     layout = ExpertLayout(
         has_gate=True, is_transposed=getattr(experts, "is_transposed", False),
         is_concatenated=getattr(experts, "is_concatenated", True), has_bias=getattr(experts, "has_bias", False),
-        activation=activation, limit=float(getattr(experts, limit_attr)),
+        activation=activation, **({"limit": float(limit)} if limit is not None else {}),
         **({"alpha": float(getattr(experts, alpha_attr))} if alpha_attr else {}),
     )
     gate_up = _probe(layout.limit)
@@ -115,6 +122,29 @@ PATCHES = [
         ),
         "vision-language; its text stack as HY-V4's (clamped SwiGLU, hyper-connections: no layer anatomy)",
         task="image_text_to_text", activation="silu_clamped", limit_attr="swiglu_limit",
+    ),
+    _register(
+        "GLM5-Next", ("glm5_next",), "glm5_next", "Glm5NextTextExperts",
+        partial(_tiny_vl_config, "glm5_next",
+                text=dict(_LATENT_ATTENTION, qk_rope_head_dim=0, mlp_layer_types=["dense", "sparse"],
+                          swiglu_limit=0.05, layer_types=["linear_attention", "indexed_attention"],
+                          linear_head_dim=12, linear_num_heads=4, index_head_dim=8, index_n_heads=2, index_topk=8,
+                          index_kpool=4),
+                vision=dict(projection_intermediate_size=32)),
+        "vision-language; clamped SwiGLU; group-limited top-k; shared experts; dense first layers; "
+        "hyper-connections (no layer anatomy)",
+        task="image_text_to_text", activation="silu_clamped",
+        limit_attr="swiglu_limit",
+    ),
+    _register(
+        "Step-3.7", ("step3p7",), "step3p7", "Step3p7Experts",
+        partial(_tiny_vl_config, "step3p7",
+                text=dict(mlp_layer_types=["sparse", "sparse"], share_expert_dim=32, swiglu_limits=[0, 0.02],
+                          layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                          num_sliding_attention_heads=4)),
+        "vision-language; the gate clamped after its activation, a limit per layer (the tiny model's first has none); "
+        "shared expert; dense first layers",
+        task="image_text_to_text", layer="Step3p7DecoderLayer", activation="silu_clamped_after", limit_attr="limit",
     ),
     _register(
         "MiniMax-M3-VL", ("minimax_m3_vl_text", "minimax_m3_vl"), "minimax_m3_vl", "MiniMaxM3VLExperts",

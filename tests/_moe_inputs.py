@@ -14,6 +14,8 @@ LAYOUTS = {
     "interleaved_gelu": ExpertLayout(is_concatenated=False, activation="gelu"),
     # DeepSeek-V4 / HY-V4; the limit is low enough that both clamps bite on these random inputs.
     "silu_clamped": ExpertLayout(activation="silu_clamped", limit=0.5),
+    # Step-3.7: the gate clamped after its activation.
+    "silu_clamped_after": ExpertLayout(activation="silu_clamped_after", limit=0.3),
 }
 
 
