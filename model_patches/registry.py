@@ -73,6 +73,8 @@ class ModelPatch:
             ``None`` where no split is offered.
         task: "causal_lm" (``AutoModelForCausalLM``), "seq2seq_lm" (``AutoModelForSeq2SeqLM``) or
             "image_text_to_text" (``AutoModelForImageTextToText``: a vision-language model, verified on text).
+        auto_class_name: the transformers auto class that builds the family when it is not the task's (Mistral4's
+            ``Mistral4ForCausalLM`` is mapped under ``AutoModelForImageTextToText`` only).
         notes: one line on the family's routing and weight layout (README table).
         quirks: upstream behaviours a prepared model reproduces on purpose (listed in the docs).
     """
@@ -87,6 +89,7 @@ class ModelPatch:
     patch_instance: Callable[[nn.Module, object, str], Callable[[], None]] | None = None
     anatomy: LayerAnatomy | None = None
     task: str = "causal_lm"
+    auto_class_name: str | None = None
     notes: str = ""
     quirks: tuple[str, ...] = field(default_factory=tuple)
 
@@ -119,7 +122,7 @@ class ModelPatch:
         """The transformers auto class that builds this family's model with a language-modelling head."""
         import transformers
 
-        return getattr(transformers, TASKS[self.task])
+        return getattr(transformers, self.auto_class_name or TASKS[self.task])
 
 
 MODEL_PATCHES: dict[str, ModelPatch] = {}

@@ -196,3 +196,19 @@ PATCHES = [
     )
     for family, model_type, package, experts, layer, notes in _FAMILIES
 ]
+
+# Mistral-Small-4 (``mistral4``): a decoder-only causal LM, which transformers maps under AutoModelForImageTextToText
+# (not AutoModelForCausalLM).
+MISTRAL4 = register_model_patch(
+    ModelPatch(
+        family="Mistral4",
+        model_types=("mistral4",),
+        modeling_module="transformers.models.mistral4.modeling_mistral4",
+        experts_class="Mistral4Experts",
+        tiny_config=partial(_tiny_config, "mistral4", **_LATENT_ATTENTION, first_k_dense_replace=1),
+        anatomy=LayerAnatomy(layer_classes=("Mistral4DecoderLayer",)),
+        auto_class_name="AutoModelForImageTextToText",
+        notes="DeepSeek-V3-style: latent attention, group-limited top-k, shared experts, dense first layers; "
+        "built by AutoModelForImageTextToText",
+    )
+)

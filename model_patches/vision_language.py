@@ -14,8 +14,8 @@ from .anatomy import LayerAnatomy
 from .registry import ModelPatch, register_model_patch
 from .standard import _LATENT_ATTENTION, _MROPE, _tiny_vl_config
 
-# (family, model types (the tiny model is built from the last), modeling package, experts class, decoder layer class,
-# text-config sizes beyond the shared ones, notes)
+# (family, model types (the tiny model is built from the last), modeling package, experts class, decoder layer class
+# (None: no layer anatomy), text-config sizes beyond the shared ones, notes)
 _FAMILIES = (
     ("Qwen3-VL-MoE", ("qwen3_vl_moe",), "qwen3_vl_moe", "Qwen3VLMoeTextExperts", "Qwen3VLMoeTextDecoderLayer", {},
      "Qwen3-MoE text stack (softmax top-k); DeepStack visual features added to the first layers' inputs"),
@@ -27,6 +27,11 @@ _FAMILIES = (
     ("Mistral-Large-4", ("mistral_large4",), "mistral_large4", "MistralLarge4TextExperts",
      "MistralLarge4TextDecoderLayer", _LATENT_ATTENTION,
      "DeepSeek-V3-style text stack: latent attention, group-limited top-k, shared experts"),
+    ("ERNIE-4.5-VL", ("ernie4_5_vl_moe",), "ernie4_5_vl_moe", "Ernie4_5_VLMoeMoeExperts", None,
+     dict(moe_intermediate_size=[16, 16], mlp_layer_types=["dense", "sparse"], moe_num_shared_experts=1,
+          rope_parameters={**_MROPE, "rope_theta": 500000.0}),
+     "modality-isolated experts: a text and a vision experts module per layer (both prepared; text-only batches "
+     "verify the text one; no layer anatomy); ERNIE-4.5 routing; shared experts; dense first layers"),
     ("Unlimited-OCR", ("unlimited_ocr",), "unlimited_ocr", "UnlimitedOcrTextExperts", "UnlimitedOcrTextDecoderLayer",
      dict(num_key_value_heads=4), "document OCR model with a DeepSeek-V2-style MoE text stack"),
 )
@@ -48,7 +53,7 @@ PATCHES = [
             modeling_module=f"transformers.models.{package}.modeling_{package}",
             experts_class=experts,
             tiny_config=partial(_tiny_vl_config, model_types[-1], text=text, vision=_VISION.get(model_types[-1])),
-            anatomy=LayerAnatomy(layer_classes=(layer,)),
+            anatomy=LayerAnatomy(layer_classes=(layer,)) if layer else None,
             task="image_text_to_text",
             notes=notes,
         )
