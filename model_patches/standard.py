@@ -94,18 +94,26 @@ _TINY_VISION = dict(
 _MROPE = {"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 2, 2]}
 
 
-def _tiny_vl_config(model_type: str, text: dict | None = None, vision: dict | None = None):
+# An audio encoder of one small layer (Qwen3-Omni's thinker).
+_TINY_AUDIO = dict(
+    encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16, output_dim=_TINY["hidden_size"],
+    downsample_hidden_size=8,
+)
+
+
+def _tiny_vl_config(model_type: str, text: dict | None = None, vision: dict | None = None, **top):
     """A small vision-language config: the shared text sizes (and ``text``) on its text config, ``_TINY_VISION`` (and
-    ``vision``) on its vision config, each set only where that config has the field."""
+    ``vision``) on its vision config, ``_TINY_AUDIO`` on an audio config, each set only where that config has the
+    field; ``top`` on the config itself."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
     known = CONFIG_MAPPING[model_type]()
     text_sizes = {**_TINY, **(text or {})}
     parts = {"text_config": {k: v for k, v in text_sizes.items() if _has_field(known.get_text_config(), k)}}
-    if getattr(known, "vision_config", None) is not None:
-        vision_sizes = {**_TINY_VISION, **(vision or {})}
-        parts["vision_config"] = {k: v for k, v in vision_sizes.items() if _has_field(known.vision_config, k)}
-    return AutoConfig.for_model(model_type, **parts)
+    for name, sizes in (("vision_config", {**_TINY_VISION, **(vision or {})}), ("audio_config", _TINY_AUDIO)):
+        if getattr(known, name, None) is not None:
+            parts[name] = {k: v for k, v in sizes.items() if _has_field(getattr(known, name), k)}
+    return AutoConfig.for_model(model_type, **parts, **top)
 
 
 # (family, model_type or types (the tiny model is built from the last), modeling package, experts class, decoder

@@ -12,7 +12,7 @@ from functools import partial
 
 from .anatomy import LayerAnatomy
 from .registry import ModelPatch, register_model_patch
-from .standard import _LATENT_ATTENTION, _MROPE, _tiny_vl_config
+from .standard import _LATENT_ATTENTION, _MROPE, _TINY, _tiny_vl_config
 
 # (family, model types (the tiny model is built from the last), modeling package, experts class, decoder layer class
 # (None: no layer anatomy), text-config sizes beyond the shared ones, notes)
@@ -35,6 +35,23 @@ _FAMILIES = (
     ("Unlimited-OCR", ("unlimited_ocr",), "unlimited_ocr", "UnlimitedOcrTextExperts", "UnlimitedOcrTextDecoderLayer",
      dict(num_key_value_heads=4), "document OCR model with a DeepSeek-V2-style MoE text stack"),
 )
+# Qwen3-Omni-MoE's thinker (text, image, audio and video in; text out): what is fine-tuned of Qwen3-Omni. The whole
+# Omni model (``qwen3_omni_moe``, thinker and talker) is not registered. The thinker's config has no
+# ``vision_start_token_id``, which its ``generate`` reads (upstream): the tiny config sets one so generate runs.
+QWEN3_OMNI_THINKER = register_model_patch(
+    ModelPatch(
+        family="Qwen3-Omni-MoE (thinker)",
+        model_types=("qwen3_omni_moe_thinker",),
+        modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
+        experts_class="Qwen3OmniMoeThinkerTextExperts",
+        tiny_config=partial(_tiny_vl_config, "qwen3_omni_moe_thinker", vision_start_token_id=_TINY["vocab_size"] - 1),
+        anatomy=LayerAnatomy(layer_classes=("Qwen3OmniMoeThinkerTextDecoderLayer",)),
+        task="image_text_to_text",
+        notes="Qwen3-MoE text stack (softmax top-k) under vision and audio encoders; the thinker only (the talker "
+        "is not registered)",
+    )
+)
+
 # Vision towers with sub-towers of their own (the shared small sizes do not reach them).
 _VISION = {
     "unlimited_ocr": dict(
