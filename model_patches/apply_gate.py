@@ -3,8 +3,9 @@
 
 - DeepSeek-V4, HY-V4, HY-V4-VL, GLM5-Next: ``silu(min(gate, limit)) * clamp(up, -limit, limit)``
   (``"silu_clamped"``);
-- Step-3.7: ``min(silu(gate), limit) * clamp(up, -limit, limit)`` (``"silu_clamped_after"``), a limit per layer (none:
-  plain SiLU);
+- Step-3.7, Ling-Hybrid: ``min(silu(gate), limit) * clamp(up, -limit, limit)`` (``"silu_clamped_after"``), a limit
+  per layer (none: plain SiLU);
+- Beam: ``act(gate) * up`` in fp32, cast back, which is what the kernels compute anyway (``"silu"``);
 - MiniMax-M3-VL: GPT-OSS's SwiGLU, ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``, on
   concatenated rather than interleaved gate/up (``"swiglu_oai"``).
 
@@ -40,7 +41,7 @@ def _probe(limit: float, width: int = 64) -> torch.Tensor:
 
 
 def checked_layout(
-    experts: nn.Module, *, modeling_module: str, experts_class: str, activation: str, limit_attr: str,
+    experts: nn.Module, *, modeling_module: str, experts_class: str, activation: str, limit_attr: str | None = None,
     alpha_attr: str | None = None,
 ) -> ExpertLayout:
     """The family's layout with ``activation`` (``"<act>_clamped"`` takes ``<act>`` from ``experts.act_fn``, SiLU
@@ -54,7 +55,7 @@ def checked_layout(
         )
     if getattr(experts, "_is_expert_parallel", False):
         raise UnsupportedLayoutError(f"{name} is sharded by transformers' expert parallelism; load without tp_plan")
-    limit = getattr(experts, limit_attr)
+    limit = getattr(experts, limit_attr) if limit_attr else None
     suffix = activation[activation.index("_clamped"):] if "_clamped" in activation else ""
     if suffix:
         plain = activation_name(experts.act_fn) if hasattr(experts, "act_fn") else "silu"
@@ -66,7 +67,7 @@ def checked_layout(
         activation=activation, **({"limit": float(limit)} if limit is not None else {}),
         **({"alpha": float(getattr(experts, alpha_attr))} if alpha_attr else {}),
     )
-    gate_up = _probe(layout.limit)
+    gate_up = _probe(layout.limit if limit is not None else 10.0)
     with torch.no_grad():
         got = experts._apply_gate(gate_up)
         want = reference.glu_forward(*split_gate_up(gate_up, -1, layout), layout)
@@ -122,6 +123,24 @@ PATCHES = [
         ),
         "vision-language; its text stack as HY-V4's (clamped SwiGLU, hyper-connections: no layer anatomy)",
         task="image_text_to_text", activation="silu_clamped", limit_attr="swiglu_limit",
+    ),
+    _register(
+        "Ling-Hybrid", ("bailing_hybrid",), "bailing_hybrid", "BailingHybridExperts",
+        partial(_tiny_config, "bailing_hybrid", **_LATENT_ATTENTION, num_experts_per_token=2,
+                mlp_layer_types=["sparse", "sparse"], layer_types=["linear_attention", "full_attention"],
+                linear_head_dim=12, linear_num_heads=4, num_expert_group=1, topk_group=1, first_k_dense_replace=0,
+                expert_swiglu_limit_list=[0, 0.02], layer_group_size=2),
+        "the gate clamped after its activation, a limit per layer (the tiny model's first has none); hybrid linear "
+        "/ latent attention layers; group-limited top-k; shared expert",
+        layer="BailingHybridDecoderLayer", activation="silu_clamped_after", limit_attr="limit",
+    ),
+    _register(
+        "Beam", ("beam",), "beam", "BeamExperts",
+        partial(_tiny_config, "beam", mlp_layer_types=["dense", "sparse"], n_group=1, topk_group=1,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+        "the activation computed in fp32 (as the kernels always do); the routed sum scaled after the experts and "
+        "depth-scaled residuals (no layer anatomy); dense first layers",
+        activation="silu",
     ),
     _register(
         "GLM5-Next", ("glm5_next",), "glm5_next", "Glm5NextTextExperts",

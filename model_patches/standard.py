@@ -58,6 +58,11 @@ _TINY_EXTRA = {
     # ("zero") experts.
     "longcat_flash": dict(_LATENT_ATTENTION, head_dim=4, zero_expert_num=2),
     "axk2": _LATENT_ATTENTION,
+    "flint": dict(mlp_only_layers=[0], shared_expert_intermediate_size=32,
+                  layer_types=["full_attention", "sliding_attention"], sliding_window=16),
+    # Mamba2 widths: mamba_n_heads * mamba_d_head = mamba_expand (2) * hidden_size.
+    "granitemoehybrid": dict(mamba_n_heads=4, mamba_d_head=24, mamba_d_state=16, mamba_chunk_size=16,
+                             layer_types=["linear_attention", "full_attention"], shared_intermediate_size=32),
     # Gemma4's text stack has experts only with enable_moe_block; its per-layer input embeddings default to 262,144.
     "gemma4_text": dict(
         enable_moe_block=True, top_k_experts=2, vocab_size_per_layer_input=128, hidden_size_per_layer_input=8,
@@ -178,6 +183,10 @@ _FAMILIES = (
      "latent attention; identity (\"zero\") experts among the router's choices, added outside the experts"),
     ("A.X-K2", "axk2", "axk2", "AXK2Experts", "AXK2DecoderLayer",
      "latent attention with a sparse-attention indexer; optional group-limited top-k; dense and sparse layers"),
+    ("Flint", "flint", "flint", "FlintExperts", "FlintDecoderLayer",
+     "softmax top-k; shared expert; sliding-window and full attention; dense first layers (`mlp_only_layers`)"),
+    ("GraniteMoE-Hybrid", "granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridExperts",
+     "GraniteMoeHybridDecoderLayer", "hybrid Mamba2 / attention layers; GraniteMoE routing; shared MLP"),
     ("ZAYA", "zaya", "zaya", "ZayaExperts", None,
      "top-1 routing; no layer anatomy (the split layer's gradients differ from the whole layer's by 1.8e-3, "
      "not investigated)"),
