@@ -58,6 +58,9 @@ _TINY_EXTRA = {
     # ("zero") experts.
     "longcat_flash": dict(_LATENT_ATTENTION, head_dim=4, zero_expert_num=2),
     "axk2": _LATENT_ATTENTION,
+    # Kolibri1.1: NVFP4-rounded keys and values need head_dim % 16 == 0; sliding and indexed attention only.
+    "kolibri1_1": dict(head_dim=16, index_num_heads=2, mlp_only_layers=[0], shared_expert_intermediate_size=32,
+                       layer_types=["sliding_attention", "indexed_attention"], sliding_window=16),
     "flint": dict(mlp_only_layers=[0], shared_expert_intermediate_size=32,
                   layer_types=["full_attention", "sliding_attention"], sliding_window=16),
     # Mamba2 widths: mamba_n_heads * mamba_d_head = mamba_expand (2) * hidden_size.
@@ -169,6 +172,9 @@ _FAMILIES = (
     ("HY-V3", "hy_v3", "hy_v3", "HYV3Experts", "HYV3DecoderLayer", "score-correction bias top-k; shared experts"),
     ("Kolibri1", "kolibri1", "kolibri1", "Kolibri1Experts", None,
      "shared experts; post-MLP RMSNorm (no layer anatomy)"),
+    ("Kolibri1.1", "kolibri1_1", "kolibri1_1", "Kolibri1_1Experts", None,
+     "shared experts; sliding-window and indexed sparse attention; the split layer differs from the whole one "
+     "(no layer anatomy, not investigated)"),
     ("Laguna", "laguna", "laguna", "LagunaExperts", "LagunaDecoderLayer", "shared experts; gated attention"),
     ("Lara-Mini", "lara_mini", "lara_mini", "LaraMiniExperts", "LaraMiniDecoderLayer",
      "hybrid Gated DeltaNet / attention layers"),

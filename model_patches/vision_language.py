@@ -32,6 +32,13 @@ _FAMILIES = (
           rope_parameters={**_MROPE, "rope_theta": 500000.0}),
      "modality-isolated experts: a text and a vision experts module per layer (both prepared; text-only batches "
      "verify the text one; no layer anatomy); ERNIE-4.5 routing; shared experts; dense first layers"),
+    ("Qwen4-Exp", ("qwen4_exp",), "qwen4_exp", "Qwen4ExpTextExperts", None,
+     dict(layer_types=["linear_attention", "indexed_attention"], linear_num_value_heads=4, linear_num_key_heads=2,
+          linear_key_head_dim=12, linear_value_head_dim=12, shared_expert_intermediate_size=32,
+          indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=12, indexer_budget=8, indexer_compress_ratio=2,
+          ngram_vocab_size_base=256, make_ngram_vocab_size_divisible_by=8, heads_per_ngram=2),
+     "hybrid Gated DeltaNet / sparse (QSA-indexed) attention layers; n-gram embeddings; shared expert; its layers "
+     "take more than the generic split passes (no layer anatomy, not investigated)"),
     ("Unlimited-OCR", ("unlimited_ocr",), "unlimited_ocr", "UnlimitedOcrTextExperts", "UnlimitedOcrTextDecoderLayer",
      dict(num_key_value_heads=4), "document OCR model with a DeepSeek-V2-style MoE text stack"),
 )
