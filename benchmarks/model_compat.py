@@ -11,6 +11,8 @@ markdown from every stored file, so a CPU run keeps the GPU column of an earlier
     python benchmarks/model_compat.py                 # CPU fp32 (+ GPU bf16 when CUDA is available)
     python benchmarks/model_compat.py --family Mixtral --no-write
     python benchmarks/model_compat.py --no-cpu         # GPU column only, the stored CPU column kept
+    python benchmarks/model_compat.py --no-cpu --missing   # only the families the stored GPU column lacks, added
+                                                           # to it (each merged run's environment is listed)
 """
 
 from __future__ import annotations
@@ -75,6 +77,25 @@ def measure(device: str, families: list[str] | None) -> dict:
             "families": rows}
 
 
+def missing_families(stored: dict | None) -> list[str]:
+    """Registered families that ``stored`` (one device's run) has no measurement of: never run, or unavailable in
+    the transformers it ran with."""
+    rows = (stored or {}).get("families", {})
+    return [p.family for p in model_patches() if p.family not in rows or "unavailable" in rows[p.family]]
+
+
+def merge(stored: dict, new: dict) -> dict:
+    """``stored`` with ``new``'s rows added (or replaced); each row keeps the index of the run that measured it in
+    ``environments``."""
+    environments = list(stored.get("environments") or [stored["environment"]])
+    families = {k: {"run": 0, **v} if "run" not in v else v for k, v in stored["families"].items()}
+    if new["environment"] not in environments[1:]:  # one entry per run, however many merges it made
+        environments.append(new["environment"])
+    index = len(environments) - 1 - environments[::-1].index(new["environment"])
+    families.update({k: {**v, "run": index} for k, v in new["families"].items()})
+    return {**stored, "environments": environments, "families": families}
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.1e}"
 
@@ -121,8 +142,11 @@ def render(runs: dict[str, dict]) -> str:
     ]
     for name, run in (("CPU", cpu), ("GPU", gpu)):
         if run:
-            env = ", ".join(f"{k} {v}" for k, v in run["environment"].items())
-            lines.append(f"- {name} run: {env}, {run['dtype']}, backend `{run['backend']}`.")
+            environments = run.get("environments") or [run["environment"]]
+            for i, environment in enumerate(environments):
+                env = ", ".join(f"{k} {v}" for k, v in environment.items())
+                which = f" {i + 1} of {len(environments)} (the families it added)" if len(environments) > 1 else ""
+                lines.append(f"- {name} run{which}: {env}, {run['dtype']}, backend `{run['backend']}`.")
     lines += [
         "",
         "| Family | max \\|Δlogits\\| | max \\|Δgrad\\| | aux-loss Δ | round trip | generate | anatomy | CPU fp32 "
@@ -160,25 +184,50 @@ def render(runs: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _write(path: Path, run: dict) -> None:
+    """``run`` to ``path`` through a temporary file: an interrupted write leaves the stored file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", action="append", help="only these families (repeatable)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU bf16 run even when CUDA is available")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU fp32 run (keep the stored CPU column)")
     parser.add_argument("--no-write", action="store_true", help="print results, write no file")
+    parser.add_argument("--missing", action="store_true",
+                        help="only the families the stored run of each device lacks, merged into it")
     args = parser.parse_args(argv)
+    if args.missing and args.family:
+        parser.error("--missing picks the families itself; drop --family")
 
     devices = ([] if args.no_cpu else ["cpu"]) + (["cuda"] if torch.cuda.is_available() and not args.no_gpu else [])
     runs = {}
     for device in ("cpu", "cuda"):
         path = RESULTS / f"model_compat_{device}.json"
+        stored = json.loads(path.read_text()) if path.exists() else None
         if device in devices:
-            runs[device] = measure(device, args.family)
+            families = missing_families(stored) if args.missing and stored else args.family
+            if args.missing and stored and not families:
+                print(f"{device}: every family is in {path.relative_to(ROOT)}")
+                runs[device] = stored
+                continue
+            if args.missing and stored:
+                # One family at a time, each merged and written: a run cut short keeps every family it finished.
+                for family in families:
+                    stored = merge(stored, measure(device, [family]))
+                    if not args.no_write:
+                        _write(path, stored)
+                runs[device] = stored
+                continue
+            runs[device] = measure(device, families)
             if not args.no_write and not args.family:
-                RESULTS.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(runs[device], indent=2, sort_keys=True) + "\n")
-        elif path.exists():
-            runs[device] = json.loads(path.read_text())
+                _write(path, runs[device])
+        elif stored is not None:
+            runs[device] = stored
     if not args.no_write and not args.family:
         OUTPUT.write_text(render(runs))
         print(f"wrote {OUTPUT.relative_to(ROOT)}")

@@ -50,3 +50,38 @@ def test_sustained_and_burst_rows_never_share_a_table(tmp_path, monkeypatch):
     assert sustained < burst
     assert "for 1 s, then is timed over 1 s" in text
     assert "| 250 | 2.50x |" in text[:burst] and "| 300 | 3.00x |" in text[burst:]
+
+
+def _model_compat():
+    spec = importlib.util.spec_from_file_location("model_compat", ROOT / "benchmarks" / "model_compat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_compat_merges_the_missing_families():
+    """``model_compat.py --missing`` measures only the families a stored run lacks and adds them to it, each row
+    keeping which run (environment) measured it; the page lists every run."""
+    import json
+
+    compat = _model_compat()
+    stored = json.loads((ROOT / "benchmarks" / "results" / "model_compat_cpu.json").read_text())
+    some = dict(list(stored["families"].items())[:3])
+    partial = {**stored, "families": some}
+    missing = compat.missing_families(partial)
+    assert set(missing).isdisjoint(some) and len(missing) == len(compat.model_patches()) - 3
+    new_env = {**stored["environment"], "date": "2099-01-01"}
+    row = next(iter(some.values()))
+    added = {"environment": new_env, "families": dict.fromkeys(missing, row)}
+    merged = compat.merge(partial, added)
+    assert merged["environments"] == [stored["environment"], new_env]
+    runs = {k: v["run"] for k, v in merged["families"].items()}
+    assert runs == {**dict.fromkeys(some, 0), **dict.fromkeys(missing, 1)}
+    assert compat.missing_families(merged) == []
+    # Family by family, as the tool merges them: one environment per run.
+    one_by_one = partial
+    for name in missing:
+        one_by_one = compat.merge(one_by_one, {"environment": new_env, "families": {name: row}})
+    assert one_by_one == merged
+    page = compat.render({"cpu": merged})
+    assert "CPU run 1 of 2" in page and "CPU run 2 of 2" in page and "2099-01-01" in page
