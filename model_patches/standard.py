@@ -193,6 +193,9 @@ _FAMILIES = (
      "softmax top-k; shared expert; sliding-window and full attention; dense first layers (`mlp_only_layers`)"),
     ("GraniteMoE-Hybrid", "granitemoehybrid", "granitemoehybrid", "GraniteMoeHybridExperts",
      "GraniteMoeHybridDecoderLayer", "hybrid Mamba2 / attention layers; GraniteMoE routing; shared MLP"),
+    ("Ergo", "ergo", "ergo", "ErgoExpertProjections", None,
+     "one route per row into `up_proj` only (ReLU^2, transposed), each route's own RMSNorm after the experts (kept "
+     "upstream; no layer anatomy); an fp32-output LM head (the model computes its own loss); shared expert"),
     ("ZAYA", "zaya", "zaya", "ZayaExperts", None,
      "top-1 routing; no layer anatomy (the split layer's gradients differ from the whole layer's by 1.8e-3, "
      "not investigated)"),

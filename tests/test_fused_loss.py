@@ -151,11 +151,12 @@ CAUSAL = sorted(t for t, p in MODEL_PATCHES.items() if p.task != "seq2seq_lm")  
 @pytest.mark.parametrize("model_type", CAUSAL)
 def test_family_loss_and_gradients_match_unfused(model_type):
     patch, plain, fused = _pair(model_type)
-    assert fused_loss.causal_lm_with_head(fused) is not None
-    # Soft-capped logits (Gemma's, Mistral-Large-4's, on the text config of a vision-language model too) are not
-    # fused: the model is left to compute its own loss.
-    capped = bool(getattr(plain.config.get_text_config(), "final_logit_softcapping", None))
-    assert ("forward" in fused_loss.causal_lm_with_head(fused).__dict__) != capped
+    lm = fused_loss.causal_lm_with_head(fused)
+    # Soft-capped logits (Gemma's, Mistral-Large-4's, on the text config of a vision-language model too) and heads
+    # that are not a plain nn.Linear (Ergo's fp32-output head) are not fused: the model computes its own loss.
+    capped = bool(getattr(plain.config.get_text_config(), "final_logit_softcapping", None)) or lm is None
+    assert lm is not None or type(plain.lm_head) is not torch.nn.Linear
+    assert (lm is not None and "forward" in lm.__dict__) != capped
     inputs = tiny_inputs(patch, plain)
     try:
         want, want_grads = _train_step(plain, inputs)
