@@ -20,7 +20,9 @@ _NAMES: dict[str, tuple[str, ...]] = {
     "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
     "num_experts": ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"),
     "top_k": ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "top_k", "moe_k", "moe_topk"),
-    "expert_intermediate_size": ("moe_intermediate_size", "expert_intermediate_size", "intermediate_size", "ffn_dim"),
+    "expert_intermediate_size": (
+        "moe_intermediate_size", "expert_intermediate_size", "expert_ffn_hidden_size", "intermediate_size", "ffn_dim",
+    ),
     "num_attention_heads": ("num_attention_heads", "n_head", "num_heads"),
     "vocab_size": ("vocab_size",),
 }
