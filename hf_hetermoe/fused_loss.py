@@ -53,6 +53,7 @@ class _State:
 
     head: nn.Linear
     logit_scale: float
+    softcap: float | None  # the config's final_logit_softcapping: c * tanh(logits / c) (Gemma, Mistral-Large-4)
     backend: str
     signature: inspect.Signature  # of the class forward, to find ``labels`` however it was passed
     request: _Request | None = None
@@ -99,6 +100,7 @@ def _fused_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         ignore_index=request.ignore_index,
         num_items_in_batch=request.num_items_in_batch,
         logit_scale=state.logit_scale,
+        softcap=state.softcap,
         backend=state.backend,
     )
     state.placeholder = hidden.new_empty(*hidden.shape[:-1], 0)
@@ -152,13 +154,16 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     """Install the fused loss on ``model``'s causal LM; returns an undo function, or ``None`` when the model is
     not a causal LM this applies to (then nothing changed)."""
     lm = causal_lm_with_head(model)
-    if lm is None or not _standard_loss(lm) or getattr(lm.config.get_text_config(), "final_logit_softcapping", None):
+    if lm is None or not _standard_loss(lm):
         return None
     head = lm.lm_head
     if "forward" in lm.__dict__ or "forward" in head.__dict__:
         return None  # already instance-patched by someone else: do not stack on it
     scale = _LOGIT_SCALE.get(model_type)
-    state = _State(head, scale(lm) if scale else 1.0, _BACKENDS[backend], inspect.signature(type(lm).forward))
+    softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None) or None
+    state = _State(
+        head, scale(lm) if scale else 1.0, softcap, _BACKENDS[backend], inspect.signature(type(lm).forward)
+    )
     for module in (lm, head):
         module.__dict__[STATE_ATTR] = state
     # Bound to their instances without closures: copies and pickles of the model carry their own (common.py).

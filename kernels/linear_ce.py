@@ -1,7 +1,8 @@
 """Fused linear cross-entropy: the language-model head and its loss without materialising the logits.
 
 ``linear_cross_entropy(hidden [N, H], weight [V, H], labels [N])`` equals
-``F.cross_entropy((s * F.linear(hidden, weight, bias)).float(), labels)`` (summed and divided by
+``F.cross_entropy((s * F.linear(hidden, weight, bias)).float(), labels)`` (with ``softcap=c``, of
+``c * tanh(s * logits / c)``, Gemma's final-logit soft-capping, computed in fp32) (summed and divided by
 ``num_items_in_batch`` when it is given, as transformers' ``ForCausalLMLoss`` does) but works through the rows in
 chunks: each chunk's logits ``[rows, V]`` are computed, turned in place into their gradient by one kernel
 (``triton_ce.py`` on CUDA, torch ops elsewhere), and multiplied straight into the gradients of ``hidden``,
@@ -34,11 +35,14 @@ def linear_cross_entropy_reference(
     ignore_index: int = -100,
     num_items_in_batch: torch.Tensor | int | None = None,
     logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain PyTorch, as transformers computes it: logits in the model's dtype, the loss in float."""
     logits = F.linear(hidden, weight, bias)
     if logit_scale != 1.0:
         logits = logits * logit_scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
     reduction = "sum" if num_items_in_batch is not None else "mean"
     loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
     if num_items_in_batch is not None:
@@ -71,11 +75,14 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     return True
 
 
-def _rows_torch(logits, labels, loss, grad_scale, ignore_index: int, logit_scale: float) -> None:
+def _rows_torch(logits, labels, loss, grad_scale, ignore_index: int, logit_scale: float, softcap: float = 0.0) -> None:
     """``triton_ce.cross_entropy_rows`` in torch ops (float copies of one chunk)."""
     z = logits.float()
     if logit_scale != 1.0:
         z = z * logit_scale
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = t * softcap
     lse = torch.logsumexp(z, dim=-1)
     ignored = labels == ignore_index
     valid = (labels >= 0) & (labels < z.shape[-1])
@@ -87,6 +94,8 @@ def _rows_torch(logits, labels, loss, grad_scale, ignore_index: int, logit_scale
         grad = torch.exp(z - lse.unsqueeze(1))
         grad.scatter_add_(1, safe.unsqueeze(1), torch.where(valid, -1.0, 0.0).unsqueeze(1).to(grad.dtype))
         scale = torch.where(ignored, 0.0, grad_scale.float() * logit_scale)
+        if softcap:
+            grad = grad * (1 - t * t)
         logits.copy_(grad * scale.unsqueeze(1))
 
 
@@ -95,7 +104,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     so a graph can be backpropagated once: a second backward raises)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, grad_scale, ignore_index, logit_scale, rows_per_chunk, triton):
+    def forward(
+        ctx, hidden, weight, bias, labels, grad_scale, ignore_index, logit_scale, softcap, rows_per_chunk, triton
+    ):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         compute_grads = need_h or need_w or need_b
         num_rows = hidden.shape[0]
@@ -118,6 +129,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 grad_scale if compute_grads else None,
                 ignore_index,
                 logit_scale,
+                softcap,
             )
             if not compute_grads:
                 continue
@@ -150,7 +162,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             ) from err
         # In place: the version bump makes a second backward fail above instead of scaling twice.
         grads = [g.mul_(grad_loss.to(g.dtype)) if g is not None else None for g in (dh, dw, db)]
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def linear_cross_entropy(
@@ -162,11 +174,13 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     num_items_in_batch: torch.Tensor | int | None = None,
     logit_scale: float = 1.0,
+    softcap: float | None = None,
     rows_per_chunk: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Mean (or ``sum / num_items_in_batch``) cross-entropy of ``logit_scale * (hidden @ weight.T + bias)``
-    against ``labels``, without the ``[N, V]`` logits. Same contract as ``linear_cross_entropy_reference``.
+    (soft-capped to ``softcap * tanh(logits / softcap)`` when given) against ``labels``, without the ``[N, V]``
+    logits. Same contract as ``linear_cross_entropy_reference``.
 
     Args:
         hidden: [N, H] final hidden states (any leading shape is flattened).
@@ -177,6 +191,8 @@ def linear_cross_entropy(
         backend: 'triton' (CUDA, or CPU under the interpreter), 'torch', or 'auto' (Triton on CUDA).
     """
     triton = _use_triton(backend, hidden.device)
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"linear_cross_entropy: softcap={softcap!r} must be a positive number (or None: no cap)")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).to(hidden.device)
     if labels.shape[0] != hidden.shape[0]:
@@ -203,6 +219,7 @@ def linear_cross_entropy(
             grad_scale,
             ignore_index,
             float(logit_scale),
+            float(softcap or 0.0),
             rows,
             triton,
         )

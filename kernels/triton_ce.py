@@ -21,6 +21,18 @@ _BLOCK = 64 if env.triton_interpret() else 4096
 
 
 @triton.jit
+def _tanh(x):
+    # Saturates to +-1 for large |x| (exp overflow to inf gives sigmoid 0 or 1), never NaN.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _cap(z, softcap):
+    """Final-logit soft-capping: ``softcap * tanh(z / softcap)``."""
+    return softcap * _tanh(z / softcap)
+
+
+@triton.jit
 def _cross_entropy_kernel(
     logits_ptr,
     stride_row,
@@ -30,8 +42,10 @@ def _cross_entropy_kernel(
     n_cols,
     ignore_index,
     logit_scale,
+    softcap,
     BLOCK: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
@@ -43,6 +57,8 @@ def _cross_entropy_kernel(
     for start in range(0, n_cols, BLOCK):
         mask = start + cols < n_cols
         z = tl.load(row_ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * logit_scale
+        if SOFTCAP:
+            z = tl.where(mask, _cap(z, softcap), float("-inf"))  # capped, a masked column would be -softcap
         new_max = tl.maximum(running_max, tl.max(z, 0))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(z - new_max), 0)
         running_max = new_max
@@ -51,6 +67,8 @@ def _cross_entropy_kernel(
     ignored = label == ignore_index
     valid = (label >= 0) & (label < n_cols)
     z_label = tl.load(row_ptr + label, mask=valid & ~ignored, other=0.0).to(tl.float32) * logit_scale
+    if SOFTCAP:
+        z_label = _cap(z_label, softcap)
     # A label outside the vocabulary (and not ignore_index) gives a NaN loss: visible, with no host check.
     loss = tl.where(ignored, 0.0, tl.where(valid, lse - z_label, float("nan")))
     tl.store(loss_ptr + row, loss)
@@ -62,12 +80,17 @@ def _cross_entropy_kernel(
             offs = start + cols
             mask = offs < n_cols
             z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32) * logit_scale
+            if SOFTCAP:
+                t = _tanh(z / softcap)
+                z = softcap * t
             p = tl.exp(z - lse)
             p = tl.where(offs == label, p - 1.0, p)
+            if SOFTCAP:
+                p = p * (1.0 - t * t)  # d (c tanh(z / c)) / dz
             tl.store(row_ptr + offs, (p * g).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(wrap, logits, labels, loss, grad_scale, ignore_index, logit_scale, write_grad):
+def _launch(wrap, logits, labels, loss, grad_scale, ignore_index, logit_scale, softcap, write_grad):
     rows, n_cols = logits.shape
     if rows == 0:
         return
@@ -80,8 +103,10 @@ def _launch(wrap, logits, labels, loss, grad_scale, ignore_index, logit_scale, w
         n_cols,
         ignore_index,
         logit_scale,
+        softcap if softcap else 1.0,
         BLOCK=_BLOCK,
         WRITE_GRAD=write_grad,
+        SOFTCAP=bool(softcap),
         num_warps=8,
     )
 
@@ -94,10 +119,12 @@ def cross_entropy_rows_op(
     grad_scale: torch.Tensor | None,
     ignore_index: int,
     logit_scale: float,
+    softcap: float,
 ) -> None:
     """``cross_entropy_rows`` as a custom op whose kernel ``torch.compile`` sees (``wrap_triton``)."""
     _launch(
-        torch.library.wrap_triton, logits, labels, loss, grad_scale, ignore_index, logit_scale, grad_scale is not None
+        torch.library.wrap_triton, logits, labels, loss, grad_scale, ignore_index, logit_scale, softcap,
+        grad_scale is not None,
     )
 
 
@@ -108,16 +135,18 @@ def cross_entropy_rows(
     grad_scale: torch.Tensor | None,
     ignore_index: int,
     logit_scale: float,
+    softcap: float = 0.0,
 ) -> None:
-    """Write ``loss[r] = lse(s * logits[r]) - s * logits[r, labels[r]]`` (0 where ``labels[r] == ignore_index``)
-    and, when ``grad_scale`` (a one-element fp32 tensor) is given, overwrite ``logits`` with the gradient of
-    ``grad_scale * sum(loss)`` with respect to them. ``logits [R, V]`` with unit column stride, ``s = logit_scale``.
+    """Write ``loss[r] = lse(z[r]) - z[r, labels[r]]`` (0 where ``labels[r] == ignore_index``) and, when
+    ``grad_scale`` (a one-element fp32 tensor) is given, overwrite ``logits`` with the gradient of
+    ``grad_scale * sum(loss)`` with respect to them. ``logits [R, V]`` with unit column stride;
+    ``z = s * logits`` (``s = logit_scale``), then ``softcap * tanh(z / softcap)`` when ``softcap`` is not 0.
 
     Eager calls launch directly; compiled regions go through the ``hetermoe::cross_entropy_rows`` triton_op.
     """
     if logits.stride(1) != 1:
         raise ValueError("cross_entropy_rows needs logits with contiguous rows (stride(1) == 1)")
     if torch.compiler.is_compiling():
-        cross_entropy_rows_op(logits, labels, loss, grad_scale, ignore_index, logit_scale)
+        cross_entropy_rows_op(logits, labels, loss, grad_scale, ignore_index, logit_scale, softcap)
     else:
-        _launch(fast, logits, labels, loss, grad_scale, ignore_index, logit_scale, grad_scale is not None)
+        _launch(fast, logits, labels, loss, grad_scale, ignore_index, logit_scale, softcap, grad_scale is not None)

@@ -137,7 +137,8 @@ PATCHES = [
     _register(
         "Beam", ("beam",), "beam", "BeamExperts",
         partial(_tiny_config, "beam", mlp_layer_types=["dense", "sparse"], n_group=1, topk_group=1,
-                layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+                layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                final_logit_softcapping=0.1),  # near the tiny model's logits, so that the cap bends them
         "the activation computed in fp32 (as the kernels always do); the routed sum scaled after the experts and "
         "depth-scaled residuals (no layer anatomy); dense first layers",
         activation="silu",

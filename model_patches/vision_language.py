@@ -25,7 +25,7 @@ _FAMILIES = (
     ("Aria", ("aria",), "aria", "AriaExperts", "AriaTextDecoderLayer", {},
      "softmax top-k; shared experts"),
     ("Mistral-Large-4", ("mistral_large4",), "mistral_large4", "MistralLarge4TextExperts",
-     "MistralLarge4TextDecoderLayer", _LATENT_ATTENTION,
+     "MistralLarge4TextDecoderLayer", dict(_LATENT_ATTENTION, final_logit_softcapping=0.1),
      "DeepSeek-V3-style text stack: latent attention, group-limited top-k, shared experts"),
     ("ERNIE-4.5-VL", ("ernie4_5_vl_moe",), "ernie4_5_vl_moe", "Ernie4_5_VLMoeMoeExperts", None,
      dict(moe_intermediate_size=[16, 16], mlp_layer_types=["dense", "sparse"], moe_num_shared_experts=1,
