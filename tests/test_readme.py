@@ -7,11 +7,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _update_readme():
-    spec = importlib.util.spec_from_file_location("update_readme", ROOT / "benchmarks" / "update_readme.py")
+def _benchmark_script(name: str):
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _update_readme():
+    return _benchmark_script("update_readme")
 
 
 def test_readme_generated_sections_are_current():
@@ -52,19 +57,12 @@ def test_sustained_and_burst_rows_never_share_a_table(tmp_path, monkeypatch):
     assert "| 250 | 2.50x |" in text[:burst] and "| 300 | 3.00x |" in text[burst:]
 
 
-def _model_compat():
-    spec = importlib.util.spec_from_file_location("model_compat", ROOT / "benchmarks" / "model_compat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_model_compat_merges_the_missing_families():
     """``model_compat.py --missing`` measures only the families a stored run lacks and adds them to it, each row
     keeping which run (environment) measured it; the page lists every run."""
     import json
 
-    compat = _model_compat()
+    compat = _benchmark_script("model_compat")
     stored = json.loads((ROOT / "benchmarks" / "results" / "model_compat_cpu.json").read_text())
     some = dict(list(stored["families"].items())[:3])
     partial = {**stored, "families": some}
