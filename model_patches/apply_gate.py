@@ -1,5 +1,5 @@
-"""Families whose experts override ``_apply_gate`` with a clamped SwiGLU, on transformers' default weight layout
-(``gate_up_proj [E, 2I, H]``, gate rows first):
+"""Families whose experts override ``_apply_gate`` (most with a clamped SwiGLU), on transformers' default weight
+layout (``gate_up_proj [E, 2I, H]``, gate rows first):
 
 - DeepSeek-V4, HY-V4, HY-V4-VL, GLM5-Next: ``silu(min(gate, limit)) * clamp(up, -limit, limit)``
   (``"silu_clamped"``);
@@ -27,7 +27,7 @@ from ..errors import UnsupportedLayoutError
 from ..kernels import reference
 from ..kernels.layout import ExpertLayout, split_gate_up
 from .anatomy import LayerAnatomy
-from .common import activation_name
+from .common import activation_name, check_experts_module
 from .registry import ModelPatch, register_model_patch
 from .standard import _LATENT_ATTENTION, _MROPE, _tiny_config, _tiny_vl_config
 
@@ -53,8 +53,7 @@ def checked_layout(
             f"{name} overrides {experts_class}._apply_gate; hetermoe's kernels implement only {experts_class}'s "
             "gated activation. Use experts_implementation='grouped_mm' for this model."
         )
-    if getattr(experts, "_is_expert_parallel", False):
-        raise UnsupportedLayoutError(f"{name} is sharded by transformers' expert parallelism; load without tp_plan")
+    check_experts_module(experts)
     limit = getattr(experts, limit_attr) if limit_attr else None
     suffix = activation[activation.index("_clamped"):] if "_clamped" in activation else ""
     if suffix:

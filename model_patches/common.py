@@ -42,10 +42,8 @@ def activation_name(act_fn: nn.Module | Callable) -> str:
     )
 
 
-def default_layout(experts: nn.Module) -> ExpertLayout:
-    """Layout of an experts class decorated with transformers' ``@use_experts_implementation``."""
-    from transformers.integrations.moe import _default_apply_gate
-
+def check_experts_module(experts: nn.Module) -> None:
+    """Refuse what no experts-interface layout covers: a post-expert norm, transformers' expert-parallel shards."""
     cls = type(experts).__name__
     if getattr(experts, "has_post_expert_norm", False):
         raise UnsupportedLayoutError(f"{cls} applies a post-expert norm, which the hetermoe kernels do not fuse yet")
@@ -54,6 +52,14 @@ def default_layout(experts: nn.Module) -> ExpertLayout:
             f"{cls} is sharded by transformers' expert parallelism; hetermoe distributes experts itself "
             "(hetermoe.distribute), so load the model without tp_plan/expert parallelism"
         )
+
+
+def default_layout(experts: nn.Module) -> ExpertLayout:
+    """Layout of an experts class decorated with transformers' ``@use_experts_implementation``."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    cls = type(experts).__name__
+    check_experts_module(experts)
     has_gate = getattr(experts, "has_gate", True)
     if has_gate and getattr(type(experts), "_apply_gate", _default_apply_gate) is not _default_apply_gate:
         raise UnsupportedLayoutError(
