@@ -58,6 +58,7 @@ _TINY_EXTRA = {
     # ("zero") experts.
     "longcat_flash": dict(_LATENT_ATTENTION, head_dim=4, zero_expert_num=2),
     "axk2": _LATENT_ATTENTION,
+    "axk1": dict(_LATENT_ATTENTION, head_dim=4, n_group=1, topk_group=1, mlp_layer_types=["dense", "sparse"]),
     # Kolibri1.1: NVFP4-rounded keys and values need head_dim % 16 == 0; sliding and indexed attention only.
     "kolibri1_1": dict(head_dim=16, index_num_heads=2, mlp_only_layers=[0], shared_expert_intermediate_size=32,
                        layer_types=["sliding_attention", "indexed_attention"], sliding_window=16),
@@ -187,6 +188,9 @@ _FAMILIES = (
      "post-feed-forward norms (no layer anatomy)"),
     ("LongCat-Flash", "longcat_flash", "longcat_flash", "LongcatFlashExperts", "LongcatFlashDecoderLayer",
      "latent attention; identity (\"zero\") experts among the router's choices, added outside the experts"),
+    ("A.X-K1", "axk1", "axk1", "AXK1Experts", None,
+     "latent attention; group-limited top-k; shared experts; a norm after the MoE block (no layer anatomy); dense "
+     "and sparse layers"),
     ("A.X-K2", "axk2", "axk2", "AXK2Experts", "AXK2DecoderLayer",
      "latent attention with a sparse-attention indexer; optional group-limited top-k; dense and sparse layers"),
     ("Flint", "flint", "flint", "FlintExperts", "FlintDecoderLayer",
