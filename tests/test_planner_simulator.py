@@ -78,6 +78,34 @@ def test_baselines():
     assert "r0:" in dp.note and dp.busy_ms[0] > 0
 
 
+def test_data_parallel_runs_experts_on_moe_layers_only():
+    """A dense layer costs its attention and its dense MLP (as `dense_scale` experts over every token), not the
+    routed experts; the gradient all-reduce moves the dense MLP's parameters, not 8 experts'."""
+    def dp(dims):
+        cost = _cost()
+        cost = CostModel(dims, cost.cluster, preset_profiles(cost.cluster.kinds(), dims, 1024))
+        res = simulate_data_parallel(cost)
+        return res, cost
+
+    all_moe, cost = dp(DIMS)
+    first_dense = replace(DIMS, moe_layer_mask=(False, True, True, True), dense_intermediate_size=2048)
+    mixed, _ = dp(first_dense)
+    prof = cost.profile(0)
+
+    def layer0(res, kind):
+        return next(e for e in res.events
+                    if e.rank == 0 and e.action.kind == kind and e.action.layer == 0 and e.action.mb == 0)
+
+    for kind, backward in (("attn_fwd", False), ("attn_bwd", True)):
+        want = prof.attn_ms(1024, backward) + 2 * prof.expert_ms(1024, backward)  # 2048 / 1024 experts' width
+        assert layer0(mixed, kind).end - layer0(mixed, kind).start == pytest.approx(want)
+        assert layer0(all_moe, kind).end - layer0(all_moe, kind).start == pytest.approx(
+            prof.attn_ms(1024, backward) + 8 * prof.expert_ms(1024 * 2 / 8, backward))
+    grad = [e for e in mixed.events if e.stream == "grad"][0]
+    grad_all = [e for e in all_moe.events if e.stream == "grad"][0]
+    assert grad.end - grad.start < grad_all.end - grad_all.start  # 2 experts' parameters fewer than 8
+
+
 def test_traces_say_emulated(tmp_path):
     cost = _cost(emulate="v100-like")
     res = simulate_layout(cost, _zebra(cost, 2), "zebra")

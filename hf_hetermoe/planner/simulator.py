@@ -89,11 +89,15 @@ def simulate_data_parallel(cost: CostModel) -> SimResult:
     s = cost.seq_len
     per_expert = s * d.top_k / d.num_experts
 
+    dense_scale = d.dense_intermediate_size / d.expert_intermediate_size  # a dense MLP as this many experts
+
     def layer_ms(rank: int, layer: int, backward: bool) -> float:
         prof = cost.profile(rank)
-        t = prof.attn_ms(s, backward) + d.num_experts * prof.expert_ms(per_expert, backward)
-        if not d.is_moe_layer(layer) and d.dense_intermediate_size:
-            t += d.dense_intermediate_size / d.expert_intermediate_size * prof.expert_ms(s, backward)
+        t = prof.attn_ms(s, backward)
+        if d.is_moe_layer(layer):
+            t += d.num_experts * prof.expert_ms(per_expert, backward)
+        elif dense_scale:
+            t += dense_scale * prof.expert_ms(s, backward)
         return t
 
     per_seq = {r: sum(layer_ms(r, li, False) + layer_ms(r, li, True) for li in range(d.num_layers))
@@ -102,7 +106,9 @@ def simulate_data_parallel(cost: CostModel) -> SimResult:
     for _ in range(tr.global_batch_sequences):
         best = min(range(world), key=lambda r: ((count[r] + 1) * per_seq[r], r))
         count[best] += 1
-    params = d.num_layers * (d.attention_half_params + d.num_experts * d.expert_params) + d.embedding_params
+    dense_layers = d.num_layers - d.num_moe_layers
+    params = (d.num_layers * d.attention_half_params + d.num_moe_layers * d.num_experts * d.expert_params
+              + round(dense_layers * dense_scale * d.expert_params) + d.embedding_params)
     sync = cost.allreduce_ms(params * 2.0, list(range(world)))
     events: list[Event] = []
     from .schedule import Action
