@@ -186,7 +186,7 @@ def supported_models_markdown() -> str:
         types = ", ".join(f"`{t}`" for t in patch.model_types)
         dispatch = "experts interface" if patch.dispatch == "experts_interface" else "instance patch"
         anatomy = "no"
-        if patch.anatomy is not None:  # the zebra runtime trains decoder-only causal LMs (runtime/model_parts.py)
-            anatomy = "yes" if patch.task == "causal_lm" else "yes (not yet in the zebra runtime)"
+        if patch.anatomy is not None:  # the zebra runtime trains decoder-only LMs (runtime/model_parts.py)
+            anatomy = "yes (not yet in the zebra runtime)" if patch.task == "seq2seq_lm" else "yes"
         rows.append(f"| {patch.family} | {types} | {dispatch} | {anatomy} | {patch.notes} |")
     return "\n".join(rows) + "\n"

@@ -20,13 +20,16 @@ _FAMILIES = (
     ("Qwen3-VL-MoE", ("qwen3_vl_moe",), "qwen3_vl_moe", "Qwen3VLMoeTextExperts", "Qwen3VLMoeTextDecoderLayer", {},
      "Qwen3-MoE text stack (softmax top-k); DeepStack visual features added to the first layers' inputs"),
     ("GLM4V-MoE", ("glm4v_moe",), "glm4v_moe", "Glm4vMoeTextExperts", "Glm4vMoeTextDecoderLayer",
-     dict(rope_parameters={**_MROPE, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 1]}),
+     # No attention biases: with half the head rotary, the unrotated half of the key bias gets no gradient (softmax
+     # ignores it), and AdamW turns that zero's round-off into full steps that two correct runs do not share.
+     dict(rope_parameters={**_MROPE, "partial_rotary_factor": 0.5, "mrope_section": [1, 1, 1]}, attention_bias=False),
      "GLM-4.5V / 4.6V: GLM4-MoE text stack (sigmoid group-limited top-k, shared experts, dense first layers)"),
     ("Aria", ("aria",), "aria", "AriaExperts", "AriaTextDecoderLayer", {},
      "softmax top-k; shared experts"),
-    ("Mistral-Large-4", ("mistral_large4",), "mistral_large4", "MistralLarge4TextExperts",
-     "MistralLarge4TextDecoderLayer", dict(_LATENT_ATTENTION, final_logit_softcapping=0.1),
-     "DeepSeek-V3-style text stack: latent attention, group-limited top-k, shared experts"),
+    ("Mistral-Large-4", ("mistral_large4",), "mistral_large4", "MistralLarge4TextExperts", None,
+     dict(_LATENT_ATTENTION, final_logit_softcapping=0.1),
+     "DeepSeek-V3-style text stack: latent attention, group-limited top-k, shared experts; each layer hands its "
+     "sparse-attention top-k to the next (no layer anatomy)"),
     ("ERNIE-4.5-VL", ("ernie4_5_vl_moe",), "ernie4_5_vl_moe", "Ernie4_5_VLMoeMoeExperts", None,
      dict(moe_intermediate_size=[16, 16], mlp_layer_types=["dense", "sparse"], moe_num_shared_experts=1,
           rope_parameters={**_MROPE, "rope_theta": 500000.0}),

@@ -286,14 +286,14 @@ def _runtime_families():
     from hf_hetermoe.model_patches import MODEL_PATCHES
 
     return sorted(k for k, p in MODEL_PATCHES.items()
-                  if p.anatomy is not None and p.anatomy.expert_fn is None and p.task == "causal_lm")
+                  if p.anatomy is not None and p.anatomy.expert_fn is None and p.task != "seq2seq_lm")
 
 
 @pytest.mark.parametrize("family", _runtime_families())
 def test_families_in_one_process(family):
-    """Every family the runtime accepts: a world of one (the attention rank holds every expert, dispatch to itself),
-    R = 2, one AdamW step, against plain training. Families whose config the planner cannot read fail with a
-    ConfigError that names the missing field."""
+    """Every family the runtime accepts (decoder-only causal LMs, vision-language models on text): a world of one
+    (the attention rank holds every expert, dispatch to itself), R = 2, one AdamW step, against plain training.
+    Families whose config the planner cannot read fail with a ConfigError that names the missing field."""
     import copy
     import warnings
 

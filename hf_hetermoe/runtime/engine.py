@@ -514,7 +514,7 @@ class ZebraEngine(EngineIO):
         st.pending[("dispatch_fwd", li, m)] = ((rx, rm), works)
 
     def _hidden_size(self) -> int:
-        return int(self.parts.model.config.hidden_size)
+        return int(self.parts.model.config.get_text_config().hidden_size)
 
     def _expert_fwd(self, act: Action, st: _Step) -> None:
         li, m = act.layer, act.mb

@@ -24,6 +24,7 @@ from torch import nn
 from hf_hetermoe.errors import UnsupportedModelError
 from hf_hetermoe.model_patches import attention_half, decoder_layers
 from hf_hetermoe.model_patches.anatomy import moe_module
+from hf_hetermoe.planner.model_dims import model_dims
 
 EXPERT_PARAM_PREFIXES = ("gate_up_proj", "down_proj", "up_proj")
 
@@ -50,6 +51,7 @@ class ModelParts:
     top_k: int
     layer_container: nn.ModuleList = field(repr=False, default=None)
     norm_name: str = "norm"  # the base model's final norm (Nemotron-H: ``norm_f``)
+    stack: nn.Module | None = field(repr=False, default=None)  # ``model.model``: ``base``, or a VLM's wrapper of it
 
     @property
     def num_layers(self) -> int:
@@ -79,7 +81,11 @@ def model_parts(model: nn.Module) -> ModelParts:
             "experts interface and have a layer anatomy (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V2/V3, GPT-OSS, ...); "
             "train this one with hetermoe.prepare alone"
         )
-    base = getattr(model, "model", None)
+    stack = getattr(model, "model", None)
+    base = stack
+    text = getattr(stack, "language_model", None)
+    if getattr(stack, "layers", None) is None and isinstance(getattr(text, "layers", None), nn.ModuleList):
+        base = text  # a vision-language model: its text stack (trained on text; the vision tower stays idle)
     container = getattr(base, "layers", None)
     norm_name = next((n for n in FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
     checks = (("model.model", base is not None), ("model.model.layers", isinstance(container, nn.ModuleList)),
@@ -87,8 +93,9 @@ def model_parts(model: nn.Module) -> ModelParts:
     missing = [name for name, ok in checks if not ok]
     if missing:
         raise UnsupportedModelError(
-            f"{type(model).__name__} lacks {missing}: the zebra runtime needs a decoder-only *ForCausalLM "
-            "(load the model with AutoModelForCausalLM)"
+            f"{type(model).__name__} lacks {missing}: the zebra runtime needs a decoder-only *ForCausalLM, or a "
+            "vision-language model whose model.model.language_model holds the layers (load the model with "
+            "AutoModelForCausalLM or AutoModelForImageTextToText)"
         )
     layers = decoder_layers(patch, model)
     if list(container) != layers:
@@ -101,19 +108,21 @@ def model_parts(model: nn.Module) -> ModelParts:
     recorder = getattr(base, "_can_record_outputs", {}).get("router_logits")
     router_class = getattr(recorder, "target_class", recorder if isinstance(recorder, type) else None)
     router_index = getattr(recorder, "index", 0) or 0
-    config = model.config
+    config = model.config.get_text_config()  # the config itself, or a vision-language model's text config
     module = sys.modules[type(model).__module__]
     aux_fn = getattr(module, "load_balancing_loss_func", None)
-    aux_on = bool(getattr(config, "output_router_logits", False)) and aux_fn is not None and router_class is not None
-    num_experts = getattr(model, "num_experts", None) or next(
-        getattr(config, n) for n in ("num_local_experts", "num_experts", "n_routed_experts") if hasattr(config, n))
-    top_k = getattr(model, "num_experts_per_tok", None) or config.num_experts_per_tok
+    router_out = getattr(model.config, "output_router_logits", False) or getattr(config, "output_router_logits", False)
+    aux_on = bool(router_out) and aux_fn is not None and router_class is not None
+    dims = model_dims(model.config)  # the planner's reading of the config (text config, field names per family)
+    num_experts = getattr(model, "num_experts", None) or dims.num_experts
+    top_k = getattr(model, "num_experts_per_tok", None) or dims.top_k
     return ModelParts(
         model=model, patch=patch, base=base, layers=layers, experts=experts,
         expert_names=[names[id(m)] if m is not None else None for m in experts],
         router_class=router_class, router_index=router_index, aux_fn=aux_fn if aux_on else None,
         aux_coef=float(getattr(model, "router_aux_loss_coef", getattr(config, "router_aux_loss_coef", 0.0)) or 0.0),
         num_experts=int(num_experts), top_k=int(top_k), layer_container=container, norm_name=norm_name,
+        stack=stack,
     )
 
 
@@ -182,17 +191,31 @@ def run_attention(parts: ModelParts, layer: int, hidden: torch.Tensor, args, kwa
     return split, (logits[0] if logits else None)
 
 
+class _HiddenOnly:
+    """The output of ``_HeadInput``: ``[0]`` and ``.last_hidden_state`` are the hidden states; any other field the
+    family's forward reads (a vision-language model's ``image_outputs``, ``cache``, ...) is None."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, index):
+        if index in (0, "last_hidden_state"):
+            return self.last_hidden_state
+        raise IndexError(index)
+
+    def __getattr__(self, name: str):  # only for attributes not set above
+        return None
+
+
 class _HeadInput(nn.Module):
-    """Stands in for the base model inside ``*ForCausalLM.forward``: returns the final-normed hidden states."""
+    """Stands in for ``model.model`` inside the family's ``forward``: returns the final-normed hidden states."""
 
     def __init__(self, hidden: torch.Tensor, norm: nn.Module) -> None:
         super().__init__()
         self.hidden, self.norm = hidden, norm
 
     def forward(self, *args, **kwargs):
-        from transformers.modeling_outputs import MoeModelOutputWithPast
-
-        return MoeModelOutputWithPast(last_hidden_state=self.norm(self.hidden))
+        return _HiddenOnly(self.norm(self.hidden))
 
 
 def head_loss(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -203,7 +226,7 @@ def head_loss(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor) -> 
     try:
         out = model(input_ids=labels, labels=labels, output_router_logits=False, use_cache=False)
     finally:
-        model.model = parts.base
+        model.model = parts.stack
     return out.loss
 
 
