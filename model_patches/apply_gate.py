@@ -26,10 +26,9 @@ from torch import nn
 from ..errors import UnsupportedLayoutError
 from ..kernels import reference
 from ..kernels.layout import ExpertLayout, split_gate_up
-from .anatomy import LayerAnatomy
 from .common import activation_name, check_experts_module
 from .registry import ModelPatch, register_model_patch
-from .standard import _LATENT_ATTENTION, _MROPE, _tiny_config, _tiny_vl_config
+from .standard import _LATENT_ATTENTION, _MROPE, _layer_anatomy, _modeling, _tiny_config, _tiny_vl_config
 
 
 def _probe(limit: float, width: int = 64) -> torch.Tensor:
@@ -81,7 +80,7 @@ def checked_layout(
 
 def _register(family, model_types, package, experts_class, tiny_config, notes, *, task="causal_lm", layer=None,
               **layout):
-    modeling = f"transformers.models.{package}.modeling_{package}"
+    modeling = _modeling(package)
     return register_model_patch(
         ModelPatch(
             family=family,
@@ -90,7 +89,7 @@ def _register(family, model_types, package, experts_class, tiny_config, notes, *
             experts_class=experts_class,
             tiny_config=tiny_config,
             layout=partial(checked_layout, modeling_module=modeling, experts_class=experts_class, **layout),
-            anatomy=LayerAnatomy(layer_classes=(layer,)) if layer else None,
+            anatomy=_layer_anatomy(layer),
             task=task,
             notes=notes,
         )

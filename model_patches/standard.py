@@ -206,7 +206,13 @@ _FAMILIES = (
 )
 
 
+def _modeling(package: str) -> str:
+    """A model package's transformers module: ``"mixtral"`` -> ``transformers.models.mixtral.modeling_mixtral``."""
+    return f"transformers.models.{package}.modeling_{package}"
+
+
 def _layer_anatomy(layer):
+    """The generic anatomy for a decoder-layer class name (or names); None for a family without one."""
     if layer is None:
         return None
     return LayerAnatomy(layer_classes=(layer,) if isinstance(layer, str) else tuple(layer))
@@ -217,7 +223,7 @@ PATCHES = [
         ModelPatch(
             family=family,
             model_types=(model_type,) if isinstance(model_type, str) else model_type,
-            modeling_module=f"transformers.models.{package}.modeling_{package}",
+            modeling_module=_modeling(package),
             experts_class=experts,
             tiny_config=partial(_tiny_config, model_type if isinstance(model_type, str) else model_type[-1]),
             anatomy=_layer_anatomy(layer),
@@ -233,10 +239,10 @@ MISTRAL4 = register_model_patch(
     ModelPatch(
         family="Mistral4",
         model_types=("mistral4",),
-        modeling_module="transformers.models.mistral4.modeling_mistral4",
+        modeling_module=_modeling("mistral4"),
         experts_class="Mistral4Experts",
         tiny_config=partial(_tiny_config, "mistral4", **_LATENT_ATTENTION, first_k_dense_replace=1),
-        anatomy=LayerAnatomy(layer_classes=("Mistral4DecoderLayer",)),
+        anatomy=_layer_anatomy("Mistral4DecoderLayer"),
         auto_class_name="AutoModelForImageTextToText",
         notes="DeepSeek-V3-style: latent attention, group-limited top-k, shared experts, dense first layers; "
         "built by AutoModelForImageTextToText",

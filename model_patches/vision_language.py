@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from .anatomy import LayerAnatomy
 from .registry import ModelPatch, register_model_patch
-from .standard import _LATENT_ATTENTION, _MROPE, _TINY, _tiny_vl_config
+from .standard import _LATENT_ATTENTION, _MROPE, _TINY, _layer_anatomy, _modeling, _tiny_vl_config
 
 # (family, model types (the tiny model is built from the last), modeling package, experts class, decoder layer class
 # (None: no layer anatomy), text-config sizes beyond the shared ones, notes)
@@ -52,10 +51,10 @@ QWEN3_OMNI_THINKER = register_model_patch(
     ModelPatch(
         family="Qwen3-Omni-MoE (thinker)",
         model_types=("qwen3_omni_moe_thinker",),
-        modeling_module="transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
+        modeling_module=_modeling("qwen3_omni_moe"),
         experts_class="Qwen3OmniMoeThinkerTextExperts",
         tiny_config=partial(_tiny_vl_config, "qwen3_omni_moe_thinker", vision_start_token_id=_TINY["vocab_size"] - 1),
-        anatomy=LayerAnatomy(layer_classes=("Qwen3OmniMoeThinkerTextDecoderLayer",)),
+        anatomy=_layer_anatomy("Qwen3OmniMoeThinkerTextDecoderLayer"),
         task="image_text_to_text",
         notes="Qwen3-MoE text stack (softmax top-k) under vision and audio encoders; the thinker only (the talker "
         "is not registered)",
@@ -77,10 +76,10 @@ PATCHES = [
         ModelPatch(
             family=family,
             model_types=model_types,
-            modeling_module=f"transformers.models.{package}.modeling_{package}",
+            modeling_module=_modeling(package),
             experts_class=experts,
             tiny_config=partial(_tiny_vl_config, model_types[-1], text=text, vision=_VISION.get(model_types[-1])),
-            anatomy=LayerAnatomy(layer_classes=(layer,)) if layer else None,
+            anatomy=_layer_anatomy(layer),
             task="image_text_to_text",
             notes=notes,
         )
