@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 # Activation codes shared by the Triton kernels and the reference. Gated layouts compute
-# act(gate) * up, except "swiglu_oai" (GPT-OSS) which combines gate and up itself.
+# act(gate) * up, except "swiglu_oai" (GPT-OSS) and "silu_softcapped" (Inkling2), which combine gate and up themselves.
 _PLAIN = {
     "silu": 0,
     "gelu": 1,
@@ -36,6 +36,9 @@ _SUFFIXES = {"_clamped": CLAMPED, "_clamped_after": CLAMPED_AFTER}
 ACTIVATIONS = {
     **_PLAIN,
     "swiglu_oai": 5,
+    # c_g * tanh(gate / c_g) * sigmoid(gate) * c_u * tanh(up / c_u): SiLU whose linear factor and up are soft-capped
+    # (the sigmoid sees the raw gate); c_g is the layout's ``alpha``, c_u its ``limit``.
+    "silu_softcapped": 6,
     **{f"{name}{suffix}": code + offset for suffix, offset in _SUFFIXES.items() for name, code in _PLAIN.items()},
 }
 GATED_ONLY = {name for name in ACTIVATIONS if name not in _PLAIN}
@@ -51,8 +54,9 @@ class ExpertLayout:
         is_concatenated: gate rows first then up rows; False means interleaved ``[g0, u0, g1, u1, ...]``.
         has_bias: ``gate_up_proj_bias [E, N1]`` and ``down_proj_bias [E, H]`` exist.
         activation: one of ``ACTIVATIONS``.
-        alpha: parameter of ``swiglu_oai`` (ignored otherwise).
-        limit: the clamp of ``swiglu_oai`` and of the ``*_clamped`` activations (ignored otherwise).
+        alpha: the sigmoid's scale of ``swiglu_oai``; the gate's soft cap of ``silu_softcapped`` (ignored otherwise).
+        limit: the clamp of ``swiglu_oai`` and of the ``*_clamped`` activations; the up's soft cap of
+            ``silu_softcapped`` (ignored otherwise).
     """
 
     has_gate: bool = True
@@ -68,6 +72,11 @@ class ExpertLayout:
             raise ValueError(f"activation={self.activation!r} is not one of {sorted(ACTIVATIONS)}")
         if self.activation in GATED_ONLY and not self.has_gate:
             raise ValueError(f"activation={self.activation!r} needs a gated layout (has_gate=True)")
+        if self.activation == "silu_softcapped" and not (self.alpha > 0 and self.limit > 0):
+            raise ValueError(
+                f"silu_softcapped needs positive soft caps: alpha (the gate's) = {self.alpha}, limit (the up's) = "
+                f"{self.limit}"
+            )
 
     @property
     def act_code(self) -> int:

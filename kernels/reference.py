@@ -84,6 +84,9 @@ def glu_forward(gate: torch.Tensor | None, up: torch.Tensor, layout: ExpertLayou
         g = gate.clamp(max=layout.limit)
         u = up.clamp(-layout.limit, layout.limit)
         return (u + 1) * g * torch.sigmoid(g * layout.alpha)
+    if layout.activation == "silu_softcapped":
+        cg, cu = layout.alpha, layout.limit
+        return cg * torch.tanh(gate / cg) * torch.sigmoid(gate) * (cu * torch.tanh(up / cu))
     if layout.clamp == "before":
         limit = layout.limit
         return act_forward(gate.clamp(max=limit), layout.plain_activation) * up.clamp(-limit, limit)
@@ -107,6 +110,10 @@ def glu_backward(
         dg = dh * (u + 1) * (s + alpha * g * s * (1 - s)) * (gate <= limit)
         du = dh * g * s * ((up >= -limit) & (up <= limit))
         return dg, du
+    if layout.activation == "silu_softcapped":
+        cg, cu = layout.alpha, layout.limit
+        tg, tu, s = torch.tanh(gate / cg), torch.tanh(up / cu), torch.sigmoid(gate)
+        return dh * cu * tu * s * ((1 - tg * tg) + cg * tg * (1 - s)), dh * cg * tg * s * (1 - tu * tu)
     if layout.clamp is not None:
         limit, name = layout.limit, layout.plain_activation
         u = up.clamp(-limit, limit)

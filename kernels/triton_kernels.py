@@ -27,6 +27,7 @@ GELU_TANH = tl.constexpr(2)
 RELU = tl.constexpr(3)
 RELU2 = tl.constexpr(4)
 SWIGLU_OAI = tl.constexpr(5)
+SILU_SOFTCAPPED = tl.constexpr(6)  # alpha * tanh(gate / alpha) * sigmoid(gate) * limit * tanh(up / limit)
 CLAMPED = tl.constexpr(8)  # plus a plain code: act(min(gate, limit)) * clamp(up, -limit, limit)
 CLAMPED_AFTER = tl.constexpr(16)  # plus a plain code: min(act(gate), limit) * clamp(up, -limit, limit)
 
@@ -75,6 +76,8 @@ def _glu(gate, up, ACT: tl.constexpr, alpha, limit):
         g = tl.minimum(gate, limit)
         u = tl.minimum(tl.maximum(up, -limit), limit)
         h = (u + 1.0) * g * tl.sigmoid(g * alpha)
+    elif ACT == SILU_SOFTCAPPED:
+        h = alpha * _tanh(gate / alpha) * tl.sigmoid(gate) * (limit * _tanh(up / limit))
     elif ACT >= CLAMPED_AFTER:
         h = tl.minimum(_act(gate, ACT - CLAMPED_AFTER), limit) * tl.minimum(tl.maximum(up, -limit), limit)
     elif ACT >= CLAMPED:
@@ -543,6 +546,15 @@ def _glu_backward_kernel(
                 h = (uc + 1.0) * glu
                 dgate = tl.where(gate <= limit, dh * (uc + 1.0) * (s + alpha * gc * s * (1.0 - s)), 0.0)
                 dup = tl.where((up >= -limit) & (up <= limit), dh * glu, 0.0)
+            elif ACT == SILU_SOFTCAPPED:
+                tg = _tanh(gate / alpha)
+                tu = _tanh(up / limit)
+                s = tl.sigmoid(gate)
+                a = alpha * tg * s
+                uc = limit * tu
+                h = a * uc
+                dgate = dh * uc * s * ((1.0 - tg * tg) + alpha * tg * (1.0 - s))
+                dup = dh * a * (1.0 - tu * tu)
             elif ACT >= CLAMPED_AFTER:
                 uc = tl.minimum(tl.maximum(up, -limit), limit)
                 a = _act(gate, ACT - CLAMPED_AFTER)

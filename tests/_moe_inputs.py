@@ -16,6 +16,8 @@ LAYOUTS = {
     "silu_clamped": ExpertLayout(activation="silu_clamped", limit=0.5),
     # Step-3.7: the gate clamped after its activation.
     "silu_clamped_after": ExpertLayout(activation="silu_clamped_after", limit=0.3),
+    # Inkling2: soft caps (gate 0.8, up 0.5) that bend these random inputs' pre-activations.
+    "silu_softcapped": ExpertLayout(activation="silu_softcapped", alpha=0.8, limit=0.5),
 }
 
 
