@@ -7,7 +7,9 @@ layout (``gate_up_proj [E, 2I, H]``, gate rows first):
   per layer (none: plain SiLU);
 - Beam: ``act(gate) * up`` in fp32, cast back, which is what the kernels compute anyway (``"silu"``);
 - MiniMax-M3-VL: GPT-OSS's SwiGLU, ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``, on
-  concatenated rather than interleaved gate/up (``"swiglu_oai"``).
+  concatenated rather than interleaved gate/up (``"swiglu_oai"``);
+- Inkling2, Inkling2-Loop: a soft-capped SwiGLU, ``c_g tanh(gate / c_g) * sigmoid(gate) * c_u tanh(up / c_u)``
+  (``"silu_softcapped"``, the caps as the layout's ``alpha`` and ``limit``).
 
 The layout is declared per family and checked against the module's own ``_apply_gate`` before ``prepare`` changes
 anything: the kernels' reference activation runs next to it on values that cross both clamps. A subclass, or a later
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import importlib
 from functools import partial
+from operator import attrgetter
 
 import torch
 from torch import nn
@@ -28,7 +31,7 @@ from ..kernels import reference
 from ..kernels.layout import ExpertLayout, split_gate_up
 from .common import activation_name, check_experts_module
 from .registry import ModelPatch, register_model_patch
-from .standard import _LATENT_ATTENTION, _MROPE, _layer_anatomy, _modeling, _tiny_config, _tiny_vl_config
+from .standard import _LATENT_ATTENTION, _MROPE, _TINY, _layer_anatomy, _modeling, _tiny_config, _tiny_vl_config
 
 
 def _probe(limit: float, width: int = 64) -> torch.Tensor:
@@ -44,7 +47,8 @@ def checked_layout(
     alpha_attr: str | None = None,
 ) -> ExpertLayout:
     """The family's layout with ``activation`` (``"<act>_clamped"`` takes ``<act>`` from ``experts.act_fn``, SiLU
-    without one), ``limit`` (and ``alpha``) read off the module; checked against its ``_apply_gate``."""
+    without one), ``limit`` (and ``alpha``) read off the module (dotted attribute paths); checked against its
+    ``_apply_gate``."""
     cls = getattr(importlib.import_module(modeling_module), experts_class)
     name = type(experts).__name__
     if type(experts)._apply_gate is not cls._apply_gate:
@@ -53,7 +57,7 @@ def checked_layout(
             "gated activation. Use experts_implementation='grouped_mm' for this model."
         )
     check_experts_module(experts)
-    limit = getattr(experts, limit_attr) if limit_attr else None
+    limit = attrgetter(limit_attr)(experts) if limit_attr else None
     suffix = activation[activation.index("_clamped"):] if "_clamped" in activation else ""
     if suffix:
         plain = activation_name(experts.act_fn) if hasattr(experts, "act_fn") else "silu"
@@ -63,9 +67,11 @@ def checked_layout(
         has_gate=True, is_transposed=getattr(experts, "is_transposed", False),
         is_concatenated=getattr(experts, "is_concatenated", True), has_bias=getattr(experts, "has_bias", False),
         activation=activation, **({"limit": float(limit)} if limit is not None else {}),
-        **({"alpha": float(getattr(experts, alpha_attr))} if alpha_attr else {}),
+        **({"alpha": float(attrgetter(alpha_attr)(experts))} if alpha_attr else {}),
     )
-    gate_up = _probe(layout.limit if limit is not None else 10.0)
+    # Values that cross the clamps, or reach well into both soft caps' saturation.
+    span = layout.limit if limit is not None else 10.0
+    gate_up = _probe(max(layout.limit, layout.alpha) if activation == "silu_softcapped" else span)
     with torch.no_grad():
         got = experts._apply_gate(gate_up)
         want = reference.glu_forward(*split_gate_up(gate_up, -1, layout), layout)
@@ -171,5 +177,27 @@ PATCHES = [
         "sum scaled after the experts (no layer anatomy); shared experts",
         task="image_text_to_text", activation="swiglu_oai",
         limit_attr="swiglu_limit", alpha_attr="swiglu_alpha",
+    ),
+    *(
+        _register(
+            family, (f"{package}_text", package), package, experts_class,
+            # Caps near the tiny model's pre-activations (the real ones are 4 and 25), so that both bend them; the
+            # LM head's width (unpadded_vocab_size) is the tiny vocabulary.
+            partial(_tiny_vl_config, package, text=dict(
+                mlp_gate_softcap=0.1, mlp_up_softcap=0.08, final_logit_softcapping=0.1,
+                unpadded_vocab_size=_TINY["vocab_size"], **loop,
+            )),
+            "vision-language (and its text-only causal LM); a soft-capped SwiGLU; sigmoid top-k with a score-"
+            "correction bias; attention over earlier blocks' outputs as the residual (no layer anatomy); soft-capped "
+            "logits" + extra,
+            task="image_text_to_text", activation="silu_softcapped", alpha_attr="act_fn.gate_softcap.softcap",
+            limit_attr="act_fn.up_softcap.softcap",
+        )
+        for family, package, experts_class, extra, loop in (
+            ("Inkling2", "inkling2", "Inkling2Experts", "", {}),
+            # The tiny model's second layer runs twice (one attention-residual block per layer).
+            ("Inkling2-Loop", "inkling2_loop", "Inkling2LoopExperts", "; looped (weight-shared) layers",
+             dict(n_layers_per_attn_res_block=1, loop_layer_index_start=1, loop_layer_index_end=2, loop_num_passes=2)),
+        )
     ),
 ]

@@ -96,7 +96,8 @@ def _tiny_config(model_type: str, **overrides):
 # a vision config lacks are skipped).
 _TINY_VISION = dict(
     depth=1, num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_heads=2, num_attention_heads=2,
-    num_key_value_heads=2, out_hidden_size=_TINY["hidden_size"], deepstack_visual_indexes=[0],
+    num_key_value_heads=2, out_hidden_size=_TINY["hidden_size"], text_hidden_size=_TINY["hidden_size"],
+    deepstack_visual_indexes=[0],
     num_position_embeddings=16,
 )
 # Multimodal rotary sections (temporal, height, width) that fit the tiny head_dim of 12: 6 = 2 + 2 + 2 rotary pairs.
@@ -106,20 +107,24 @@ _MROPE = {"rope_theta": 10000.0, "rope_type": "default", "mrope_section": [2, 2,
 # An audio encoder of one small layer (Qwen3-Omni's thinker).
 _TINY_AUDIO = dict(
     encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=16, output_dim=_TINY["hidden_size"],
+    out_hidden_size=_TINY["hidden_size"],
     downsample_hidden_size=8,
 )
 
 
-def _tiny_vl_config(model_type: str, text: dict | None = None, vision: dict | None = None, **top):
+def _tiny_vl_config(
+    model_type: str, text: dict | None = None, vision: dict | None = None, audio: dict | None = None, **top
+):
     """A small vision-language config: the shared text sizes (and ``text``) on its text config, ``_TINY_VISION`` (and
-    ``vision``) on its vision config, ``_TINY_AUDIO`` on an audio config, each set only where that config has the
-    field; ``top`` on the config itself."""
+    ``vision``) on its vision config, ``_TINY_AUDIO`` (and ``audio``) on an audio config, each set only where that
+    config has the field; ``top`` on the config itself."""
     from transformers import CONFIG_MAPPING, AutoConfig
 
     known = CONFIG_MAPPING[model_type]()
     text_sizes = {**_TINY, **(text or {})}
     parts = {"text_config": {k: v for k, v in text_sizes.items() if _has_field(known.get_text_config(), k)}}
-    for name, sizes in (("vision_config", {**_TINY_VISION, **(vision or {})}), ("audio_config", _TINY_AUDIO)):
+    for name, sizes in (("vision_config", {**_TINY_VISION, **(vision or {})}),
+                        ("audio_config", {**_TINY_AUDIO, **(audio or {})})):
         if getattr(known, name, None) is not None:
             parts[name] = {k: v for k, v in sizes.items() if _has_field(getattr(known, name), k)}
     return AutoConfig.for_model(model_type, **parts, **top)
@@ -200,6 +205,9 @@ _FAMILIES = (
     ("Ergo", "ergo", "ergo", "ErgoExpertProjections", None,
      "one route per row into `up_proj` only (ReLU^2, transposed), each route's own RMSNorm after the experts (kept "
      "upstream; no layer anatomy); an fp32-output LM head (the model computes its own loss); shared expert"),
+    ("Inkling", "inkling_text", "inkling", "InklingExperts", None,
+     "sigmoid top-k; shared experts scaled per token by the router; short convolutions after attention and after "
+     "the MoE block (no layer anatomy)"),
     ("ZAYA", "zaya", "zaya", "ZayaExperts", None,
      "top-1 routing; no layer anatomy (the split layer's gradients differ from the whole layer's by 1.8e-3, "
      "not investigated)"),

@@ -117,7 +117,7 @@ def test_gpt_oss_with_another_gate_is_refused():
         hetermoe.prepare(model)
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v4", "minimax_m3_vl"])
+@pytest.mark.parametrize("model_type", ["deepseek_v4", "minimax_m3_vl", "inkling2"])
 def test_declared_gates_are_checked_against_apply_gate(model_type, monkeypatch):
     """Families whose experts override ``_apply_gate`` (apply_gate.py): a subclass with another gate is refused, and
     so is a class whose own ``_apply_gate`` no longer computes the declared activation (a later transformers), before
@@ -127,7 +127,7 @@ def test_declared_gates_are_checked_against_apply_gate(model_type, monkeypatch):
         pytest.skip(f"{patch.family} is not in this transformers")
     model = build_tiny_model(patch)
     experts = next(m for m in model.modules() if isinstance(m, patch.experts_type()))
-    assert patch.layout(experts).activation in ("silu_clamped", "swiglu_oai")
+    assert patch.layout(experts).activation in ("silu_clamped", "swiglu_oai", "silu_softcapped")
 
     class OtherGate(type(experts)):
         def _apply_gate(self, gate_up):
@@ -188,14 +188,18 @@ def test_expert_dropout_in_training_falls_back_with_a_warning(model_type):
     torch.testing.assert_close(loss_prep, loss_ref)
 
 
-SPECIAL_LAYOUTS = ["dbrx", "llama4_text", "jetmoe", "switch_transformers", "nllb-moe", "gpt_oss", "nemotron_h"]
+SPECIAL_LAYOUTS = [
+    "dbrx", "llama4_text", "jetmoe", "switch_transformers", "nllb-moe", "gpt_oss", "nemotron_h",
+    "inkling2",  # the soft-capped SwiGLU
+    "muse_spark",  # a norm on each expert's output
+]
 
 
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("model_type", SPECIAL_LAYOUTS)
 def test_triton_backend_on_special_layouts(model_type):
-    """The Triton kernels on the families with views, stacks, biases, no gate or clamped SwiGLU (CUDA, or CPU
-    under TRITON_INTERPRET=1, which tests/conftest.py sets on CPU)."""
+    """The Triton kernels on the families with views, stacks, biases, no gate, clamped or soft-capped SwiGLU, or a
+    post-expert norm (CUDA, or CPU under TRITON_INTERPRET=1, which tests/conftest.py sets on CPU)."""
     import os
 
     from hf_hetermoe.kernels import triton_available
