@@ -46,19 +46,28 @@ def hetermoe_experts_forward(
         b1 = self.gate_up_proj_bias if layout.has_gate else self.up_proj_bias
         b2 = self.down_proj_bias
     shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    index = top_k_index.reshape(-1, top_k_index.shape[-1])
+    weights = top_k_weights.reshape(-1, top_k_weights.shape[-1])
+    post_norm = getattr(self, "has_post_expert_norm", False)
+    if post_norm:
+        # The norm applies to each expert's own output, before the routing weight and the sum over the k experts:
+        # run every (token, expert) pair as a token routed to one expert with weight 1, then norm, weight and sum
+        # here (in fp32, as transformers' grouped_mm path). The matmuls are the same; the cost is a [T * k, H] copy
+        # of the inputs and of the outputs.
+        T, k = index.shape
+        x = x.unsqueeze(1).expand(T, k, x.shape[-1]).reshape(T * k, x.shape[-1])
+        index = index.reshape(T * k, 1)
+        routed, weights = weights, torch.ones(T * k, 1, dtype=weights.dtype, device=weights.device)
     out = moe_experts(
-        hidden_states.reshape(-1, shape[-1]),
-        top_k_index.reshape(-1, top_k_index.shape[-1]),
-        top_k_weights.reshape(-1, top_k_weights.shape[-1]),
-        w1,
-        self.down_proj,
-        b1,
-        b2,
+        x, index, weights, w1, self.down_proj, b1, b2,
         layout=layout,
         backend=getattr(self, BACKEND_ATTR, "auto"),
         recompute=getattr(self, RECOMPUTE_ATTR, False),
     )
-    return out.view(shape)
+    if post_norm:
+        out = self.post_expert_norm(out).view(T, k, -1).float().mul(routed.unsqueeze(-1).float()).sum(1)
+    return out.to(hidden_states.dtype).view(shape)
 
 
 def register(name: str = IMPLEMENTATION_NAME) -> None:

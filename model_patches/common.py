@@ -43,10 +43,9 @@ def activation_name(act_fn: nn.Module | Callable) -> str:
 
 
 def check_experts_module(experts: nn.Module) -> None:
-    """Refuse what no experts-interface layout covers: a post-expert norm, transformers' expert-parallel shards."""
+    """Refuse what no experts-interface layout covers: transformers' expert-parallel shards. (A post-expert norm,
+    ``has_post_expert_norm``, is applied by ``hetermoe_experts_forward`` around the kernels.)"""
     cls = type(experts).__name__
-    if getattr(experts, "has_post_expert_norm", False):
-        raise UnsupportedLayoutError(f"{cls} applies a post-expert norm, which the hetermoe kernels do not fuse yet")
     if getattr(experts, "_is_expert_parallel", False):
         raise UnsupportedLayoutError(
             f"{cls} is sharded by transformers' expert parallelism; hetermoe distributes experts itself "

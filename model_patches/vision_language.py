@@ -43,6 +43,14 @@ _FAMILIES = (
      "take more than the generic split passes (no layer anatomy, not investigated)"),
     ("Unlimited-OCR", ("unlimited_ocr",), "unlimited_ocr", "UnlimitedOcrTextExperts", "UnlimitedOcrTextDecoderLayer",
      dict(num_key_value_heads=4), "document OCR model with a DeepSeek-V2-style MoE text stack"),
+    ("DeepSeek-OCR-2", ("deepseek_ocr2",), "deepseek_ocr2", "DeepseekOcr2TextExperts", "DeepseekOcr2TextDecoderLayer",
+     dict(num_key_value_heads=4, mlp_layer_types=["dense", "sparse"]),
+     "document OCR model with a DeepSeek-V2-style MoE text stack; dense first layers"),
+    ("MuseSpark", ("muse_spark",), "muse_spark", "MuseSparkExperts", None,
+     dict(moe_hidden_size=32, mlp_layer_types=["dense", "sparse"]),
+     "vision and audio in; experts on a projected width (projections in and out around them); a norm on each "
+     "expert's output before the routing weight (applied around the kernels); sigmoid top-k with a score-correction "
+     "bias; gated residuals and post-block norms (no layer anatomy)"),
 )
 # Qwen3-Omni-MoE's thinker (text, image, audio and video in; text out): what is fine-tuned of Qwen3-Omni. The whole
 # Omni model (``qwen3_omni_moe``, thinker and talker) is not registered. The thinker's config has no
@@ -61,15 +69,20 @@ QWEN3_OMNI_THINKER = register_model_patch(
     )
 )
 
-# Vision towers with sub-towers of their own (the shared small sizes do not reach them).
-_VISION = {
+# What the shared small sizes do not reach: vision towers with sub-towers of their own, MuseSpark's audio stages and
+# projector (``_tiny_vl_config``'s ``vision``, ``audio`` and top-level arguments).
+_EXTRA = {
     "unlimited_ocr": dict(
-        sam_config=dict(
-            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, global_attn_indexes=[0]
+        vision=dict(
+            sam_config=dict(
+                hidden_size=16, num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, global_attn_indexes=[0]
+            ),
+            encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
         ),
-        encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
     ),
+    "muse_spark": dict(audio=dict(hidden_sizes=[8, 8, 8, 16], depths=[1, 1, 1, 1]), projector_hidden_size=32),
 }
+_EXTRA["deepseek_ocr2"] = _EXTRA["unlimited_ocr"]  # the same SAM and encoder towers
 
 PATCHES = [
     register_model_patch(
@@ -78,7 +91,7 @@ PATCHES = [
             model_types=model_types,
             modeling_module=_modeling(package),
             experts_class=experts,
-            tiny_config=partial(_tiny_vl_config, model_types[-1], text=text, vision=_VISION.get(model_types[-1])),
+            tiny_config=partial(_tiny_vl_config, model_types[-1], text=text, **_EXTRA.get(model_types[-1], {})),
             anatomy=_layer_anatomy(layer),
             task="image_text_to_text",
             notes=notes,
