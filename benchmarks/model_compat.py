@@ -145,7 +145,9 @@ def render(runs: dict[str, dict]) -> str:
             environments = run.get("environments") or [run["environment"]]
             for i, environment in enumerate(environments):
                 env = ", ".join(f"{k} {v}" for k, v in environment.items())
-                which = f" {i + 1} of {len(environments)} (the families it added)" if len(environments) > 1 else ""
+                which = ""
+                if len(environments) > 1:
+                    which = f" {i + 1} of {len(environments)}" + (" (the families it added)" if i else "")
                 lines.append(f"- {name} run{which}: {env}, {run['dtype']}, backend `{run['backend']}`.")
     lines += [
         "",
