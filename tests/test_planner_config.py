@@ -103,6 +103,23 @@ def test_model_dims_moe_layers(fields, expect):
         ModelDims.from_dict({**d.to_dict(), "moe_layer_mask": [True, True, False]})
 
 
+def test_model_dims_longcat_flash():
+    """LongCat-Flash: two attention blocks and two dense MLPs per layer beside the MoE block, and identity experts
+    among the router's choices; released sizes give its ~560B parameters."""
+    from transformers import CONFIG_MAPPING
+
+    if "longcat_flash" not in CONFIG_MAPPING:
+        pytest.skip("LongCat-Flash is not in this transformers")
+    d = model_dims(CONFIG_MAPPING["longcat_flash"]())
+    assert (d.attention_sublayers, d.dense_mlps_per_layer, d.dense_intermediate_size) == (2, 2, 12288)
+    assert (d.num_experts, d.zero_experts, d.top_k, d.routed_top_k) == (512, 256, 12, 8.0)
+    total = d.num_layers * (d.attention_half_params + d.num_experts * d.expert_params) + d.embedding_params
+    assert 540e9 < total < 580e9
+    assert ModelDims.from_dict(json.loads(json.dumps(d.to_dict()))) == d
+    with pytest.raises(ConfigError, match="attention_sublayers=0"):
+        ModelDims.from_dict({**d.to_dict(), "attention_sublayers": 0})
+
+
 def test_model_dims_not_moe():
     with pytest.raises(ConfigError, match="num_experts"):
         model_dims({"model_type": "llama", "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1})

@@ -106,6 +106,22 @@ def test_data_parallel_runs_experts_on_moe_layers_only():
     assert grad.end - grad.start < grad_all.end - grad_all.start  # 2 experts' parameters fewer than 8
 
 
+def test_attention_side_counts_every_block_and_dense_mlp():
+    """LongCat-Flash-like layers: two attention blocks and two dense MLPs run on the attention ranks, and identity
+    experts take a third of the router's picks away from the real experts."""
+    cost = _cost()
+    dims = replace(DIMS, attention_sublayers=2, dense_mlps_per_layer=2, dense_intermediate_size=2048, zero_experts=4)
+    longcat = CostModel(dims, cost.cluster, preset_profiles(cost.cluster.kinds(), dims, 1024))
+    lay = _zebra(longcat, 2)
+    prof = longcat.profile(lay.ranks[0])
+    tokens = longcat.micro_batch_tokens(lay)
+    for backward in (False, True):
+        want = 2 * prof.attn_ms(tokens, backward) + 2 * 2 * prof.expert_ms(tokens, backward)
+        assert longcat.attn_ms(lay, lay.ranks[0], 1, backward) == pytest.approx(want)
+    assert dims.routed_top_k == pytest.approx(DIMS.top_k * 8 / 12)
+    assert longcat.tokens_per_expert(lay) == pytest.approx(cost.tokens_per_expert(_zebra(cost, 2)) * 8 / 12)
+
+
 def test_traces_say_emulated(tmp_path):
     cost = _cost(emulate="v100-like")
     res = simulate_layout(cost, _zebra(cost, 2), "zebra")

@@ -22,6 +22,17 @@ A2A_LATENCY_MS = 0.03
 GiB = 2**30
 
 
+def attention_side_ms(d: ModelDims, prof: DeviceProfile, tokens: float, layer: int, backward: bool) -> float:
+    """What runs beside attention in one layer on ``tokens`` tokens: its attention blocks, and a dense layer's MLP or
+    the dense MLPs an MoE layer has beside its experts (LongCat-Flash), each as the FLOPs of
+    ``dense_intermediate_size / expert_intermediate_size`` experts on all the tokens."""
+    t = d.attention_sublayers * prof.attn_ms(tokens, backward)
+    mlps = d.dense_mlps_per_layer + (0 if d.is_moe_layer(layer) else 1)
+    if mlps and d.dense_intermediate_size:
+        t += mlps * d.dense_intermediate_size / d.expert_intermediate_size * prof.expert_ms(tokens, backward)
+    return t
+
+
 class MemoryError_(ConfigError):  # noqa: N801 -- avoid shadowing the builtin MemoryError
     """A GPU cannot hold its share of the model."""
 
@@ -94,25 +105,19 @@ class CostModel:
 
     def tokens_per_expert(self, lay: ZPLayout) -> float:
         """Routed tokens one expert receives per micro-batch, from all attention ranks of the group."""
-        return len(lay.attention) * self.micro_batch_tokens(lay) * self.dims.top_k / self.dims.num_experts
+        return len(lay.attention) * self.micro_batch_tokens(lay) * self.dims.routed_top_k / self.dims.num_experts
 
     def expert_ms(self, lay: ZPLayout, global_rank: int, layer: int, local: int, backward: bool) -> float:
         n = lay.experts_on(local, layer)
         return n * self.profile(global_rank).expert_ms(self.tokens_per_expert(lay), backward) if n else 0.0
 
     def attn_ms(self, lay: ZPLayout, global_rank: int, layer: int, backward: bool) -> float:
-        prof = self.profile(global_rank)
-        t = prof.attn_ms(self.micro_batch_tokens(lay), backward)
-        if not self.dims.is_moe_layer(layer) and self.dims.dense_intermediate_size:
-            # A dense MLP: as many FLOPs as `scale` experts on all the micro-batch's tokens.
-            scale = self.dims.dense_intermediate_size / self.dims.expert_intermediate_size
-            t += scale * prof.expert_ms(self.micro_batch_tokens(lay), backward)
-        return t
+        return attention_side_ms(self.dims, self.profile(global_rank), self.micro_batch_tokens(lay), layer, backward)
 
     # ---- communication -------------------------------------------------------------------------
     def a2a_ms(self, lay: ZPLayout, layer: int) -> float:
         """One dispatch (or combine: same bytes, reversed) of one micro-batch of ``layer``."""
-        tok_bytes = self.micro_batch_tokens(lay) * self.dims.top_k * self.dims.hidden_size * self.dtype_bytes
+        tok_bytes = self.micro_batch_tokens(lay) * self.dims.routed_top_k * self.dims.hidden_size * self.dtype_bytes
         share = {h: lay.experts_on(h, layer) / self.dims.num_experts for h in range(len(lay.ranks))}
         send = dict.fromkeys(range(len(lay.ranks)), 0.0)
         recv = dict.fromkeys(range(len(lay.ranks)), 0.0)
@@ -178,7 +183,10 @@ class CostModel:
         if local in lay.attention:
             params += d.num_layers * d.attention_half_params + d.embedding_params
             tokens = lay.sequences_per_attention_rank * self.seq_len
-            per_tok = prof.act_bytes_per_token_ckpt if tr.activation_checkpointing else prof.act_bytes_per_token
+            # Without checkpointing each attention block keeps its own activations (the profile's figure is one
+            # block's); with it, a layer keeps its input whatever it holds.
+            per_tok = (prof.act_bytes_per_token_ckpt if tr.activation_checkpointing
+                       else prof.act_bytes_per_token * d.attention_sublayers)
             acts += tokens * d.num_layers * per_tok
             acts += self.micro_batch_tokens(lay) * d.vocab_size * 4 * 2  # fp32 logits and their gradient
         states = params * tr.bytes_per_param

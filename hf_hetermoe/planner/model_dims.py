@@ -53,6 +53,19 @@ class ModelDims:
         },
     )
     dense_intermediate_size: int = field(default=0, metadata={"help": "MLP width of the dense layers."})
+    attention_sublayers: int = field(
+        default=1, metadata={"help": "Attention blocks per decoder layer (LongCat-Flash: 2)."}
+    )
+    dense_mlps_per_layer: int = field(
+        default=0,
+        metadata={"help": "Dense MLPs of dense_intermediate_size beside the routed experts in every layer "
+                          "(LongCat-Flash: 2); they run with attention."},
+    )
+    zero_experts: int = field(
+        default=0,
+        metadata={"help": "Identity ('zero') experts among the router's choices (LongCat-Flash): they cost nothing, "
+                          "so a token reaches top_k * E / (E + zero_experts) real experts on average."},
+    )
     gated: bool = field(default=True, metadata={"help": "Gated (SwiGLU) experts: three matrices instead of two."})
     tie_word_embeddings: bool = field(default=False, metadata={"help": "LM head shares the embedding matrix."})
     model_type: str = field(default="", metadata={"help": "transformers model_type, for messages only."})
@@ -63,8 +76,13 @@ class ModelDims:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"ModelDims.{name}={value!r} must be a positive integer")
-        if self.top_k > self.num_experts:
+        if self.top_k > self.num_experts + self.zero_experts:
             raise ConfigError(f"ModelDims.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        for name in ("attention_sublayers", "dense_mlps_per_layer", "zero_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (1 if name == "attention_sublayers" else 0):
+                raise ConfigError(f"ModelDims.{name}={value!r} must be a non-negative integer (attention_sublayers: "
+                                  "at least 1)")
         if self.num_key_value_heads == 0:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim == 0:
@@ -90,6 +108,11 @@ class ModelDims:
         return sum(self.is_moe_layer(li) for li in range(self.num_layers))
 
     @property
+    def routed_top_k(self) -> float:
+        """Real experts a token reaches on average: ``top_k``, less the picks of identity experts (balanced)."""
+        return self.top_k * self.num_experts / (self.num_experts + self.zero_experts)
+
+    @property
     def q_dim(self) -> int:
         return self.num_attention_heads * self.head_dim
 
@@ -104,11 +127,14 @@ class ModelDims:
 
     @property
     def attention_half_params(self) -> int:
-        """Parameters of one layer's attention half: q/k/v/o projections, two norms, router, shared experts."""
+        """Parameters of one layer's attention half: q/k/v/o projections and norms (of each attention block), router,
+        shared experts, the dense MLPs that run beside the experts."""
         h = self.hidden_size
-        attn = h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h
-        shared = self.num_shared_experts * (3 if self.gated else 2) * h * max(self.shared_intermediate_size, 0)
-        return attn + 2 * h + h * self.num_experts + shared
+        attn = (h * self.q_dim + 2 * h * self.kv_dim + self.q_dim * h + 2 * h) * self.attention_sublayers
+        per_mlp = (3 if self.gated else 2) * h
+        shared = self.num_shared_experts * per_mlp * max(self.shared_intermediate_size, 0)
+        dense = self.dense_mlps_per_layer * per_mlp * self.dense_intermediate_size
+        return attn + h * (self.num_experts + self.zero_experts) + shared + dense
 
     @property
     def embedding_params(self) -> int:
@@ -196,6 +222,9 @@ def model_dims(config: Any) -> ModelDims:
     first_dense = int(cfg.get("first_k_dense_replace") or cfg.get("moe_layer_start_index")
                       or cfg.get("num_dense_layers") or 0)  # DeepSeek, Ernie-4.5, LFM2-MoE
     gated = cfg.get("model_type") not in {"switch_transformers", "nllb_moe", "gpt_bigcode"} and act != "gelu_new"
+    # LongCat-Flash: two attention blocks and two dense MLPs (ffn_hidden_size) in every layer, beside one MoE block
+    # whose router also picks among zero_expert_num identity experts.
+    longcat = cfg.get("model_type") == "longcat_flash"
     return ModelDims(
         **{q: int(v) for q, v in values.items()},
         num_key_value_heads=int(cfg.get("num_key_value_heads") or 0),
@@ -204,7 +233,10 @@ def model_dims(config: Any) -> ModelDims:
         shared_intermediate_size=shared_size,
         first_dense_layers=first_dense,
         moe_layer_mask=_moe_layer_mask(cfg, int(values["num_layers"]), first_dense),
-        dense_intermediate_size=int(cfg.get("intermediate_size") or 0),
+        dense_intermediate_size=int(cfg.get("intermediate_size") or cfg.get("ffn_hidden_size") or 0),
+        attention_sublayers=2 if longcat else 1,
+        dense_mlps_per_layer=2 if longcat else 0,
+        zero_experts=int(cfg.get("zero_expert_num") or 0),
         gated=gated,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         model_type=str(cfg.get("model_type", "")),

@@ -56,7 +56,7 @@ def role_splits(cost: CostModel) -> list[tuple[list[int], list[int]]]:
     A single-kind cluster is split in halves and quarters (zebra still overlaps; there is no heterogeneity)."""
     ranks = cost.cluster.ranks()
     kinds = cost.cluster.kinds()
-    tok = cost.seq_len * cost.dims.top_k / cost.dims.num_experts
+    tok = cost.seq_len * cost.dims.routed_top_k / cost.dims.num_experts
     order = sorted(kinds, key=lambda k: _attention_affinity(cost, k, tok))
     by_kind = {k: [r for r, _, g in ranks if g.kind == k] for k in kinds}
     splits = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .cost import CostModel, MemoryError_, ZPLayout
+from .cost import CostModel, MemoryError_, ZPLayout, attention_side_ms
 from .engine import Event, run_schedule
 from .schedule import Schedule, build_zebra_schedule
 
@@ -87,17 +87,15 @@ def simulate_data_parallel(cost: CostModel) -> SimResult:
     d, tr = cost.dims, cost.cluster.training
     world = cost.cluster.world_size
     s = cost.seq_len
-    per_expert = s * d.top_k / d.num_experts
+    per_expert = s * d.routed_top_k / d.num_experts
 
     dense_scale = d.dense_intermediate_size / d.expert_intermediate_size  # a dense MLP as this many experts
 
     def layer_ms(rank: int, layer: int, backward: bool) -> float:
         prof = cost.profile(rank)
-        t = prof.attn_ms(s, backward)
+        t = attention_side_ms(d, prof, s, layer, backward)
         if d.is_moe_layer(layer):
             t += d.num_experts * prof.expert_ms(per_expert, backward)
-        elif dense_scale:
-            t += dense_scale * prof.expert_ms(s, backward)
         return t
 
     per_seq = {r: sum(layer_ms(r, li, False) + layer_ms(r, li, True) for li in range(d.num_layers))
@@ -136,7 +134,8 @@ def simulate_data_parallel(cost: CostModel) -> SimResult:
     for r in range(world):
         prof = cost.profile(r)
         act = s * d.num_layers * (prof.act_bytes_per_token_ckpt if tr.activation_checkpointing
-                                  else prof.act_bytes_per_token + d.top_k * prof.expert_act_bytes_per_token)
+                                  else prof.act_bytes_per_token * d.attention_sublayers
+                                  + d.routed_top_k * prof.expert_act_bytes_per_token)
         need, cap = state + act, cost.memory_capacity(r)
         if need > cap:
             fits, note = False, (f"rank {r} ({cost.kind_of[r]}) needs {need / 2**30:.1f} GiB for the whole model, "
