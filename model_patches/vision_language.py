@@ -46,6 +46,16 @@ _FAMILIES = (
     ("DeepSeek-OCR-2", ("deepseek_ocr2",), "deepseek_ocr2", "DeepseekOcr2TextExperts", "DeepseekOcr2TextDecoderLayer",
      dict(num_key_value_heads=4, mlp_layer_types=["dense", "sparse"]),
      "document OCR model with a DeepSeek-V2-style MoE text stack; dense first layers"),
+    ("Dots3-Note", ("dots3_note",), "dots3_note", "Dots3NoteExperts", "Dots3NoteTextDecoderLayer",
+     dict(_LATENT_ATTENTION, num_key_value_heads=4, mlp_layer_types=["dense", "sparse"],
+          layer_types=["sliding_attention", "indexed_attention"], sliding_window=16, index_topk=8, index_head_dim=8,
+          index_n_heads=2,
+          # The sliding-window layers' own attention sizes.
+          per_layer_config={0: dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=16, kv_lora_rank=16,
+                                    head_dim=12, qk_nope_head_dim=8, v_head_dim=12, qk_rope_head_dim=4)}),
+     "vision and audio in; DeepSeek-V3-style text stack (latent attention, sliding-window and indexed sparse "
+     "attention layers, shared expert, dense first layers); the vision tower's MoE layers use the same experts "
+     "class and are prepared too"),
     ("MuseSpark", ("muse_spark",), "muse_spark", "MuseSparkExperts", None,
      dict(moe_hidden_size=32, mlp_layer_types=["dense", "sparse"]),
      "vision and audio in; experts on a projected width (projections in and out around them); a norm on each "
@@ -69,8 +79,9 @@ QWEN3_OMNI_THINKER = register_model_patch(
     )
 )
 
-# What the shared small sizes do not reach: vision towers with sub-towers of their own, MuseSpark's audio stages and
-# projector (``_tiny_vl_config``'s ``vision``, ``audio`` and top-level arguments).
+# What the shared small sizes do not reach (``_tiny_vl_config``'s ``vision``, ``audio`` and top-level arguments):
+# vision towers with sub-towers of their own, Dots3-Note's adapters (its default layer tables name layers a tiny tower
+# lacks), MuseSpark's audio stages and projector.
 _EXTRA = {
     "unlimited_ocr": dict(
         vision=dict(
@@ -79,6 +90,12 @@ _EXTRA = {
             ),
             encoder_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
         ),
+    ),
+    "dots3_note": dict(
+        vision=dict(per_layer_config={}, adapter_in_dim=16, adapter_out_dim=_TINY["hidden_size"],
+                    mlp_layer_types=["dense"]),
+        audio=dict(per_layer_config={}, hidden_size=16, adapter_input_size=16, adapter_out_dim=_TINY["hidden_size"],
+                   num_attention_heads=2, intermediate_size=32, downsample_hidden_size=8),
     ),
     "muse_spark": dict(audio=dict(hidden_sizes=[8, 8, 8, 16], depths=[1, 1, 1, 1]), projector_hidden_size=32),
 }
