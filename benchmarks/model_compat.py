@@ -168,6 +168,7 @@ def render(runs: dict[str, dict]) -> str:
                 _fmt(row["aux_delta"]) if row["aux_delta"] is not None else
                 "upstream raises" if row.get("upstream_error") else "no aux loss upstream",
                 f"identical keys, Δ {_fmt(row['round_trip_delta'])}" if row["saved_same"] else "FAIL",
+                "not generative" if row["generate_same"] is None else
                 "same tokens" if row["generate_same"] else "tokens differ",
             ]
             cells.append(

@@ -1,5 +1,5 @@
-"""Families whose experts override ``_apply_gate`` (most with a clamped SwiGLU), on transformers' default weight
-layout (``gate_up_proj [E, 2I, H]``, gate rows first):
+"""Families whose experts override ``_apply_gate`` (most with a clamped SwiGLU), on the weight layout their
+``@use_experts_implementation`` declares (``gate_up_proj [E, 2I, H]``, gate rows first, unless said otherwise):
 
 - DeepSeek-V4, HY-V4, HY-V4-VL, GLM5-Next: ``silu(min(gate, limit)) * clamp(up, -limit, limit)``
   (``"silu_clamped"``);
@@ -8,6 +8,7 @@ layout (``gate_up_proj [E, 2I, H]``, gate rows first):
 - Beam: ``act(gate) * up`` in fp32, cast back, which is what the kernels compute anyway (``"silu"``);
 - MiniMax-M3-VL: GPT-OSS's SwiGLU, ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``, on
   concatenated rather than interleaved gate/up (``"swiglu_oai"``);
+- OpenAI-Privacy-Filter: the same, transposed and with biases;
 - Inkling2, Inkling2-Loop: a soft-capped SwiGLU, ``c_g tanh(gate / c_g) * sigmoid(gate) * c_u tanh(up / c_u)``
   (``"silu_softcapped"``, the caps as the layout's ``alpha`` and ``limit``).
 
@@ -177,6 +178,14 @@ PATCHES = [
         "sum scaled after the experts (no layer anatomy); shared experts",
         task="image_text_to_text", activation="swiglu_oai",
         limit_attr="swiglu_limit", alpha_attr="swiglu_alpha",
+    ),
+    _register(
+        "OpenAI-Privacy-Filter", ("openai_privacy_filter",), "openai_privacy_filter", "OpenAIPrivacyFilterExperts",
+        partial(_tiny_config, "openai_privacy_filter", swiglu_limit=0.1),
+        "a bidirectional token classifier (PII spans); GPT-OSS's clamped SwiGLU on concatenated gate/up, transposed "
+        "weights with biases (the experts computed in fp32 upstream); softmax over the top-k logits; encoder layers "
+        "(no layer anatomy: the zebra runtime trains causal LMs)",
+        task="token_classification", activation="swiglu_oai", limit_attr="limit", alpha_attr="alpha",
     ),
     *(
         _register(

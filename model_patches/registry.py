@@ -50,6 +50,7 @@ TASKS = {
     "causal_lm": "AutoModelForCausalLM",
     "seq2seq_lm": "AutoModelForSeq2SeqLM",
     "image_text_to_text": "AutoModelForImageTextToText",  # vision-language models: their text stack has the experts
+    "token_classification": "AutoModelForTokenClassification",  # encoders with a per-token classifier (no generate)
 }
 
 
@@ -71,8 +72,9 @@ class ModelPatch:
             class) and returns a zero-argument function that restores it.
         anatomy: how a decoder layer splits into an attention half and an expert half (``anatomy.py``);
             ``None`` where no split is offered.
-        task: "causal_lm" (``AutoModelForCausalLM``), "seq2seq_lm" (``AutoModelForSeq2SeqLM``) or
-            "image_text_to_text" (``AutoModelForImageTextToText``: a vision-language model, verified on text).
+        task: "causal_lm" (``AutoModelForCausalLM``), "seq2seq_lm" (``AutoModelForSeq2SeqLM``),
+            "image_text_to_text" (``AutoModelForImageTextToText``: a vision-language model, verified on text) or
+            "token_classification" (``AutoModelForTokenClassification``: a per-token classifier, no ``generate``).
         auto_class_name: the transformers auto class that builds the family when it is not the task's (Mistral4's
             ``Mistral4ForCausalLM`` is mapped under ``AutoModelForImageTextToText`` only).
         notes: one line on the family's routing and weight layout (README table).
@@ -118,8 +120,13 @@ class ModelPatch:
             return False
         return True
 
+    @property
+    def generative(self) -> bool:
+        """Whether the family's model has a language-modelling head (``generate`` works)."""
+        return self.task != "token_classification"
+
     def auto_class(self):
-        """The transformers auto class that builds this family's model with a language-modelling head."""
+        """The transformers auto class that builds this family's model with its task's head."""
         import transformers
 
         return getattr(transformers, self.auto_class_name or TASKS[self.task])

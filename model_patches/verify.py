@@ -126,7 +126,8 @@ def build_tiny_model(patch, *, dtype: torch.dtype = torch.float32, device: str =
 
 
 def tiny_inputs(patch, model: nn.Module, *, batch: int = 2, seq: int = 9, seed: int = 0) -> dict:
-    """Random token ids with one right-padded row, labels (-100 on padding), on the model's device."""
+    """Random token ids with one right-padded row, labels (-100 on padding; class ids for a token classifier), on
+    the model's device."""
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size
@@ -136,6 +137,9 @@ def tiny_inputs(patch, model: nn.Module, *, batch: int = 2, seq: int = 9, seed: 
     inputs = {"input_ids": ids, "attention_mask": mask}
     if patch.task == "seq2seq_lm":
         inputs["labels"] = torch.randint(3, vocab, (batch, seq - 2), generator=gen)
+    elif patch.task == "token_classification":
+        labels = torch.randint(0, model.config.num_labels, (batch, seq), generator=gen)
+        inputs["labels"] = labels.masked_fill(mask == 0, -100)
     else:
         inputs["labels"] = ids.masked_fill(mask == 0, -100)
     return {k: v.to(device) for k, v in inputs.items()}
@@ -285,8 +289,9 @@ def _verify(patch, report: FamilyReport, hetermoe, backend: str, dtype: torch.dt
         with torch.no_grad():
             report.round_trip_delta = _max_delta(reloaded(**plain_inputs).logits, logits_ref)
 
-    with torch.no_grad():
-        report.generate_same = bool(torch.equal(_generate(patch, ref, inputs), _generate(patch, prep, inputs)))
+    if patch.generative:
+        with torch.no_grad():
+            report.generate_same = bool(torch.equal(_generate(patch, ref, inputs), _generate(patch, prep, inputs)))
 
 
 def _same_saved(dir_a: str, dir_b: str) -> bool:
