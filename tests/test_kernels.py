@@ -81,6 +81,20 @@ def _check_triton_vs_reference(shape, layout, dtype):
         assert rel_err(g_t, g_r) < tol, f"{name}: {rel_err(g_t, g_r):.2e}"
 
 
+@requires_triton
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_activation_pass_matches_reference(layout):
+    """The standalone activation pass (after CUTLASS's gate/up on the GPU, which has no fused epilogue) on every
+    layout's column order and activation, against the reference."""
+    layout_ = LAYOUTS[layout]
+    S, inter = 13, 40
+    gu = torch.randn(S, 2 * inter if layout_.has_gate else inter, device=DEVICE)
+    h = gu.new_empty(S, inter)
+    _triton_ops().activation(gu, h, layout_)
+    assert rel_err(h, ref.glu_forward(*ref._split(gu, layout_), layout_)) < 1e-5
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_reference_matches_eager_autograd(layout):
     """The explicit forward/backward formulas equal autograd through transformers' eager loop."""
