@@ -11,14 +11,18 @@ training mode with ``labels``:
   afterwards (router aux loss and its coefficient) happens exactly as before.
 
 The returned output has ``logits=None`` (as with Liger's fused loss). Evaluation mode, calls without labels,
-``logits_to_keep``, a custom ``loss_function``, a replaced or non-``nn.Linear`` head (PEFT on ``lm_head``) and
-final-logit soft-capping all take the untouched path. ``HeterMoEConfig(fused_cross_entropy=False)`` turns it off.
+``logits_to_keep``, a custom ``loss_function`` and a replaced or non-``nn.Linear`` head (PEFT on ``lm_head``) take
+the untouched path. Logit scaling and final-logit soft-capping (``c * tanh(s * z / c)``) are computed inside the
+fused loss; before it is installed, the family's own forward is run once on a few random hidden states (its base
+model stood in for) and must turn the head's outputs into exactly those logits, or the model keeps its unfused loss
+(with a warning). ``HeterMoEConfig(fused_cross_entropy=False)`` turns it off.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +35,7 @@ _LOGIT_SCALE = {
     "granitemoe": lambda model: 1.0 / model.config.logits_scaling,
     "granitemoeshared": lambda model: 1.0 / model.config.logits_scaling,
     "cohere2_moe": lambda model: float(model.logit_scale),
+    "muse_spark": lambda model: float(model.config.get_text_config().output_multiplier),  # then soft-capped
 }
 
 
@@ -150,6 +155,75 @@ def _fused_forward(lm: nn.Module, *args, **kwargs):
     return out
 
 
+class HiddenOnly:
+    """A base model's output that holds only hidden states: ``[0]`` and ``.last_hidden_state``; any other field the
+    family's forward reads (router logits, a vision-language model's ``image_outputs``, ``cache``, ...) is None."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, index):
+        if index in (0, "last_hidden_state"):
+            return self.last_hidden_state
+        raise IndexError(index)
+
+    def __getattr__(self, name: str):  # only for attributes not set above
+        return None
+
+
+class _BaseStandIn(nn.Module):
+    """Stands in for a causal LM's base model inside the family's forward: returns fixed hidden states."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return HiddenOnly(self.hidden)
+
+
+def _logits_as_fused(lm: nn.Module, head: nn.Linear, scale: float, softcap: float | None) -> str | None:
+    """None when ``lm``'s own forward turns ``head``'s outputs ``z`` into ``softcap * tanh(scale * z / softcap)`` (the
+    fused loss's logits: what the forward does to the head's input is seen by the fused head too), checked on four
+    random hidden states with the base model stood in for; otherwise why not."""
+    weight = head.weight
+    sharded = type(weight.data) is not torch.Tensor  # a DTensor (FSDP2, tensor parallel) or another subclass
+    if sharded or weight.is_meta or weight.numel() != head.in_features * head.out_features:
+        return None  # not materialised here (meta, or sharded by ZeRO-3 / FSDP): the known transforms are trusted
+    # The forward calls ``self.model`` (Llama4ForCausalLM's base_model_prefix names another attribute).
+    names = ("model", getattr(lm, "base_model_prefix", ""))
+    prefix = next((name for name in names if isinstance(getattr(lm, name, None), nn.Module)), None)
+    if prefix is None:
+        return "no base model at .model"
+    base = getattr(lm, prefix)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, 4, head.in_features, generator=gen).to(weight.device, weight.dtype)
+    ids = torch.zeros(1, 4, dtype=torch.long, device=weight.device)
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    setattr(lm, prefix, _BaseStandIn(hidden))
+    try:  # in the model's own mode (nothing between the base model and the loss is random)
+        with torch.no_grad():
+            out = type(lm).forward(lm, input_ids=ids, output_router_logits=False, use_cache=False)
+    except Exception as err:  # noqa: BLE001 -- any failure means: do not fuse
+        return f"its forward did not run on stand-in hidden states ({type(err).__name__}: {err})"
+    finally:
+        hook.remove()
+        setattr(lm, prefix, base)
+    logits = getattr(out, "logits", None)
+    if len(seen) != 1 or logits is None or logits.shape != seen[0].shape:
+        return "its forward does not return the head's output (one call, its shape) as the logits"
+    want = seen[0].float() * scale
+    if softcap:
+        want = softcap * torch.tanh(want / softcap)
+    tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
+    worst = (logits.float() - want).abs().max().item()
+    if worst > tol * max(want.abs().max().item(), 1e-6):
+        return (f"its forward transforms the head's outputs otherwise (max difference {worst:.3g} from "
+                f"{softcap or 'no'} soft cap and scale {scale:g})")
+    return None
+
+
 def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     """Install the fused loss on ``model``'s causal LM; returns an undo function, or ``None`` when the model is
     not a causal LM this applies to (then nothing changed)."""
@@ -160,10 +234,17 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     if "forward" in lm.__dict__ or "forward" in head.__dict__:
         return None  # already instance-patched by someone else: do not stack on it
     scale = _LOGIT_SCALE.get(model_type)
+    scale = scale(lm) if scale else 1.0
     softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None) or None
-    state = _State(
-        head, scale(lm) if scale else 1.0, softcap, _BACKENDS[backend], inspect.signature(type(lm).forward)
-    )
+    why = _logits_as_fused(lm, head, scale, softcap)
+    if why is not None:
+        warnings.warn(
+            f"hetermoe: the fused cross-entropy is left off for {type(lm).__name__}: {why}. Its loss runs unfused "
+            "(correct, with the full logits in memory); please open an issue with the model type.",
+            stacklevel=3,
+        )
+        return None
+    state = _State(head, scale, softcap, _BACKENDS[backend], inspect.signature(type(lm).forward))
     for module in (lm, head):
         module.__dict__[STATE_ATTR] = state
     # Bound to their instances without closures: copies and pickles of the model carry their own (common.py).

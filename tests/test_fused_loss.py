@@ -147,7 +147,8 @@ def _pair(model_type):
     return patch, plain, fused
 
 
-CAUSAL = sorted(t for t, p in MODEL_PATCHES.items() if p.task != "seq2seq_lm")  # vision-language models too
+# Vision-language models too; token classifiers have no LM head (left alone, below).
+CAUSAL = sorted(t for t, p in MODEL_PATCHES.items() if p.task in ("causal_lm", "image_text_to_text"))
 
 
 @pytest.mark.parametrize("model_type", CAUSAL)
@@ -182,11 +183,48 @@ def test_family_loss_and_gradients_match_unfused(model_type):
             assert _rel(got_grads[name], grad) < 1e-4 or abs_err < 1e-7 * scale, name
 
 
-@pytest.mark.parametrize("model_type", sorted(t for t, p in MODEL_PATCHES.items() if p.task == "seq2seq_lm"))
-def test_seq2seq_families_are_left_alone(model_type):
+@pytest.mark.parametrize("model_type", sorted(t for t, p in MODEL_PATCHES.items()
+                                                if p.task in ("seq2seq_lm", "token_classification")))
+def test_seq2seq_and_classifier_families_are_left_alone(model_type):
     _, _, fused = _pair(model_type)
     assert fused_loss.causal_lm_with_head(fused) is None
     assert "forward" not in fused.__dict__
+
+
+def test_an_unknown_logit_transform_keeps_the_loss_unfused(monkeypatch):
+    """A family whose forward transforms the head's outputs in a way the fused loss does not know (here GraniteMoE's
+    logit scaling, its table entry removed) is left unfused, with a warning, and keeps its exact loss."""
+    monkeypatch.delitem(fused_loss._LOGIT_SCALE, "granitemoe")
+    patch = MODEL_PATCHES["granitemoe"]
+    base = build_tiny_model(patch).to(DEVICE)
+    plain = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(fused_cross_entropy=False)).train()
+    with pytest.warns(UserWarning, match="fused cross-entropy is left off for GraniteMoeForCausalLM.*scale 1"):
+        fused = hetermoe.prepare(copy.deepcopy(base)).train()
+    assert "forward" not in fused_loss.causal_lm_with_head(fused).__dict__
+    inputs = tiny_inputs(patch, plain)
+    want, _ = _train_step(plain, inputs)
+    got, _ = _train_step(fused, inputs)
+    assert got.logits is not None
+    torch.testing.assert_close(got.loss, want.loss)
+
+
+def test_a_vocabulary_sliced_after_the_head_keeps_the_loss_unfused():
+    """Inkling drops the padded vocabulary's columns from the head's output (``unpadded_vocab_size``): the loss over
+    the head's full width would differ, so the model keeps its unfused loss (with a warning) and the exact value."""
+    patch = MODEL_PATCHES["inkling_text"]
+    if not patch.available():
+        pytest.skip("Inkling is not in this transformers")
+    config = patch.tiny_config()
+    config.unpadded_vocab_size = config.vocab_size - 8
+    base = patch.auto_class().from_config(config).to(DEVICE)
+    plain = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(fused_cross_entropy=False)).train()
+    with pytest.warns(UserWarning, match="does not return the head's output"):
+        fused = hetermoe.prepare(copy.deepcopy(base)).train()
+    inputs = tiny_inputs(patch, plain)
+    inputs["labels"] = inputs["labels"].clamp(max=config.unpadded_vocab_size - 1)
+    want, _ = _train_step(plain, inputs)
+    got, _ = _train_step(fused, inputs)
+    torch.testing.assert_close(got.loss, want.loss)
 
 
 def test_outputs_and_api_of_a_fused_model():

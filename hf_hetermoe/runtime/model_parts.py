@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hf_hetermoe.errors import UnsupportedModelError
+from hf_hetermoe.fused_loss import HiddenOnly
 from hf_hetermoe.model_patches import attention_half, decoder_layers
 from hf_hetermoe.model_patches.anatomy import moe_module
 from hf_hetermoe.planner.model_dims import model_dims
@@ -191,22 +192,6 @@ def run_attention(parts: ModelParts, layer: int, hidden: torch.Tensor, args, kwa
     return split, (logits[0] if logits else None)
 
 
-class _HiddenOnly:
-    """The output of ``_HeadInput``: ``[0]`` and ``.last_hidden_state`` are the hidden states; any other field the
-    family's forward reads (a vision-language model's ``image_outputs``, ``cache``, ...) is None."""
-
-    def __init__(self, hidden: torch.Tensor) -> None:
-        self.last_hidden_state = hidden
-
-    def __getitem__(self, index):
-        if index in (0, "last_hidden_state"):
-            return self.last_hidden_state
-        raise IndexError(index)
-
-    def __getattr__(self, name: str):  # only for attributes not set above
-        return None
-
-
 class _HeadInput(nn.Module):
     """Stands in for ``model.model`` inside the family's ``forward``: returns the final-normed hidden states."""
 
@@ -215,7 +200,7 @@ class _HeadInput(nn.Module):
         self.hidden, self.norm = hidden, norm
 
     def forward(self, *args, **kwargs):
-        return _HiddenOnly(self.norm(self.hidden))
+        return HiddenOnly(self.norm(self.hidden))
 
 
 def head_loss(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
