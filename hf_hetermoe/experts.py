@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .kernels import moe_experts
-from .kernels.layout import ExpertLayout
+from .kernels.layout import ExpertLayout, w1_logical
 
 IMPLEMENTATION_NAME = "hetermoe"
 LAYOUT_ATTR = "_hetermoe_layout"
@@ -39,6 +39,12 @@ def hetermoe_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """``hidden_states [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]`` in the hidden dtype."""
+    return _experts_forward(self, hidden_states, top_k_index, top_k_weights, getattr(self, BACKEND_ATTR, "auto"))
+
+
+def _experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, backend: str
+) -> torch.Tensor:
     layout = experts_layout(self)
     w1 = self.gate_up_proj if layout.has_gate else self.up_proj
     b1 = b2 = None
@@ -62,12 +68,53 @@ def hetermoe_experts_forward(
     out = moe_experts(
         x, index, weights, w1, self.down_proj, b1, b2,
         layout=layout,
-        backend=getattr(self, BACKEND_ATTR, "auto"),
+        backend=backend,
         recompute=getattr(self, RECOMPUTE_ATTR, False),
     )
     if post_norm:
         out = self.post_expert_norm(out).view(T, k, -1).float().mul(routed.unsqueeze(-1).float()).sum(1)
     return out.to(hidden_states.dtype).view(shape)
+
+
+def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
+    """Refuse an experts module whose class computes something else than the kernels would with ``layout``: its own
+    eager forward (the one ``@use_experts_implementation`` wraps) and the kernels' reference run on eight random
+    tokens, one expert each, with the module's weights. Catches what a layout cannot say (an unknown activation or
+    norm, a transformers version that changed the class). Skipped where there is nothing to compare: weights not
+    materialised here, or an eager forward that needs more than ``(hidden_states, top_k_index, top_k_weights)``.
+
+    Raises:
+        UnsupportedLayoutError: the outputs differ beyond the dtype's round-off.
+    """
+    from .errors import UnsupportedLayoutError
+
+    eager = getattr(type(experts).forward, "__wrapped__", None)
+    w1 = experts.gate_up_proj if layout.has_gate else experts.up_proj
+    params = list(experts.parameters())
+    if eager is None or any(p.is_meta or type(p.data) is not torch.Tensor for p in params):
+        return
+    num_experts, hidden = w1.shape[0], w1_logical(w1, layout).shape[2]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, hidden, generator=gen).to(w1.device, w1.dtype)
+    index = torch.randint(0, num_experts, (8, 1), generator=gen).to(w1.device)
+    weights = torch.rand(8, 1, generator=gen).add_(0.5).to(w1.device)  # not 1: a norm after the weight shows
+    with torch.no_grad():
+        try:
+            want = eager(experts, x, index, weights)
+        except Exception:  # noqa: BLE001 -- its forward takes other inputs: nothing to compare
+            return
+        got = _experts_forward(experts, x, index, weights, "reference")
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+        return
+    scale = want.float().abs().max().item()
+    worst = (got.float() - want.float()).abs().max().item()
+    if worst > (1e-4 if w1.dtype == torch.float32 else 5e-2) * max(scale, 1e-6):
+        raise UnsupportedLayoutError(
+            f"{type(experts).__name__}: on random tokens hetermoe's experts differ from the module's own forward by "
+            f"{worst:.3g} (its outputs reach {scale:.3g}) with {layout}: this class (or this transformers version) "
+            "computes something the kernels do not. Use experts_implementation='grouped_mm' for this model, or "
+            "open an issue with the model type."
+        )
 
 
 def register(name: str = IMPLEMENTATION_NAME) -> None:

@@ -165,6 +165,25 @@ def test_dense_model_is_rejected_with_supported_types():
     assert "'llama'" in str(err.value)
 
 
+def test_experts_checked_against_their_own_forward():
+    """``prepare`` runs each experts class's own eager forward next to the kernels' reference on random tokens and
+    refuses, before changing anything, a module that computes something its layout does not say: here MuseSpark's
+    experts with their post-expert norm hidden from hetermoe (as before hetermoe applied it)."""
+    from hf_hetermoe.errors import UnsupportedLayoutError
+    from hf_hetermoe.model_patches.verify import build_tiny_model
+
+    patch = MODEL_PATCHES["muse_spark"]
+    if not patch.available():
+        pytest.skip("MuseSpark is not in this transformers")
+    model = build_tiny_model(patch)
+    for module in model.modules():
+        if isinstance(module, patch.experts_type()):
+            module.has_post_expert_norm = False  # hetermoe's path then skips the norm the class's forward applies
+    with pytest.raises(UnsupportedLayoutError, match="differ from the module's own forward"):
+        hetermoe.prepare(model)
+    assert not hetermoe.is_prepared(model)
+
+
 def test_plain_module_is_rejected():
     with pytest.raises(hetermoe.UnsupportedModelError, match="without a transformers config"):
         hetermoe.prepare(torch.nn.Linear(3, 3))
