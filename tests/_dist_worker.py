@@ -1,0 +1,87 @@
+"""One rank of a data-parallel fine-tuning job on a prepared model (``tests/test_distributed.py``), on CPU over gloo.
+
+    python _dist_worker.py MODE MODEL_DIR OUT_DIR
+
+MODE ``ddp``: launched by ``accelerate launch --multi_gpu`` (MULTI_CPU), the model wrapped by ``Accelerator.prepare``
+(DistributedDataParallel). MODE ``fsdp2``: one process per rank with the ``torch.distributed`` environment set by the
+test, each decoder layer and then the whole model wrapped by ``fully_shard`` (what accelerate's FSDP2 plugin does on
+GPUs; accelerate runs no FSDP on CPU). Either way: ``hetermoe.prepare`` first (fused loss and RMSNorm included), then
+``STEPS`` AdamW steps, rank ``r`` training on ``batches(r)``. Rank 0 writes the losses and the full parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+STEPS = 3
+LR = 1e-3
+
+
+def batches(rank: int, vocab: int, steps: int = STEPS) -> list[torch.Tensor]:
+    """The token ids rank ``rank`` trains on at each step (the single-process reference uses them too)."""
+    gen = torch.Generator().manual_seed(1000 + rank)
+    return [torch.randint(3, vocab, (2, 12), generator=gen) for _ in range(steps)]
+
+
+def main(mode: str, model_dir: str, out_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    import hf_hetermoe as hetermoe
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    vocab = model.config.vocab_size
+    hetermoe.prepare(model)
+    model.train()
+    if mode == "ddp":
+        from accelerate import Accelerator
+
+        accelerator = Accelerator()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        kind = accelerator.distributed_type.value
+        backward = accelerator.backward
+    elif mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+        kind = type(model.model.layers[0].mlp.experts.gate_up_proj).__name__
+        backward = torch.Tensor.backward
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: ddp or fsdp2")
+    losses, fused = [], []
+    for ids in batches(rank, vocab):
+        out = model(input_ids=ids, labels=ids)
+        backward(out.loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        fused.append(out.logits is None)  # the fused cross-entropy built no logits
+    params = {}
+    for name, param in model.named_parameters():  # full tensors on every rank (collectives), kept on rank 0
+        full = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+        params[name.removeprefix("module.")] = full.detach().clone()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, losses)
+    if rank == 0:
+        out_path = Path(out_dir)
+        out_path.mkdir(parents=True, exist_ok=True)
+        torch.save(params, out_path / "params.pt")
+        (out_path / "result.json").write_text(json.dumps({"kind": kind, "world": world, "losses": gathered,
+                                                             "fused_loss": all(fused)}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,127 @@
+"""A prepared model under data parallelism, as ``accelerate launch`` fine-tuning runs it: DDP through accelerate
+(MULTI_CPU over gloo here), and FSDP2's ``fully_shard`` (what accelerate's FSDP2 plugin applies on GPUs; accelerate
+runs no FSDP on CPU). Two ranks, each on its own batches, must train exactly as one process that averages their
+losses: same per-rank losses at every step, same parameters after the AdamW steps (experts on the kernels' autograd,
+fused loss, fused RMSNorm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, MixtralConfig
+
+import hf_hetermoe as hetermoe
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "_dist_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+from _dist_worker import LR, batches  # noqa: E402
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist") / "init"
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64, output_router_logits=True, router_aux_loss_coef=0.02)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cpu_env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **extra)
+
+
+def _check(procs: list[subprocess.Popen], timeout: float = 600) -> None:
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("the distributed job hung") from None
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+
+
+def _single_process(model_dir: Path, steps: int) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """The same training in one process: each step averages the ranks' losses (what DDP and FSDP average)."""
+    model = hetermoe.prepare(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    data = [batches(r, model.config.vocab_size, steps) for r in range(WORLD)]
+    losses = [[] for _ in range(WORLD)]
+    for step in range(steps):
+        total = 0.0
+        for r in range(WORLD):
+            loss = model(input_ids=data[r][step], labels=data[r][step]).loss
+            losses[r].append(loss.item())
+            total = total + loss / WORLD
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses, {k: v.detach() for k, v in model.named_parameters()}
+
+
+def _assert_same_training(out: Path, model_dir: Path) -> dict:
+    result = json.loads((out / "result.json").read_text())
+    assert result["fused_loss"]
+    params = torch.load(out / "params.pt")
+    want_losses, want_params = _single_process(model_dir, len(result["losses"][0]))
+    for rank, (got, want) in enumerate(zip(result["losses"], want_losses, strict=True)):
+        for step, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: loss {a} vs one process {b}"
+    assert set(params) == set(want_params)
+    init = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert all(not torch.equal(params[k], init[k]) for k in params)  # every parameter was trained
+    for name, want in want_params.items():
+        err = float((params[name].double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+        assert err <= 1e-5, f"{name} differs by {err:.2e} relative from one-process training"
+    return result
+
+
+def test_ddp_through_accelerate_launch(tmp_path, model_dir):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("the accelerate CLI is not installed")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(WORKER), "ddp", str(model_dir), str(tmp_path)]
+    # Without GPUs accelerate runs --multi_gpu processes as MULTI_CPU (gloo) when asked to use the CPU.
+    proc = subprocess.Popen(cmd, env=_cpu_env(ACCELERATE_USE_CPU="true"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _check([proc])
+    result = _assert_same_training(tmp_path, model_dir)
+    assert (result["kind"], result["world"]) == ("MULTI_CPU", WORLD)
+
+
+def test_fsdp2_fully_sharded(tmp_path, model_dir):
+    port = str(_free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "fsdp2", str(model_dir), str(tmp_path)],
+            env=_cpu_env(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=port),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for r in range(WORLD)
+    ]
+    _check(procs)
+    result = _assert_same_training(tmp_path, model_dir)
+    assert result["kind"] == "DTensor"  # the experts' weights were sharded, and gathered for each forward
