@@ -39,13 +39,15 @@ def hetermoe_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """``hidden_states [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]`` -> ``[T, H]`` in the hidden dtype."""
-    return _experts_forward(self, hidden_states, top_k_index, top_k_weights, getattr(self, BACKEND_ATTR, "auto"))
+    return _experts_forward(
+        self, hidden_states, top_k_index, top_k_weights, experts_layout(self), getattr(self, BACKEND_ATTR, "auto")
+    )
 
 
 def _experts_forward(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, backend: str
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+    layout: ExpertLayout, backend: str,
 ) -> torch.Tensor:
-    layout = experts_layout(self)
     w1 = self.gate_up_proj if layout.has_gate else self.up_proj
     b1 = b2 = None
     if layout.has_bias:
@@ -103,7 +105,7 @@ def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
             want = eager(experts, x, index, weights)
         except Exception:  # noqa: BLE001 -- its forward takes other inputs: nothing to compare
             return
-        got = _experts_forward(experts, x, index, weights, "reference")
+        got = _experts_forward(experts, x, index, weights, layout, "reference")  # sets nothing on the module
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return
     scale = want.float().abs().max().item()
