@@ -5,8 +5,9 @@
 MODE ``ddp``: launched by ``accelerate launch --multi_gpu`` (MULTI_CPU), the model wrapped by ``Accelerator.prepare``
 (DistributedDataParallel). MODE ``fsdp2``: one process per rank with the ``torch.distributed`` environment set by the
 test, each decoder layer and then the whole model wrapped by ``fully_shard`` (what accelerate's FSDP2 plugin does on
-GPUs; accelerate runs no FSDP on CPU). Either way: ``hetermoe.prepare`` first (fused loss and RMSNorm included), then
-``STEPS`` AdamW steps, rank ``r`` training on ``batches(r)``. Rank 0 writes the losses and the full parameters.
+GPUs; accelerate runs no FSDP on CPU); ``fsdp2-checkpointing`` with non-reentrant activation checkpointing too.
+Every mode: ``hetermoe.prepare`` first (fused loss and RMSNorm included), then ``STEPS`` AdamW steps, rank ``r``
+training on ``batches(r)``. Rank 0 writes the losses and the full parameters.
 """
 
 from __future__ import annotations
@@ -46,9 +47,11 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         rank, world = accelerator.process_index, accelerator.num_processes
         kind = accelerator.distributed_type.value
         backward = accelerator.backward
-    elif mode == "fsdp2":
+    elif mode in ("fsdp2", "fsdp2-checkpointing"):
         from torch.distributed.fsdp import fully_shard
 
+        if mode == "fsdp2-checkpointing":  # as Trainer's gradient_checkpointing=True does, before wrapping
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         for layer in model.model.layers:
@@ -58,7 +61,7 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         kind = type(model.model.layers[0].mlp.experts.gate_up_proj).__name__
         backward = torch.Tensor.backward
     else:
-        raise SystemExit(f"unknown mode {mode!r}: ddp or fsdp2")
+        raise SystemExit(f"unknown mode {mode!r}: ddp, fsdp2 or fsdp2-checkpointing")
     losses, fused = [], []
     for ids in batches(rank, vocab):
         out = model(input_ids=ids, labels=ids)

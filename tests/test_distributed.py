@@ -111,11 +111,12 @@ def test_ddp_through_accelerate_launch(tmp_path, model_dir):
     assert (result["kind"], result["world"]) == ("MULTI_CPU", WORLD)
 
 
-def test_fsdp2_fully_sharded(tmp_path, model_dir):
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-checkpointing"])
+def test_fsdp2_fully_sharded(tmp_path, model_dir, mode):
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "fsdp2", str(model_dir), str(tmp_path)],
+            [sys.executable, str(WORKER), mode, str(model_dir), str(tmp_path)],
             env=_cpu_env(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                          MASTER_PORT=port),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
