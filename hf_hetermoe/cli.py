@@ -9,7 +9,7 @@ import importlib
 import sys
 
 # One line per subcommand; the module is imported lazily so `hetermoe --help` stays fast.
-SUBCOMMANDS: tuple[str, ...] = ("env", "demo", "profile", "plan", "simulate", "launch")
+SUBCOMMANDS: tuple[str, ...] = ("env", "check", "demo", "profile", "plan", "simulate", "launch")
 
 
 def build_parser() -> argparse.ArgumentParser:

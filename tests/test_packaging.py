@@ -64,3 +64,36 @@ def test_cli_lists_subcommands_and_env_runs(monkeypatch, tmp_path):
     out = subprocess.run([sys.executable, "-m", "hf_hetermoe.cli", "--help"], capture_output=True, text=True,
                          cwd=ROOT, timeout=300)
     assert out.returncode == 0 and "demo" in out.stdout and "plan" in out.stdout
+
+
+def test_cli_check_reports_each_family(tmp_path, capsys, monkeypatch):
+    """``hetermoe check``: prepared against unprepared tiny models, by model type or family name, a JSON report
+    written whole, exit status 1 when a family fails, and a clear error for an unknown name."""
+    import json
+
+    import pytest
+
+    from hf_hetermoe.cli import main
+    from hf_hetermoe.model_patches import verify
+
+    report_path = tmp_path / "out" / "check.json"
+    assert main(["check", "mixtral", "OLMoE", "--device", "cpu", "--json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  Mixtral" in out and "PASS  OLMoE" in out and "2 passed, 0 failed" in out
+    data = json.loads(report_path.read_text())
+    assert data["dtype"] == "float32" and set(data["families"]) == {"Mixtral", "OLMoE"}
+    assert all(r["passed"] for r in data["families"].values())
+
+    real = verify.verify_family
+
+    def broken(patch, **kw):
+        report = real(patch, **kw)
+        report.grad_delta = 1.0
+        return report
+
+    monkeypatch.setattr(verify, "verify_family", broken)
+    assert main(["check", "mixtral", "--device", "cpu"]) == 1
+    assert "FAIL  Mixtral: gradients differ by 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no family 'nosuch'.*mixtral"):
+        main(["check", "nosuch"])
+
