@@ -81,7 +81,7 @@ def _experts_forward(
 def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
     """Refuse an experts module whose class computes something else than the kernels would with ``layout``: its own
     eager forward (the one ``@use_experts_implementation`` wraps) and the kernels' reference run on eight random
-    tokens, one expert each, with the module's weights. Catches what a layout cannot say (an unknown activation or
+    tokens, two experts each, with the module's weights. Catches what a layout cannot say (an unknown activation or
     norm, a transformers version that changed the class). Skipped where there is nothing to compare: weights not
     materialised here, or an eager forward that needs more than ``(hidden_states, top_k_index, top_k_weights)``.
 
@@ -98,8 +98,9 @@ def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
     num_experts, hidden = w1.shape[0], w1_logical(w1, layout).shape[2]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, hidden, generator=gen).to(w1.device, w1.dtype)
-    index = torch.randint(0, num_experts, (8, 1), generator=gen).to(w1.device)
-    weights = torch.rand(8, 1, generator=gen).add_(0.5).to(w1.device)  # not 1: a norm after the weight shows
+    k = min(2, num_experts)  # distinct experts per token, and a sum over them
+    index = torch.rand(8, num_experts, generator=gen).topk(k, dim=-1).indices.to(w1.device)
+    weights = torch.rand(8, k, generator=gen).add_(0.5).to(w1.device)  # not 1: a norm after the weight shows
     with torch.no_grad():
         try:
             want = eager(experts, x, index, weights)
