@@ -1,9 +1,11 @@
-"""The built-in fine-tuning demo (``hetermoe demo`` / ``python examples/finetune.py``).
+"""The fine-tuning script (``hetermoe demo`` / ``python examples/finetune.py``).
 
-End to end, with no Hub access: train a byte-level BPE tokenizer on a text corpus (the small one shipped in
-the package by default), load the corpus through ``datasets``, build a small Mixtral-style model from a
-config, ``hetermoe.prepare`` it, fine-tune with AdamW under ``accelerate``, save a standard checkpoint
-atomically, reload it with plain transformers and check the logits match.
+By default end to end with no Hub access: train a byte-level BPE tokenizer on a text corpus (the small one shipped
+in the package), load the corpus through ``datasets``, build a small Mixtral-style model from a config,
+``hetermoe.prepare`` it, fine-tune with AdamW under ``accelerate``, save a standard checkpoint atomically, reload it
+with plain transformers and check the logits match. With ``--model`` (a checkpoint directory or a Hub id) the model
+and its tokenizer come from ``from_pretrained`` instead, for any supported MoE family; ``--push-to-hub`` uploads the
+saved and checked checkpoint folder.
 """
 
 from __future__ import annotations
@@ -31,6 +33,16 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--corpus", type=Path, default=None, help="text file, one document per line (default: built-in)"
     )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/hetermoe-demo"), help="checkpoint folder")
+    parser.add_argument(
+        "--model", default=None,
+        help="fine-tune this causal LM (checkpoint directory or Hub id, with its tokenizer) instead of building the "
+        "small Mixtral; the size options below are then ignored",
+    )
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing per layer")
+    parser.add_argument(
+        "--push-to-hub", default=None, metavar="REPO_ID",
+        help="after saving and checking the checkpoint, upload its folder to this Hub repository",
+    )
     parser.add_argument(
         "--backend",
         choices=("auto", "triton", "reference"),
@@ -117,13 +129,23 @@ def build_model(args, vocab_size: int):
 
 def active_params(model) -> int:
     """Parameters one token touches: everything but the routed experts, plus k / E of them."""
-    config = model.config
+    from .planner.model_dims import model_dims
+
+    dims = model_dims(model.config)
     expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    return (
-        sum(p.numel() for p in model.parameters())
-        - expert
-        + expert * config.num_experts_per_tok // config.num_local_experts
-    )
+    return sum(p.numel() for p in model.parameters()) - expert + expert * dims.top_k // dims.num_experts
+
+
+def load_pretrained(name: str):
+    """``(model, tokenizer)`` of a causal LM checkpoint (directory or Hub id), the model in fp32 (the optimizer's
+    master weights; ``--mixed-precision`` runs the forward in bf16 / fp16)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {name}: its tokenizer has no eos token, which separates the corpus's documents")
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    return model, tokenizer
 
 
 def finetune(args: argparse.Namespace) -> dict:
@@ -144,9 +166,18 @@ def finetune(args: argparse.Namespace) -> dict:
     if not Path(corpus).is_file():
         raise FileNotFoundError(f"--corpus {corpus} does not exist")
 
-    tokenizer = build_tokenizer(corpus, args.vocab_size)
+    if args.model:
+        model, tokenizer = load_pretrained(args.model)
+    else:
+        tokenizer = build_tokenizer(corpus, args.vocab_size)
+        model = build_model(args, len(tokenizer))
     dataset = build_dataset(corpus, tokenizer, args.seq_len)
-    model = build_model(args, len(tokenizer))
+    if args.gradient_checkpointing:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     prepare(model, HeterMoEConfig(backend=args.backend))
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False)
@@ -175,7 +206,9 @@ def finetune(args: argparse.Namespace) -> dict:
             tokens = ids.numel() * accelerator.num_processes
             tokens_seen += tokens
             tok_s = tokens / (time.perf_counter() - step_start)
-            bar.set_postfix(loss=f"{loss:.3f}", aux=f"{out.aux_loss.item():.3f}", tok_s=f"{tok_s:,.0f}")
+            aux = getattr(out, "aux_loss", None)
+            bar.set_postfix(loss=f"{loss:.3f}", **({"aux": f"{aux.item():.3f}"} if aux is not None else {}),
+                            tok_s=f"{tok_s:,.0f}")
             bar.update()
             if len(losses) % 10 == 0 or len(losses) == args.steps:
                 mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -207,6 +240,14 @@ def finetune(args: argparse.Namespace) -> dict:
         summary.update(checkpoint=str(path), max_abs_logit_diff=(want - got).abs().max().item())
         tolerance = 1e-4 if summary["backend"] == "reference" else 2e-2
         summary["reload_matches"] = summary["max_abs_logit_diff"] <= tolerance * max(1.0, want.abs().max().item())
+        if args.push_to_hub and summary["reload_matches"]:
+            from huggingface_hub import create_repo, upload_folder
+
+            # The folder that was saved and checked, as it is (no second save that could differ from it).
+            create_repo(args.push_to_hub, exist_ok=True)
+            commit = upload_folder(repo_id=args.push_to_hub, folder_path=str(path),
+                                   commit_message=f"hf-hetermoe fine-tune: {len(losses)} steps")
+            summary["pushed"] = str(getattr(commit, "commit_url", commit))
     return summary
 
 
@@ -235,6 +276,10 @@ def run(args: argparse.Namespace) -> int:
         f"reloaded with plain transformers: max |logit diff| = {summary['max_abs_logit_diff']:.2e} "
         f"-> {'OK' if summary['reload_matches'] else 'MISMATCH'}"
     )
+    if "pushed" in summary:
+        print(f"pushed to the Hub: {summary['pushed']}")
+    elif getattr(args, "push_to_hub", None):
+        print("not pushed to the Hub: the reloaded checkpoint did not match")
     if not math.isfinite(summary["last_loss"]):
         print("training diverged (non-finite loss)")
         return 1

@@ -33,6 +33,35 @@ def test_demo_trains_saves_and_reloads_in_plain_transformers(tmp_path):
     assert not list(tmp_path.glob(".ckpt.*")), "staging folders left behind"
 
 
+def test_finetunes_a_pretrained_checkpoint_and_pushes_the_checked_folder(tmp_path, monkeypatch):
+    """``--model``: a saved Qwen3-MoE checkpoint with its tokenizer, fine-tuned with activation checkpointing, saved,
+    reloaded and checked; ``--push-to-hub`` then uploads exactly that folder (the Hub calls are recorded here: the
+    machine has no Hub access)."""
+    import huggingface_hub
+    from transformers import AutoModelForCausalLM
+
+    from hf_hetermoe.demo import build_tokenizer
+    from hf_hetermoe.model_patches import MODEL_PATCHES
+
+    source = tmp_path / "pretrained"
+    tokenizer = build_tokenizer(default_corpus(), 300)
+    config = MODEL_PATCHES["qwen3_moe"].tiny_config()
+    config.vocab_size = len(tokenizer)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.append(("create", repo_id)))
+    monkeypatch.setattr(huggingface_hub, "upload_folder",
+                        lambda **kw: calls.append(("upload", kw["repo_id"], kw["folder_path"])) or "commit-url")
+    summary = finetune(_args(tmp_path, model=str(source), gradient_checkpointing=True, push_to_hub="me/tiny-moe"))
+    assert summary["reload_matches"] and summary["last_loss"] == summary["last_loss"]
+    ckpt = tmp_path / "ckpt"
+    assert json.loads((ckpt / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert calls == [("create", "me/tiny-moe"), ("upload", "me/tiny-moe", str(ckpt))]
+    assert summary["pushed"] == "commit-url"
+
+
 def test_demo_main_exit_code(tmp_path, capsys):
     code = main(["--steps", "2", "--hidden-size", "32", "--layers", "1", "--experts", "3", "--vocab-size", "300",
                  "--seq-len", "32", "--output-dir", str(tmp_path / "out")])
