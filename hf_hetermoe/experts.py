@@ -101,12 +101,18 @@ def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
     k = min(2, num_experts)  # distinct experts per token, and a sum over them
     index = torch.rand(8, num_experts, generator=gen).topk(k, dim=-1).indices.to(w1.device)
     weights = torch.rand(8, k, generator=gen).add_(0.5).to(w1.device)  # not 1: a norm after the weight shows
-    with torch.no_grad():
-        try:
-            want = eager(experts, x, index, weights)
-        except Exception:  # noqa: BLE001 -- its forward takes other inputs: nothing to compare
-            return
-        got = _experts_forward(experts, x, index, weights, layout, "reference")  # sets nothing on the module
+    modes = {m: m.training for m in experts.modules()}
+    experts.eval()  # no dropout
+    try:
+        with torch.no_grad():
+            try:
+                want = eager(experts, x, index, weights)
+            except Exception:  # noqa: BLE001 -- its forward takes other inputs: nothing to compare
+                return
+            got = _experts_forward(experts, x, index, weights, layout, "reference")  # sets nothing on the module
+    finally:
+        for m, training in modes.items():
+            m.training = training
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return
     scale = want.float().abs().max().item()
@@ -117,6 +123,46 @@ def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
             f"{worst:.3g} (its outputs reach {scale:.3g}) with {layout}: this class (or this transformers version) "
             "computes something the kernels do not. Use experts_implementation='grouped_mm' for this model, or "
             "open an issue with the model type."
+        )
+
+
+def check_instance_patch(module: nn.Module, patch, layout: ExpertLayout) -> None:
+    """``check_against_eager`` for an instance-patched family: the class's own forward and the rebound one (on the
+    kernels' reference) run on the family's ``probe`` inputs; the module is left as it was.
+
+    Raises:
+        UnsupportedLayoutError: the outputs differ beyond the dtype's round-off.
+    """
+    from .errors import UnsupportedLayoutError
+
+    params = list(module.parameters())
+    if patch.probe is None or not params or any(p.is_meta or type(p.data) is not torch.Tensor for p in params):
+        return
+    ref = params[0]
+    args = tuple(a.to(ref.device, ref.dtype) if a.is_floating_point() else a.to(ref.device)
+                 for a in patch.probe(module, torch.Generator().manual_seed(0)))
+    modes = {m: m.training for m in module.modules()}
+    module.eval()  # no dropout (the rebound forward hands training-mode expert dropout back to the class's)
+    undo = patch.patch_instance(module, layout, "reference")
+    module.__dict__.update({LAYOUT_ATTR: layout, BACKEND_ATTR: "reference"})
+    try:
+        with torch.no_grad():
+            got = module.forward(*args)
+            want = type(module).forward(module, *args)
+    finally:
+        undo()
+        for attr in (LAYOUT_ATTR, BACKEND_ATTR):
+            module.__dict__.pop(attr, None)
+        for m, training in modes.items():
+            m.training = training
+    want, got = (out[0] if isinstance(out, tuple) else out for out in (want, got))
+    scale = want.float().abs().max().item()
+    worst = (got.float() - want.float()).abs().max().item()
+    if worst > (1e-4 if ref.dtype == torch.float32 else 5e-2) * max(scale, 1e-6):
+        raise UnsupportedLayoutError(
+            f"{type(module).__name__}: on random inputs hetermoe's forward differs from the module's own by "
+            f"{worst:.3g} (its outputs reach {scale:.3g}): this transformers version changed {patch.family}'s "
+            "experts. Use experts_implementation='eager' for this model, or open an issue with the model type."
         )
 
 

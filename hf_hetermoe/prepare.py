@@ -24,7 +24,7 @@ from torch import nn
 from . import env, fused_loss
 from .config import HeterMoEConfig
 from .errors import UnsupportedModelError
-from .experts import BACKEND_ATTR, LAYOUT_ATTR, RECOMPUTE_ATTR, check_against_eager, register
+from .experts import BACKEND_ATTR, LAYOUT_ATTR, RECOMPUTE_ATTR, check_against_eager, check_instance_patch, register
 from .model_patches import MODEL_PATCHES, ModelPatch, get_model_patch, supported_model_types
 from .model_patches.hub_kernels import turn_off_hub_kernels
 from .model_patches.norms import patch_rms_norms
@@ -121,12 +121,14 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
             "hetermoe to accelerate (is every layer dense, e.g. mlp_only_layers covers them all?)"
         )
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
-    if patch.dispatch == "experts_interface":
-        checked = set()
-        for module, layout in zip(experts, layouts):  # one module per class and layout: same code, same answer
-            if (type(module), layout) not in checked:
-                checked.add((type(module), layout))
+    checked = set()
+    for module, layout in zip(experts, layouts):  # one module per class and layout: same code, same answer
+        if (type(module), layout) not in checked:
+            checked.add((type(module), layout))
+            if patch.dispatch == "experts_interface":
                 check_against_eager(module, layout)
+            else:
+                check_instance_patch(module, patch, layout)
 
     calling_thread = env.calling_thread_backward(config.backward_on_calling_thread)  # a bad value raises here
     undo = []

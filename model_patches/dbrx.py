@@ -40,6 +40,12 @@ def patch_instance(experts: nn.Module, layout: ExpertLayout, backend: str):
     return rebind_forward(experts, _forward)
 
 
+def probe(experts: nn.Module, gen: torch.Generator) -> tuple:
+    """``DbrxExperts.forward``'s inputs: ``[1, 8, H]`` hidden states, two experts per token, weights not 1."""
+    index = torch.rand(8, experts.num_experts, generator=gen).topk(2, dim=-1).indices
+    return torch.randn(1, 8, experts.hidden_size, generator=gen), index, torch.rand(8, 2, generator=gen) + 0.5
+
+
 def _residual_dropout(block: nn.Module, routed_out: torch.Tensor) -> torch.Tensor:
     return nn.functional.dropout(routed_out, p=block.resid_pdrop, training=block.training)
 
@@ -64,6 +70,7 @@ PATCH = register_model_patch(
         dispatch="instance_patch",
         layout=layout,
         patch_instance=patch_instance,
+        probe=probe,
         anatomy=LayerAnatomy(layer_classes=("DbrxBlock",), expert_fn=routed_experts, post=_residual_dropout),
         notes="softmax top-k, p-norm renormalised; `w1`/`v1`/`w2 [E*I,H]` (gate/up concatenated per forward: a copy)",
         quirks=(

@@ -48,6 +48,11 @@ def patch_instance(moe: nn.Module, layout: ExpertLayout, backend: str):
     return rebind_forward(moe, _forward)
 
 
+def probe(moe: nn.Module, gen: torch.Generator) -> tuple:
+    """``JetMoeMoE.forward``'s input: ``[1, 8, H]`` hidden states (it routes them itself)."""
+    return (torch.randn(1, 8, moe.input_size, generator=gen),)
+
+
 def tiny_config():
     from transformers import JetMoeConfig
 
@@ -68,6 +73,7 @@ PATCH = register_model_patch(
         dispatch="instance_patch",
         layout=layout,
         patch_instance=patch_instance,
+        probe=probe,
         anatomy=LayerAnatomy(layer_classes=("JetMoeDecoderLayer",), expert_fn=routed_experts,
                              notes="the per-layer bias and the attention experts (MoA) stay in the attention half"),
         notes="softmax over top-k logits; `input_linear [E,2I,H]`, `output_linear [E,H,I]`, output bias; MoA kept",

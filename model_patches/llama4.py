@@ -51,6 +51,11 @@ def patch_instance(moe: nn.Module, layout: ExpertLayout, backend: str):
     return rebind_forward(moe, _forward)
 
 
+def probe(moe: nn.Module, gen: torch.Generator) -> tuple:
+    """``Llama4TextMoe.forward``'s input: ``[1, 8, H]`` hidden states (it routes them itself)."""
+    return (torch.randn(1, 8, moe.hidden_dim, generator=gen),)
+
+
 def tiny_config():
     from transformers import Llama4TextConfig
 
@@ -72,6 +77,7 @@ PATCH = register_model_patch(
         dispatch="instance_patch",
         layout=layout,
         patch_instance=patch_instance,
+        probe=probe,
         anatomy=LayerAnatomy(
             layer_classes=("Llama4TextDecoderLayer",), expert_fn=routed_experts,
             notes="top_k_weights are input scales (sigmoid of the top-k logits), not output weights",

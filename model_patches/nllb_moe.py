@@ -60,6 +60,15 @@ def patch_instance(experts: nn.Module, layout: ExpertLayout, backend: str):
     return rebind_forward(experts, _forward)
 
 
+def probe(experts: nn.Module, gen: torch.Generator) -> tuple:
+    """``NllbMoeExperts.forward``'s inputs as the sparse MLP passes them: hidden states ``[8, H]``, a 0/1 top-1 mask
+    ``[8, E]`` (read upstream as expert ids) and the router's probabilities ``[8, E]``."""
+    num = experts.num_experts
+    mask = torch.nn.functional.one_hot(torch.randint(0, num, (8,), generator=gen), num)
+    hidden = torch.randn(8, experts["expert_0"].fc1.weight.shape[1], generator=gen)
+    return hidden, mask, torch.softmax(torch.randn(8, num, generator=gen), dim=-1)
+
+
 def _ff_dropout(layer: nn.Module, routed_out: torch.Tensor) -> torch.Tensor:
     return layer.ff_dropout(routed_out)
 
@@ -86,6 +95,7 @@ PATCH = register_model_patch(
         dispatch="instance_patch",
         layout=layout,
         patch_instance=patch_instance,
+        probe=probe,
         anatomy=LayerAnatomy(
             layer_classes=("NllbMoeEncoderLayer", "NllbMoeDecoderLayer"), expert_fn=routed_experts, post=_ff_dropout,
             notes="encoder and decoder layers; needs moe_token_dropout == activation_dropout == 0 in training",

@@ -38,6 +38,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -70,6 +71,9 @@ class ModelPatch:
         patch_instance: for ``dispatch="instance_patch"`` families (which ignore ``ALL_EXPERTS_FUNCTIONS``):
             ``patch_instance(module, layout, backend) -> undo`` rebinds that one module's forward (never the
             class) and returns a zero-argument function that restores it.
+        probe: for ``instance_patch`` families: ``probe(module, generator) -> args``, random CPU inputs of the
+            class's own ``forward`` (float ones are moved to the weights' device and dtype); ``prepare`` runs that
+            forward and the rebound one on them and refuses a module where they differ.
         anatomy: how a decoder layer splits into an attention half and an expert half (``anatomy.py``);
             ``None`` where no split is offered.
         task: "causal_lm" (``AutoModelForCausalLM``), "seq2seq_lm" (``AutoModelForSeq2SeqLM``),
@@ -89,6 +93,7 @@ class ModelPatch:
     dispatch: str = "experts_interface"
     layout: Callable[[nn.Module], object] = default_layout
     patch_instance: Callable[[nn.Module, object, str], Callable[[], None]] | None = None
+    probe: Callable[[nn.Module, torch.Generator], tuple] | None = None
     anatomy: LayerAnatomy | None = None
     task: str = "causal_lm"
     auto_class_name: str | None = None

@@ -58,6 +58,16 @@ def patch_instance(experts: nn.Module, layout: ExpertLayout, backend: str):
     return rebind_forward(experts, _forward)
 
 
+def probe(experts: nn.Module, gen: torch.Generator) -> tuple:
+    """``SwitchTransformersExperts.forward``'s inputs as the sparse MLP passes them: hidden states ``[8, H]``, a
+    one-hot ``[8, 1, E]`` choice with one token dropped (all zero), the top-1 probabilities ``[8, 1]``."""
+    num = experts.num_experts
+    chosen = torch.nn.functional.one_hot(torch.randint(0, num, (8,), generator=gen), num).unsqueeze(1)
+    chosen[3] = 0
+    hidden = torch.randn(8, _experts(experts)[0].wi.weight.shape[1], generator=gen)
+    return hidden, chosen, torch.rand(8, 1, generator=gen) + 0.5
+
+
 def _ff_dropout(block: nn.Module, routed_out: torch.Tensor) -> torch.Tensor:
     return block.layer[-1].dropout(routed_out)
 
@@ -82,6 +92,7 @@ PATCH = register_model_patch(
         dispatch="instance_patch",
         layout=layout,
         patch_instance=patch_instance,
+        probe=probe,
         anatomy=LayerAnatomy(
             layer_classes=("SwitchTransformersBlock",), expert_fn=routed_experts, post=_ff_dropout,
             notes="encoder and decoder blocks; needs config.dropout_rate == 0 in training",

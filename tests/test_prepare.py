@@ -184,6 +184,29 @@ def test_experts_checked_against_their_own_forward():
     assert not hetermoe.is_prepared(model)
 
 
+@pytest.mark.parametrize("model_type", ["dbrx", "jetmoe", "llama4_text", "switch_transformers", "nllb-moe"])
+def test_instance_patched_experts_checked_against_their_own_forward(model_type):
+    """Instance-patched families: the class's forward and the rebound one run on the family's probe inputs; the
+    right layout passes and leaves the module as it was, a wrong activation is refused."""
+    from dataclasses import replace
+
+    from hf_hetermoe.errors import UnsupportedLayoutError
+    from hf_hetermoe.experts import check_instance_patch
+    from hf_hetermoe.model_patches.verify import build_tiny_model
+
+    patch = MODEL_PATCHES[model_type]
+    model = build_tiny_model(patch)
+    module = next(m for m in model.modules() if isinstance(m, patch.experts_type()))
+    before = dict(module.__dict__)
+    layout = patch.layout(module)
+    check_instance_patch(module, patch, layout)
+    assert module.__dict__.keys() == before.keys() and "forward" not in module.__dict__
+    wrong = replace(layout, activation="gelu" if layout.activation != "gelu" else "relu")
+    with pytest.raises(UnsupportedLayoutError, match="differs from the module's own"):
+        check_instance_patch(module, patch, wrong)
+    assert "forward" not in module.__dict__
+
+
 def test_plain_module_is_rejected():
     with pytest.raises(hetermoe.UnsupportedModelError, match="without a transformers config"):
         hetermoe.prepare(torch.nn.Linear(3, 3))
