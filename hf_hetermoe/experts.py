@@ -8,6 +8,8 @@ work without calling ``prepare``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -101,28 +103,20 @@ def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
     k = min(2, num_experts)  # distinct experts per token, and a sum over them
     index = torch.rand(8, num_experts, generator=gen).topk(k, dim=-1).indices.to(w1.device)
     weights = torch.rand(8, k, generator=gen).add_(0.5).to(w1.device)  # not 1: a norm after the weight shows
-    modes = {m: m.training for m in experts.modules()}
-    experts.eval()  # no dropout
-    try:
-        with torch.no_grad():
-            try:
-                want = eager(experts, x, index, weights)
-            except Exception:  # noqa: BLE001 -- its forward takes other inputs: nothing to compare
-                return
-            got = _experts_forward(experts, x, index, weights, layout, "reference")  # sets nothing on the module
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with _evaluating(experts), torch.no_grad():
+        try:
+            want = eager(experts, x, index, weights)
+        except Exception:  # noqa: BLE001 -- its forward takes other inputs: nothing to compare
+            return
+        got = _experts_forward(experts, x, index, weights, layout, "reference")  # sets nothing on the module
     if not isinstance(want, torch.Tensor) or want.shape != got.shape:
         return
-    scale = want.float().abs().max().item()
-    worst = (got.float() - want.float()).abs().max().item()
-    if worst > (1e-4 if w1.dtype == torch.float32 else 5e-2) * max(scale, 1e-6):
+    differs = _difference(got, want, w1.dtype)
+    if differs:
         raise UnsupportedLayoutError(
-            f"{type(experts).__name__}: on random tokens hetermoe's experts differ from the module's own forward by "
-            f"{worst:.3g} (its outputs reach {scale:.3g}) with {layout}: this class (or this transformers version) "
-            "computes something the kernels do not. Use experts_implementation='grouped_mm' for this model, or "
-            "open an issue with the model type."
+            f"{type(experts).__name__}: on random tokens hetermoe's experts differ from the module's own forward "
+            f"{differs} with {layout}: this class (or this transformers version) computes something the kernels do "
+            "not. Use experts_implementation='grouped_mm' for this model, or open an issue with the model type."
         )
 
 
@@ -141,29 +135,46 @@ def check_instance_patch(module: nn.Module, patch, layout: ExpertLayout) -> None
     ref = params[0]
     args = tuple(a.to(ref.device, ref.dtype) if a.is_floating_point() else a.to(ref.device)
                  for a in patch.probe(module, torch.Generator().manual_seed(0)))
-    modes = {m: m.training for m in module.modules()}
-    module.eval()  # no dropout (the rebound forward hands training-mode expert dropout back to the class's)
-    undo = patch.patch_instance(module, layout, "reference")
-    module.__dict__.update({LAYOUT_ATTR: layout, BACKEND_ATTR: "reference"})
-    try:
-        with torch.no_grad():
+    # Eval mode: no dropout (the rebound forward hands training-mode expert dropout back to the class's).
+    with _evaluating(module), torch.no_grad():
+        undo = patch.patch_instance(module, layout, "reference")
+        module.__dict__.update({LAYOUT_ATTR: layout, BACKEND_ATTR: "reference"})
+        try:
             got = module.forward(*args)
-            want = type(module).forward(module, *args)
+        finally:
+            undo()
+            for attr in (LAYOUT_ATTR, BACKEND_ATTR):
+                module.__dict__.pop(attr, None)
+        want = type(module).forward(module, *args)
+    want, got = (out[0] if isinstance(out, tuple) else out for out in (want, got))
+    differs = _difference(got, want, ref.dtype)
+    if differs:
+        raise UnsupportedLayoutError(
+            f"{type(module).__name__}: on random inputs hetermoe's forward differs from the module's own {differs}: "
+            f"this transformers version changed {patch.family}'s experts. Use experts_implementation='eager' for "
+            "this model, or open an issue with the model type."
+        )
+
+
+@contextlib.contextmanager
+def _evaluating(module: nn.Module):
+    """``module`` and its submodules in eval mode, each back in its own mode afterwards."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
     finally:
-        undo()
-        for attr in (LAYOUT_ATTR, BACKEND_ATTR):
-            module.__dict__.pop(attr, None)
         for m, training in modes.items():
             m.training = training
-    want, got = (out[0] if isinstance(out, tuple) else out for out in (want, got))
+
+
+def _difference(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """None within ``dtype``'s round-off (fp32 1e-4, else 5e-2 of the largest expected value), else by how much."""
     scale = want.float().abs().max().item()
     worst = (got.float() - want.float()).abs().max().item()
-    if worst > (1e-4 if ref.dtype == torch.float32 else 5e-2) * max(scale, 1e-6):
-        raise UnsupportedLayoutError(
-            f"{type(module).__name__}: on random inputs hetermoe's forward differs from the module's own by "
-            f"{worst:.3g} (its outputs reach {scale:.3g}): this transformers version changed {patch.family}'s "
-            "experts. Use experts_implementation='eager' for this model, or open an issue with the model type."
-        )
+    if worst <= (1e-4 if dtype == torch.float32 else 5e-2) * max(scale, 1e-6):
+        return None
+    return f"by {worst:.3g} (its outputs reach {scale:.3g})"
 
 
 def register(name: str = IMPLEMENTATION_NAME) -> None:
