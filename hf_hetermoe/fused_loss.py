@@ -14,8 +14,9 @@ The returned output has ``logits=None`` (as with Liger's fused loss). Evaluation
 ``logits_to_keep``, a custom ``loss_function`` and a replaced or non-``nn.Linear`` head (PEFT on ``lm_head``) take
 the untouched path. Logit scaling and final-logit soft-capping (``c * tanh(s * z / c)``) are computed inside the
 fused loss; before it is installed, the family's own forward is run once on a few random hidden states (its base
-model stood in for) and must turn the head's outputs into exactly those logits, or the model keeps its unfused loss
-(with a warning). ``HeterMoEConfig(fused_cross_entropy=False)`` turns it off.
+model stood in for) and must turn the head's outputs (or their first columns, where a padded vocabulary is cut off:
+the fused loss then uses the head's first rows) into exactly those logits, or the model keeps its unfused loss (with
+a warning). ``HeterMoEConfig(fused_cross_entropy=False)`` turns it off.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class _State:
     head: nn.Linear
     logit_scale: float
     softcap: float | None  # the config's final_logit_softcapping: c * tanh(logits / c) (Gemma, Mistral-Large-4)
+    vocab: int | None  # the first columns of the head's output the forward keeps as logits (Inkling); None: all
     backend: str
     signature: inspect.Signature  # of the class forward, to find ``labels`` however it was passed
     request: _Request | None = None
@@ -97,11 +99,14 @@ def _fused_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     labels = request.shift_labels
     if labels is None:  # tokens < n predict n, as ForCausalLMLoss shifts them
         labels = nn.functional.pad(request.labels, (0, 1), value=request.ignore_index)[..., 1:]
+    weight, bias = head.weight, head.bias
+    if state.vocab is not None:  # rows of the padded vocabulary that the family's logits drop
+        weight, bias = weight[: state.vocab], (bias[: state.vocab] if bias is not None else None)
     state.loss = linear_cross_entropy(
         hidden,
-        head.weight,
+        weight,
         labels.to(hidden.device),
-        bias=head.bias,
+        bias=bias,
         ignore_index=request.ignore_index,
         num_items_in_batch=request.num_items_in_batch,
         logit_scale=state.logit_scale,
@@ -182,19 +187,25 @@ class _BaseStandIn(nn.Module):
         return HiddenOnly(self.hidden)
 
 
-def _logits_as_fused(lm: nn.Module, head: nn.Linear, scale: float, softcap: float | None) -> str | None:
-    """None when ``lm``'s own forward turns ``head``'s outputs ``z`` into ``softcap * tanh(scale * z / softcap)`` (the
-    fused loss's logits: what the forward does to the head's input is seen by the fused head too), checked on four
-    random hidden states with the base model stood in for; otherwise why not."""
+def _logits_as_fused(
+    lm: nn.Module, head: nn.Linear, scale: float, softcap: float | None
+) -> tuple[str | None, int | None]:
+    """``(None, vocab)`` when ``lm``'s own forward turns ``head``'s outputs ``z`` into
+    ``softcap * tanh(scale * z[..., :vocab] / softcap)`` (the fused loss's logits: what the forward does to the head's
+    input is seen by the fused head too; ``vocab`` None: every column), checked on four random hidden states with the
+    base model stood in for; otherwise ``(why not, None)``."""
     weight = head.weight
     sharded = type(weight.data) is not torch.Tensor  # a DTensor (FSDP2, tensor parallel) or another subclass
     if sharded or weight.is_meta or weight.numel() != head.in_features * head.out_features:
-        return None  # not materialised here (meta, or sharded by ZeRO-3 / FSDP): the known transforms are trusted
+        # Not materialised here (meta, or sharded by ZeRO-3 / FSDP): the known transforms are trusted, and a padded
+        # vocabulary is read off the config.
+        vocab = getattr(lm.config.get_text_config(), "unpadded_vocab_size", None)
+        return None, (vocab if vocab is not None and vocab < head.out_features else None)
     # The forward calls ``self.model`` (Llama4ForCausalLM's base_model_prefix names another attribute).
     names = ("model", getattr(lm, "base_model_prefix", ""))
     prefix = next((name for name in names if isinstance(getattr(lm, name, None), nn.Module)), None)
     if prefix is None:
-        return "no base model at .model"
+        return "no base model at .model", None
     base = getattr(lm, prefix)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, 4, head.in_features, generator=gen).to(weight.device, weight.dtype)
@@ -206,22 +217,25 @@ def _logits_as_fused(lm: nn.Module, head: nn.Linear, scale: float, softcap: floa
         with torch.no_grad():
             out = type(lm).forward(lm, input_ids=ids, output_router_logits=False, use_cache=False)
     except Exception as err:  # noqa: BLE001 -- any failure means: do not fuse
-        return f"its forward did not run on stand-in hidden states ({type(err).__name__}: {err})"
+        return f"its forward did not run on stand-in hidden states ({type(err).__name__}: {err})", None
     finally:
         hook.remove()
         setattr(lm, prefix, base)
     logits = getattr(out, "logits", None)
-    if len(seen) != 1 or logits is None or logits.shape != seen[0].shape:
-        return "its forward does not return the head's output (one call, its shape) as the logits"
-    want = seen[0].float() * scale
+    if len(seen) != 1 or logits is None or logits.shape[:-1] != seen[0].shape[:-1] or (
+        logits.shape[-1] > seen[0].shape[-1]
+    ):
+        return "its forward does not return the head's output (one call, its shape) as the logits", None
+    vocab = logits.shape[-1] if logits.shape[-1] < seen[0].shape[-1] else None  # a padded vocabulary cut off
+    want = seen[0][..., : logits.shape[-1]].float() * scale
     if softcap:
         want = softcap * torch.tanh(want / softcap)
     tol = 1e-4 if weight.dtype == torch.float32 else 2e-2
     worst = (logits.float() - want).abs().max().item()
     if worst > tol * max(want.abs().max().item(), 1e-6):
         return (f"its forward transforms the head's outputs otherwise (max difference {worst:.3g} from "
-                f"{softcap or 'no'} soft cap and scale {scale:g})")
-    return None
+                f"{softcap or 'no'} soft cap and scale {scale:g})"), None
+    return None, vocab
 
 
 def enable(model: nn.Module, model_type: str, backend: str = "auto"):
@@ -236,7 +250,7 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
     scale = _LOGIT_SCALE.get(model_type)
     scale = scale(lm) if scale else 1.0
     softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None) or None
-    why = _logits_as_fused(lm, head, scale, softcap)
+    why, vocab = _logits_as_fused(lm, head, scale, softcap)
     if why is not None:
         warnings.warn(
             f"hetermoe: the fused cross-entropy is left off for {type(lm).__name__}: {why}. Its loss runs unfused "
@@ -244,7 +258,7 @@ def enable(model: nn.Module, model_type: str, backend: str = "auto"):
             stacklevel=3,
         )
         return None
-    state = _State(head, scale, softcap, _BACKENDS[backend], inspect.signature(type(lm).forward))
+    state = _State(head, scale, softcap, vocab, _BACKENDS[backend], inspect.signature(type(lm).forward))
     for module in (lm, head):
         module.__dict__[STATE_ATTR] = state
     # Bound to their instances without closures: copies and pickles of the model carry their own (common.py).

@@ -208,9 +208,10 @@ def test_an_unknown_logit_transform_keeps_the_loss_unfused(monkeypatch):
     torch.testing.assert_close(got.loss, want.loss)
 
 
-def test_a_vocabulary_sliced_after_the_head_keeps_the_loss_unfused():
-    """Inkling drops the padded vocabulary's columns from the head's output (``unpadded_vocab_size``): the loss over
-    the head's full width would differ, so the model keeps its unfused loss (with a warning) and the exact value."""
+def test_a_vocabulary_sliced_after_the_head_is_fused_over_its_first_rows():
+    """Inkling drops the padded vocabulary's columns from the head's output (``unpadded_vocab_size``): the check
+    finds the cut, and the fused loss runs over the head's first rows only, with the unfused loss's value and
+    gradients (none for the padded rows)."""
     patch = MODEL_PATCHES["inkling_text"]
     if not patch.available():
         pytest.skip("Inkling is not in this transformers")
@@ -218,13 +219,17 @@ def test_a_vocabulary_sliced_after_the_head_keeps_the_loss_unfused():
     config.unpadded_vocab_size = config.vocab_size - 8
     base = patch.auto_class().from_config(config).to(DEVICE)
     plain = hetermoe.prepare(copy.deepcopy(base), hetermoe.HeterMoEConfig(fused_cross_entropy=False)).train()
-    with pytest.warns(UserWarning, match="does not return the head's output"):
-        fused = hetermoe.prepare(copy.deepcopy(base)).train()
+    fused = hetermoe.prepare(copy.deepcopy(base)).train()
+    assert fused_loss.causal_lm_with_head(fused).__dict__[fused_loss.STATE_ATTR].vocab == config.unpadded_vocab_size
     inputs = tiny_inputs(patch, plain)
     inputs["labels"] = inputs["labels"].clamp(max=config.unpadded_vocab_size - 1)
-    want, _ = _train_step(plain, inputs)
-    got, _ = _train_step(fused, inputs)
-    torch.testing.assert_close(got.loss, want.loss)
+    want, want_grads = _train_step(plain, inputs)
+    got, got_grads = _train_step(fused, inputs)
+    assert got.logits is None
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    head = want_grads["lm_head.weight"]
+    assert head[config.unpadded_vocab_size:].abs().max() == 0
+    torch.testing.assert_close(got_grads["lm_head.weight"], head, rtol=1e-4, atol=1e-7)
 
 
 def test_outputs_and_api_of_a_fused_model():
