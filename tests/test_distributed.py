@@ -1,5 +1,5 @@
 """A prepared model under data parallelism, as ``accelerate launch`` fine-tuning runs it: DDP through accelerate
-(MULTI_CPU over gloo here), and FSDP2's ``fully_shard`` (what accelerate's FSDP2 plugin applies on GPUs; accelerate
+(MULTI_CPU over gloo here; fp32, and bf16 mixed precision), and FSDP2's ``fully_shard`` (what accelerate's FSDP2 plugin applies on GPUs; accelerate
 runs no FSDP on CPU). Two ranks, each on its own batches, must train exactly as one process that averages their
 losses: same per-rank losses at every step, same parameters after the AdamW steps (experts on the kernels' autograd,
 fused loss, fused RMSNorm)."""
@@ -26,6 +26,7 @@ sys.path.insert(0, str(WORKER.parent))
 from _dist_worker import LR, batches  # noqa: E402
 
 WORLD = 2
+TOL_BF16 = 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,11 @@ def _check(procs: list[subprocess.Popen], timeout: float = 600) -> None:
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
 
 
-def _single_process(model_dir: Path, steps: int) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
-    """The same training in one process: each step averages the ranks' losses (what DDP and FSDP average)."""
+def _single_process(
+    model_dir: Path, steps: int, bf16: bool = False
+) -> tuple[list[list[float]], dict[str, torch.Tensor]]:
+    """The same training in one process: each step averages the ranks' losses (what DDP and FSDP average); with
+    ``bf16``, the forwards under CPU autocast, as accelerate's ``--mixed_precision bf16`` runs them."""
     model = hetermoe.prepare(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     data = [batches(r, model.config.vocab_size, steps) for r in range(WORLD)]
@@ -70,7 +74,8 @@ def _single_process(model_dir: Path, steps: int) -> tuple[list[list[float]], dic
     for step in range(steps):
         total = 0.0
         for r in range(WORLD):
-            loss = model(input_ids=data[r][step], labels=data[r][step]).loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=data[r][step], labels=data[r][step]).loss.float()
             losses[r].append(loss.item())
             total = total + loss / WORLD
         total.backward()
@@ -79,36 +84,42 @@ def _single_process(model_dir: Path, steps: int) -> tuple[list[list[float]], dic
     return losses, {k: v.detach() for k, v in model.named_parameters()}
 
 
-def _assert_same_training(out: Path, model_dir: Path) -> dict:
+def _assert_same_training(out: Path, model_dir: Path, bf16: bool = False) -> dict:
     result = json.loads((out / "result.json").read_text())
     assert result["fused_loss"]
     params = torch.load(out / "params.pt")
-    want_losses, want_params = _single_process(model_dir, len(result["losses"][0]))
+    want_losses, want_params = _single_process(model_dir, len(result["losses"][0]), bf16)
+    tol = TOL_BF16 if bf16 else 1e-5
     for rank, (got, want) in enumerate(zip(result["losses"], want_losses, strict=True)):
         for step, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert abs(a - b) <= 1e-5 * abs(b), f"rank {rank} step {step}: loss {a} vs one process {b}"
+            assert abs(a - b) <= tol * abs(b), f"rank {rank} step {step}: loss {a} vs one process {b}"
     assert set(params) == set(want_params)
     init = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     assert all(not torch.equal(params[k], init[k]) for k in params)  # every parameter was trained
     for name, want in want_params.items():
         err = float((params[name].double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
-        assert err <= 1e-5, f"{name} differs by {err:.2e} relative from one-process training"
+        assert err <= tol, f"{name} differs by {err:.2e} relative from one-process training"
     return result
 
 
-def test_ddp_through_accelerate_launch(tmp_path, model_dir):
+@pytest.mark.parametrize("mixed", ["no", "bf16"])
+def test_ddp_through_accelerate_launch(tmp_path, model_dir, mixed):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate CLI is not installed")
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "--mixed_precision", mixed, "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(WORKER), "ddp", str(model_dir), str(tmp_path)]
     # Without GPUs accelerate runs --multi_gpu processes as MULTI_CPU (gloo) when asked to use the CPU.
     proc = subprocess.Popen(cmd, env=_cpu_env(ACCELERATE_USE_CPU="true"), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     _check([proc])
-    result = _assert_same_training(tmp_path, model_dir)
+    result = _assert_same_training(tmp_path, model_dir, bf16=mixed == "bf16")
     assert (result["kind"], result["world"]) == ("MULTI_CPU", WORLD)
+    if mixed == "bf16":  # autocast really ran: the losses are bf16's, not fp32's
+        fp32, _ = _single_process(model_dir, len(result["losses"][0]))
+        assert max(abs(a - b) / abs(b) for got, want in zip(result["losses"], fp32)
+                   for a, b in zip(got, want)) > 5e-6
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-checkpointing"])
