@@ -1,8 +1,8 @@
 """A prepared model under data parallelism, as ``accelerate launch`` fine-tuning runs it: DDP through accelerate
-(MULTI_CPU over gloo here; fp32, and bf16 mixed precision), and FSDP2's ``fully_shard`` (what accelerate's FSDP2 plugin applies on GPUs; accelerate
-runs no FSDP on CPU). Two ranks, each on its own batches, must train exactly as one process that averages their
-losses: same per-rank losses at every step, same parameters after the AdamW steps (experts on the kernels' autograd,
-fused loss, fused RMSNorm)."""
+(MULTI_CPU over gloo here; fp32, and bf16 mixed precision), and FSDP2's ``fully_shard`` (what accelerate's FSDP2
+plugin applies on GPUs; accelerate runs no FSDP on CPU). Two ranks, each on its own batches, must train exactly as
+one process that averages their losses: same per-rank losses at every step, same parameters after the AdamW steps
+(experts on the kernels' autograd, fused loss, fused RMSNorm)."""
 
 from __future__ import annotations
 
