@@ -176,8 +176,9 @@ class HiddenOnly:
         return None
 
 
-class _BaseStandIn(nn.Module):
-    """Stands in for a causal LM's base model inside the family's forward: returns fixed hidden states."""
+class BaseStandIn(nn.Module):
+    """Stands in for a causal LM's base model inside the family's forward: returns fixed hidden states (the logits
+    check below; the zebra runtime's head, on the final-normed hidden states)."""
 
     def __init__(self, hidden: torch.Tensor) -> None:
         super().__init__()
@@ -212,7 +213,7 @@ def _logits_as_fused(
     ids = torch.zeros(1, 4, dtype=torch.long, device=weight.device)
     seen: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda _m, _i, out: seen.append(out))
-    setattr(lm, prefix, _BaseStandIn(hidden))
+    setattr(lm, prefix, BaseStandIn(hidden))
     try:  # in the model's own mode (nothing between the base model and the loss is random)
         with torch.no_grad():
             out = type(lm).forward(lm, input_ids=ids, output_router_logits=False, use_cache=False)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from hf_hetermoe.errors import UnsupportedModelError
-from hf_hetermoe.fused_loss import HiddenOnly
+from hf_hetermoe.fused_loss import BaseStandIn
 from hf_hetermoe.model_patches import attention_half, decoder_layers
 from hf_hetermoe.model_patches.anatomy import moe_module
 from hf_hetermoe.planner.model_dims import model_dims
@@ -192,22 +192,11 @@ def run_attention(parts: ModelParts, layer: int, hidden: torch.Tensor, args, kwa
     return split, (logits[0] if logits else None)
 
 
-class _HeadInput(nn.Module):
-    """Stands in for ``model.model`` inside the family's ``forward``: returns the final-normed hidden states."""
-
-    def __init__(self, hidden: torch.Tensor, norm: nn.Module) -> None:
-        super().__init__()
-        self.hidden, self.norm = hidden, norm
-
-    def forward(self, *args, **kwargs):
-        return HiddenOnly(self.norm(self.hidden))
-
-
 def head_loss(parts: ModelParts, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Final norm, then the family's own ``*ForCausalLM.forward`` head (LM head, logit scaling or soft-capping,
     loss over the micro-batch's label tokens) with the base model replaced by the given hidden states."""
     model = parts.model
-    model.model = _HeadInput(hidden, getattr(parts.base, parts.norm_name))
+    model.model = BaseStandIn(getattr(parts.base, parts.norm_name)(hidden))
     try:
         out = model(input_ids=labels, labels=labels, output_router_logits=False, use_cache=False)
     finally:
