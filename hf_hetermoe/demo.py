@@ -148,6 +148,16 @@ def load_pretrained(name: str):
     return model, tokenizer
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, as Trainer's ``gradient_checkpointing=True``:
+    ``activation_checkpointing_enable`` from transformers 5.2x, the deprecated older name before."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def finetune(args: argparse.Namespace) -> dict:
     """Run the demo; returns a summary dict. Raises if the reloaded checkpoint's logits differ."""
     from accelerate import Accelerator
@@ -173,11 +183,7 @@ def finetune(args: argparse.Namespace) -> dict:
         model = build_model(args, len(tokenizer))
     dataset = build_dataset(corpus, tokenizer, args.seq_len)
     if args.gradient_checkpointing:
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(model)
     prepare(model, HeterMoEConfig(backend=args.backend))
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False)

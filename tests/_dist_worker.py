@@ -50,12 +50,10 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
     elif mode in ("fsdp2", "fsdp2-checkpointing"):
         from torch.distributed.fsdp import fully_shard
 
-        if mode == "fsdp2-checkpointing":  # as Trainer's gradient_checkpointing=True does, before wrapping
-            kwargs = {"use_reentrant": False}
-            if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.2x
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if mode == "fsdp2-checkpointing":  # before wrapping, as Trainer does
+            from hf_hetermoe.demo import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         for layer in model.model.layers:
