@@ -12,12 +12,21 @@ training on ``batches(r)``. Rank 0 writes the losses and the full parameters.
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# A rank that hangs (a collective the other rank never joins, a rendezvous that never completes) prints every
+# thread's stack and exits after this many seconds, so that the test can say where; a normal run takes ~15 s.
+DEADLINE_S = float(os.environ.get("HETERMOE_TEST_WORKER_DEADLINE_S", "180"))
+DEADLINE_MARK = "Timeout ("  # how faulthandler's report starts
+if __name__ == "__main__":
+    faulthandler.dump_traceback_later(DEADLINE_S, exit=True)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 STEPS = 3
 LR = 1e-3

@@ -6,12 +6,16 @@ one process that averages their losses: same per-rank losses at every step, same
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +27,7 @@ import hf_hetermoe as hetermoe
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_dist_worker.py"
 sys.path.insert(0, str(WORKER.parent))
+from _dist_worker import DEADLINE_MARK as WORKER_DEADLINE_MARK  # noqa: E402
 from _dist_worker import LR, batches  # noqa: E402
 
 WORLD = 2
@@ -50,16 +55,34 @@ def _cpu_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", **extra)
 
 
-def _check(procs: list[subprocess.Popen], timeout: float = 600) -> None:
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=timeout)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError("the distributed job hung") from None
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+def _excerpt(output: str, n: int = 4000) -> str:
+    """The end of a rank's output; where a deadline stopped it, the start of its stack report (innermost first)."""
+    at = output.find(WORKER_DEADLINE_MARK)
+    return output[-n:] if at < 0 else output[at:at + n]
+
+
+def _run(launch: Callable[[], list[subprocess.Popen]], timeout: float = 300, attempts: int = 2) -> None:
+    """Start the ranks with ``launch`` and wait for them. A job that hangs (a worker's faulthandler deadline, or
+    ``timeout`` here) is killed with its process group, its output shown, and started once more: the CI machines are
+    shared, and a hung run there must say where it hung instead of only that it did."""
+    for attempt in range(1, attempts + 1):
+        procs, outs, hung = launch(), [], False
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=timeout)[0])
+            except subprocess.TimeoutExpired:
+                hung = True
+                for q in procs:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(q.pid, signal.SIGKILL)
+                outs.append(p.communicate()[0])
+        hung = hung or any(p.returncode != 0 and WORKER_DEADLINE_MARK in o for p, o in zip(procs, outs))
+        tail = "\n".join(_excerpt(o) for o in outs)
+        if not hung:
+            assert all(p.returncode == 0 for p in procs), tail
+            return
+        warnings.warn(f"the distributed job hung (attempt {attempt} of {attempts}); its output:\n{tail}", stacklevel=2)
+    raise AssertionError(f"the distributed job hung {attempts} times; the last run's output:\n{tail}")
 
 
 def _single_process(
@@ -107,13 +130,15 @@ def test_ddp_through_accelerate_launch(tmp_path, model_dir, mixed):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate CLI is not installed")
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
-           "--mixed_precision", mixed, "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(WORKER), "ddp", str(model_dir), str(tmp_path)]
-    # Without GPUs accelerate runs --multi_gpu processes as MULTI_CPU (gloo) when asked to use the CPU.
-    proc = subprocess.Popen(cmd, env=_cpu_env(ACCELERATE_USE_CPU="true"), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    _check([proc])
+    def launch() -> list[subprocess.Popen]:
+        cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
+               "--mixed_precision", mixed, "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", str(_free_port()), str(WORKER), "ddp", str(model_dir), str(tmp_path)]
+        # Without GPUs accelerate runs --multi_gpu processes as MULTI_CPU (gloo) when asked to use the CPU.
+        return [subprocess.Popen(cmd, env=_cpu_env(ACCELERATE_USE_CPU="true"), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)]
+
+    _run(launch)
     result = _assert_same_training(tmp_path, model_dir, bf16=mixed == "bf16")
     assert (result["kind"], result["world"]) == ("MULTI_CPU", WORLD)
     if mixed == "bf16":  # autocast really ran: the losses are bf16's, not fp32's
@@ -124,16 +149,18 @@ def test_ddp_through_accelerate_launch(tmp_path, model_dir, mixed):
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-checkpointing"])
 def test_fsdp2_fully_sharded(tmp_path, model_dir, mode):
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), mode, str(model_dir), str(tmp_path)],
-            env=_cpu_env(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=port),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        for r in range(WORLD)
-    ]
-    _check(procs)
+    def launch() -> list[subprocess.Popen]:
+        port = str(_free_port())
+        return [
+            subprocess.Popen(
+                [sys.executable, str(WORKER), mode, str(model_dir), str(tmp_path)],
+                env=_cpu_env(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
+                             MASTER_PORT=port),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            )
+            for r in range(WORLD)
+        ]
+
+    _run(launch)
     result = _assert_same_training(tmp_path, model_dir)
     assert result["kind"] == "DTensor"  # the experts' weights were sharded, and gathered for each forward
