@@ -555,12 +555,12 @@ def append_rows(path: Path, rows: list[dict], fields: list[str], old_defaults: d
             old = [{**(old_defaults or {}), **r} for r in reader]
             old_fields = reader.fieldnames or []
     fields = list(dict.fromkeys([*old_fields, *fields, *(old_defaults or {})]))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    from hf_hetermoe.files import atomic_write
+
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows([*old, *rows])
-    os.replace(tmp, path)
 
 
 def _migrate_header(csv_path: Path, current: list[str]) -> None:
@@ -574,12 +574,12 @@ def _migrate_header(csv_path: Path, current: list[str]) -> None:
     fields = list(dict.fromkeys([*old_fields, *current]))
     if fields == old_fields:
         return
-    tmp = csv_path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
+    from hf_hetermoe.files import atomic_write
+
+    with atomic_write(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, csv_path)
 
 
 def plot(csv_path: Path, png_path: Path):

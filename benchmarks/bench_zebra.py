@@ -39,6 +39,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, MixtralConfig
 
 import hf_hetermoe as hetermoe
+from hf_hetermoe.files import atomic_write, write_json
 from hf_hetermoe.runtime import dp_plan, ep_plan, speed_shares, zebra_plan
 
 MODELS = {
@@ -368,7 +369,7 @@ def main() -> None:
 
                         write_timeline_png(sim, out / f"zebra_timeline_simulated_{tag}.png",
                                            title=f"simulated (preset profiles), same plan: {sim.step_ms:.1f} ms")
-                        (out / f"zebra_timeline_{tag}.json").write_text(json.dumps(gathered))
+                        write_json(out / f"zebra_timeline_{tag}.json", gathered)
                 if rank == 0:
                     print(f"{name} S={seq_len} {label:12s} {row['tokens_per_s']:>9} tok/s  step {row['step_ms']} ms  "
                           f"util {row['util']}  ({time.time() - t0:.0f}s)", flush=True)
@@ -392,12 +393,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
     rows = old + rows
     first = max(rows, key=len)
     keys = sorted({k for r in rows for k in r}, key=lambda k: list(first).index(k) if k in first else 99)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_hetermoe.emulate import PRESETS, _sdpa_backends, emulate
+from hf_hetermoe.files import write_json
 from hf_hetermoe.profiler import time_ms
 
 GRID = (0.0625, 0.125, 0.1875, 0.25, 0.3125, 0.375, 0.4375, 0.5, 0.625, 0.75, 1.0)
@@ -105,9 +106,8 @@ def sdpa_check(gpu: str) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = Path("benchmarks/results") / f"emulation_sdpa_check_{gpu.replace(' ', '_')}.json"
-    out.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "date": str(datetime.date.today()),
-                               "emulated": True, "shape": "B1 H8 S65536 D128 bf16 causal, forward",
-                               "measurements": rows}, indent=1))
+    write_json(out, {"gpu": gpu, "torch": torch.__version__, "date": str(datetime.date.today()), "emulated": True,
+                     "shape": "B1 H8 S65536 D128 bf16 causal, forward", "measurements": rows}, indent=1)
     print(f"wrote {out}")
     return 0
 
@@ -193,12 +193,9 @@ def main() -> int:
                     "gemm_bwd_slowdown": c["gemm"]["bwd_ms"] / full["bwd_ms"], "sm_ratio": host_sms / c["num_sms"]}
                 for n, c in checked.items() if n != "full GPU"}
     out = Path("benchmarks/results") / f"emulation_calibration_{gpu.replace(' ', '_')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "date": str(datetime.date.today()),
-                               "emulated": True, "measurements": rows, "chosen": chosen, "ratios": report,
-                               "checked": checked, "backward_keeps_limit": backward}, indent=1))
-    tmp.replace(out)
+    write_json(out, {"gpu": gpu, "torch": torch.__version__, "date": str(datetime.date.today()), "emulated": True,
+                     "measurements": rows, "chosen": chosen, "ratios": report, "checked": checked,
+                     "backward_keeps_limit": backward}, indent=1)
     print(json.dumps({"ratios": report, "backward_keeps_limit": backward}, indent=1))
     print(f"wrote {out}")
     return 0

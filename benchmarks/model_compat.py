@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from hf_hetermoe.files import write_json, write_text
 from hf_hetermoe.model_patches import model_patches, supported_models_markdown
 from hf_hetermoe.model_patches.verify import verify_anatomy, verify_family
 
@@ -189,10 +190,7 @@ def render(runs: dict[str, dict]) -> str:
 
 def _write(path: Path, run: dict) -> None:
     """``run`` to ``path`` through a temporary file: an interrupted write leaves the stored file whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_json(path, run, indent=2, sort_keys=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -232,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         elif stored is not None:
             runs[device] = stored
     if not args.no_write and not args.family:
-        OUTPUT.write_text(render(runs))
+        write_text(OUTPUT, render(runs))
         print(f"wrote {OUTPUT.relative_to(ROOT)}")
 
 

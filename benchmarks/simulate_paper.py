@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-from pathlib import Path
 
+from hf_hetermoe.files import write_text
 from hf_hetermoe.planner import ClusterConfig, ModelDims, make_plan
 from hf_hetermoe.planner.presets import preset_profile
 
@@ -104,7 +104,7 @@ def main() -> None:
         "  times are shown for reference only. The paper's 1.4x over its balanced baseline is not comparable.",
         "- All numbers are simulated from published-ratio presets, not measured, and no GPU is emulated.",
     ]
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_text(args.out, "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 
 

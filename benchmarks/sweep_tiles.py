@@ -317,9 +317,10 @@ def main(argv=None):
                     f"err {row['rel_err']}",
                     flush=True,
                 )
-    args.out.mkdir(parents=True, exist_ok=True)
+    from hf_hetermoe.files import atomic_write
+
     path = args.out / f"sweep_candidates_{args.tag + '_' if args.tag else ''}{gpu_slug(gpu)}.csv"
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -21,6 +21,8 @@ if str(ROOT / "benchmarks") not in sys.path:  # also when loaded by file path (t
     sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_experts import DEFAULT_SHAPES  # noqa: E402  (the issue's five shapes: the table lists them first)
 
+from hf_hetermoe.files import write_text  # noqa: E402
+
 
 def replace_section(text: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- BEGIN {re.escape(name)}[^>]*-->\n)(.*?)(<!-- END {re.escape(name)} -->)", re.S)
@@ -167,7 +169,7 @@ def main(argv=None) -> int:
             print("README.md is stale: run python benchmarks/update_readme.py", file=sys.stderr)
             return 1
         return 0
-    README.write_text(new)
+    write_text(README, new)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig
 
 import hf_hetermoe as hetermoe
+from hf_hetermoe.files import write_text
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,9 +57,7 @@ def write_corpus(path: Path, lines: int = 400) -> None:
     g = torch.Generator().manual_seed(0)
     text = "\n".join(" ".join(words[i] for i in torch.randint(0, len(words), (24,), generator=g).tolist())
                      for _ in range(lines))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
+    write_text(path, text + "\n")
 
 
 def tokenized_blocks(data: str, model_dir: str, vocab: int, seq_len: int):

@@ -11,10 +11,9 @@ within round-off, bf16 / fp16 against transformers' own distance from fp32). Exi
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from hf_hetermoe.files import write_json
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -83,19 +82,7 @@ def check_command(args) -> int:
             print(f"  FAIL  {patch.family}: {'; '.join(report.failures())}")
     print(f"{len(reports) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     if args.json is not None:
-        _write_json(args.json, {"transformers": transformers.__version__, "torch": torch.__version__,
-                                "device": device, "dtype": dtype_name, "backend": args.backend, "families": reports})
+        write_json(args.json, {"transformers": transformers.__version__, "torch": torch.__version__, "device": device,
+                               "dtype": dtype_name, "backend": args.backend, "families": reports},
+                   indent=1, default=str)
     return 1 if failed else 0
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Whole or not at all: a temporary file beside ``path``, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise

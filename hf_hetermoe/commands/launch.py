@@ -104,10 +104,7 @@ def make_or_load_plan(ours: dict[str, str]):
     result = make_plan(ours["model"], cluster, profiles)
     print(format_plan(result), flush=True)
     out = Path(ours.get("plan_out", "hetermoe_plan/plan.json")).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    result.plan.save(tmp)
-    os.replace(tmp, out)
+    result.plan.save(out)  # atomically: a plan file is whole or the previous one
     return result.plan, out
 
 

@@ -4,10 +4,10 @@ a Chrome trace and a PNG timeline of the simulated step."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from hf_hetermoe.errors import HeterMoEError
+from hf_hetermoe.files import write_json
 
 
 def add_model_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +49,7 @@ def write_outputs(result, out: Path) -> list[Path]:
     except ImportError:
         print("note: no timeline PNG: matplotlib is not installed (pip install 'hf-hetermoe[bench]')")
         paths.pop()
-    (out / "summary.json").write_text(json.dumps({k: v.summary() for k, v in result.results.items()}, indent=1))
+    write_json(out / "summary.json", {k: v.summary() for k, v in result.results.items()}, indent=1)
     return paths
 
 

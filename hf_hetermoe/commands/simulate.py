@@ -4,11 +4,11 @@ and write the Chrome trace and PNG timeline of each."""
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from hf_hetermoe.errors import HeterMoEError
+from hf_hetermoe.files import write_json
 
 from .plan import add_model_cluster_args
 
@@ -67,6 +67,6 @@ def simulate_command(args: argparse.Namespace) -> int:
         stem = key.split()[0].lower().replace("+", "_")
         write_chrome_trace(res, out / f"{stem}_trace.json")
         write_timeline_png(res, out / f"{stem}_timeline.png")
-    (out / "summary.json").write_text(json.dumps({k: v.summary() for k, v in results.items()}, indent=1))
+    write_json(out / "summary.json", {k: v.summary() for k, v in results.items()}, indent=1)
     print(f"wrote traces and timelines to {out}/")
     return 0

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from hf_hetermoe.errors import ConfigError
+from hf_hetermoe.files import write_text
 
 
 def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
@@ -174,13 +175,13 @@ class ClusterConfig:
     def to_yaml(self, path: str | Path | None = None) -> str:
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).write_text(text)
+            write_text(path, text)
         return text
 
     def to_json(self, path: str | Path | None = None) -> str:
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).write_text(text)
+            write_text(path, text + "\n")
         return text
 
     @classmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_hetermoe.errors import ConfigError
+from hf_hetermoe.files import write_json
 
 from .cost import CostModel, ZPLayout
 from .plan import Plan
@@ -34,9 +35,7 @@ def save_measurement(path: str | Path, plan: Plan, busy_s: list[float], step_s: 
     if len(busy_s) != plan.world_size:
         raise ConfigError(f"busy_s has {len(busy_s)} ranks but the plan has {plan.world_size}")
     data = {"format": FORMAT, "plan": plan.to_dict(), "busy_ms": [b * 1e3 for b in busy_s], "step_ms": step_s * 1e3}
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_json(path, data, indent=1)
 
 
 def load_measurement(path: str | Path) -> tuple[Plan, list[float], float]:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_hetermoe.errors import ConfigError
+from hf_hetermoe.files import write_json
 
 from .schedule import Schedule, validate_schedule
 
@@ -98,7 +99,7 @@ class Plan:
         return {"format": FORMAT, **{k: getattr(self, k) for k in self.__dataclass_fields__}}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:

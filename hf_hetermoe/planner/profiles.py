@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_hetermoe.errors import ConfigError
+from hf_hetermoe.files import write_json
 
 from .model_dims import ModelDims
 
@@ -146,7 +147,7 @@ class ProfileSet:
         return {"format": FORMAT, "model": self.model, "devices": {k: v.to_dict() for k, v in self.devices.items()}}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ProfileSet:

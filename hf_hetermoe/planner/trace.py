@@ -4,8 +4,9 @@ micro-batches alternate light and dark, so zebra's stripes show."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from hf_hetermoe.files import write_json
 
 from .simulator import SimResult
 
@@ -38,7 +39,7 @@ def chrome_trace(result: SimResult) -> dict:
 
 
 def write_chrome_trace(result: SimResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(chrome_trace(result)))
+    write_json(path, chrome_trace(result))
 
 
 def write_timeline_png(result: SimResult, path: str | Path, title: str | None = None) -> None:
