@@ -86,17 +86,23 @@ def check_against_eager(experts: nn.Module, layout: ExpertLayout) -> None:
     tokens, two experts each, with the module's weights. Catches what a layout cannot say (an unknown activation or
     norm, a transformers version that changed the class). Skipped where there is nothing to compare: weights not
     materialised here, or an eager forward that needs more than ``(hidden_states, top_k_index, top_k_weights)``.
+    ZeRO-3 partitioned weights are gathered for the check (a collective: every rank prepares the same model).
 
     Raises:
         UnsupportedLayoutError: the outputs differ beyond the dtype's round-off.
     """
+    eager = getattr(type(experts).forward, "__wrapped__", None)
+    if eager is None:
+        return
+    with full_parameters(list(experts.parameters())) as full:
+        if full:
+            _check_against_eager(experts, layout, eager)
+
+
+def _check_against_eager(experts: nn.Module, layout: ExpertLayout, eager) -> None:
     from .errors import UnsupportedLayoutError
 
-    eager = getattr(type(experts).forward, "__wrapped__", None)
     w1 = experts.gate_up_proj if layout.has_gate else experts.up_proj
-    params = list(experts.parameters())
-    if eager is None or any(p.is_meta or type(p.data) is not torch.Tensor for p in params):
-        return
     num_experts, hidden = w1.shape[0], w1_logical(w1, layout).shape[2]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, hidden, generator=gen).to(w1.device, w1.dtype)
@@ -127,12 +133,17 @@ def check_instance_patch(module: nn.Module, patch, layout: ExpertLayout) -> None
     Raises:
         UnsupportedLayoutError: the outputs differ beyond the dtype's round-off.
     """
+    params = list(module.parameters())
+    if patch.probe is None or not params:
+        return
+    with full_parameters(params) as full:
+        if full:
+            _check_instance_patch(module, patch, layout, params[0])
+
+
+def _check_instance_patch(module: nn.Module, patch, layout: ExpertLayout, ref: torch.Tensor) -> None:
     from .errors import UnsupportedLayoutError
 
-    params = list(module.parameters())
-    if patch.probe is None or not params or any(p.is_meta or type(p.data) is not torch.Tensor for p in params):
-        return
-    ref = params[0]
     args = tuple(a.to(ref.device, ref.dtype) if a.is_floating_point() else a.to(ref.device)
                  for a in patch.probe(module, torch.Generator().manual_seed(0)))
     # Eval mode: no dropout (the rebound forward hands training-mode expert dropout back to the class's).
@@ -154,6 +165,25 @@ def check_instance_patch(module: nn.Module, patch, layout: ExpertLayout) -> None
             f"this transformers version changed {patch.family}'s experts. Use experts_implementation='eager' for "
             "this model, or open an issue with the model type."
         )
+
+
+@contextlib.contextmanager
+def full_parameters(params: list[nn.Parameter]):
+    """Yields whether ``params`` hold their full values in this process for the block: False for meta tensors and
+    sharded ones (a DTensor of FSDP2 or tensor parallelism). DeepSpeed ZeRO-3's partitioned parameters
+    (``from_pretrained`` under ``zero.Init``) are gathered for the block, on every rank (a collective), and
+    partitioned again after it."""
+    if any(p.is_meta or type(p.data) is not torch.Tensor for p in params):
+        yield False
+        return
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield True
+        return
+    import deepspeed  # only reached for parameters DeepSpeed made
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield True
 
 
 @contextlib.contextmanager

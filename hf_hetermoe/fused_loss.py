@@ -66,6 +66,49 @@ class _State:
     request: _Request | None = None
     loss: torch.Tensor | None = None
     placeholder: torch.Tensor | None = None
+    relay: _Relay | None = None  # ZeRO-3 only: the loss's gradient goes back through the head's output
+
+
+class _Relay:
+    """The loss's incoming gradient, from where the forward returns the loss to where the head made it."""
+
+    grad: torch.Tensor | None = None
+
+
+class _RelayOut(torch.autograd.Function):
+    """loss -> the head's empty ``[B, S, 0]`` stand-in output, in the graph after the loss. Its backward hands the loss
+    the gradient that ``_RelayBack`` kept."""
+
+    @staticmethod
+    def forward(ctx, loss, relay, like):
+        ctx.relay = relay
+        return like.new_empty(*like.shape[:-1], 0)
+
+    @staticmethod
+    def backward(ctx, _grad):
+        grad, ctx.relay.grad = ctx.relay.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "hetermoe fused cross-entropy under ZeRO-3: the loss was not backpropagated through the value the "
+                "model's forward returned; backpropagate outputs.loss, or turn the fused loss off "
+                "(HeterMoEConfig(fused_cross_entropy=False))"
+            )
+        return grad, None, None
+
+
+class _RelayBack(torch.autograd.Function):
+    """(the logits the forward made of that stand-in, the loss's value) -> the loss, in the graph after the
+    stand-in: the loss's gradient takes the way back through the head's output, as the logits' would."""
+
+    @staticmethod
+    def forward(ctx, logits, value, relay):
+        ctx.relay, ctx.shape, ctx.dtype = relay, logits.shape, logits.dtype
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.relay.grad = grad
+        return grad.new_zeros(ctx.shape, dtype=ctx.dtype), None, None
 
 
 def causal_lm_with_head(model: nn.Module) -> nn.Module | None:
@@ -113,7 +156,14 @@ def _fused_head(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         softcap=state.softcap,
         backend=state.backend,
     )
-    state.placeholder = hidden.new_empty(*hidden.shape[:-1], 0)
+    if hasattr(head.weight, "ds_id"):
+        # DeepSpeed ZeRO-3 gathers a module's weights for its backward when the gradient reaches the module's
+        # outputs, and partitions them again after the forward: the loss's gradient must pass the head's output
+        # before the loss's own backward adds the weight's gradient (full-size) to the weight.
+        state.relay = _Relay()
+        state.placeholder = _RelayOut.apply(state.loss, state.relay, hidden)
+    else:
+        state.placeholder = hidden.new_empty(*hidden.shape[:-1], 0)
     return state.placeholder
 
 
@@ -123,6 +173,10 @@ def _loss_function(lm: nn.Module, *args, **kwargs) -> torch.Tensor:
     state: _State = lm.__dict__[STATE_ATTR]
     if state.loss is not None:
         loss, state.loss = state.loss, None
+        relay, state.relay = state.relay, None
+        logits = kwargs["logits"] if "logits" in kwargs else (args[0] if args else None)
+        if relay is not None and torch.is_tensor(logits) and logits.requires_grad:
+            return _RelayBack.apply(logits, loss.detach(), relay)
         return loss
     return ForCausalLMLoss(*args, **kwargs)
 
@@ -147,7 +201,7 @@ def _fused_forward(lm: nn.Module, *args, **kwargs):
     try:
         out = original(lm, *args, **kwargs)
     finally:
-        state.request = state.loss = None
+        state.request = state.loss = state.relay = None
     # The head's empty [B, S, 0] stand-in, possibly scaled or upcast by the family's forward, is not returned.
     placeholder, state.placeholder = state.placeholder, None
     if placeholder is None:  # the forward never reached the head (nothing was substituted)

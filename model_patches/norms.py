@@ -52,9 +52,16 @@ def _eps_attributes(module: nn.Module) -> list[str]:
     ]
 
 
+def _logical_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's shape, also where DeepSpeed ZeRO-3 has partitioned it away (``ds_shape``; ``shape`` is then
+    ``[0]``)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
 def _qualifies(module: nn.Module) -> bool:
     params = dict(module.named_parameters(recurse=False))
-    if list(params) != ["weight"] or params["weight"].dim() != 1 or params["weight"].numel() == 0:
+    shape = _logical_shape(params["weight"]) if list(params) == ["weight"] else None
+    if shape is None or len(shape) != 1 or shape[0] == 0:
         return False
     if next(module.children(), None) is not None or next(module.buffers(recurse=False), None) is not None:
         return False
@@ -74,7 +81,7 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def _matches(module: nn.Module, variant: RMSNormVariant, eps_attr: str, gen: torch.Generator) -> bool:
     """Whether ``type(module).forward`` computes ``variant`` with ``eps = module.<eps_attr>`` (CPU, no hooks)."""
-    H = module.weight.shape[0]
+    H = _logical_shape(module.weight)[0]
     eps = float(getattr(module, eps_attr))
     # Rows of mean square from 0.1 to 1000 times eps: eps moves the output well above the tolerance.
     scale = (eps if eps > 0 else 1.0) ** 0.5 * torch.logspace(-0.5, 1.5, _CHECK_ROWS)[:, None]

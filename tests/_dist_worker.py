@@ -6,6 +6,9 @@ MODE ``ddp``: launched by ``accelerate launch --multi_gpu`` (MULTI_CPU), the mod
 (DistributedDataParallel). MODE ``fsdp2``: one process per rank with the ``torch.distributed`` environment set by the
 test, each decoder layer and then the whole model wrapped by ``fully_shard`` (what accelerate's FSDP2 plugin does on
 GPUs; accelerate runs no FSDP on CPU); ``fsdp2-checkpointing`` with non-reentrant activation checkpointing too.
+MODE ``zero2`` / ``zero3``: DeepSpeed ZeRO stage 2 / 3 through ``deepspeed.initialize`` (its CPU accelerator over
+gloo; accelerate hands DeepSpeed no CPU job), with transformers' ``HfDeepSpeedConfig`` so that ZeRO-3 partitions the
+weights while ``from_pretrained`` loads them (``zero.Init``), as accelerate and Trainer do on GPUs.
 Every mode: ``hetermoe.prepare`` first (fused loss and RMSNorm included), then ``STEPS`` AdamW steps, rank ``r``
 training on ``batches(r)``. Rank 0 writes the losses and the full parameters.
 """
@@ -43,11 +46,31 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
 
     import hf_hetermoe as hetermoe
 
+    zero_stage = {"zero2": 2, "zero3": 3}.get(mode)
+    if zero_stage is not None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": zero_stage},
+                     "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0; the one-process reference does not
+                     "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}}
+        zero_init = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: from_pretrained reads it)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     vocab = model.config.vocab_size
+    if zero_stage == 3:  # partitioned while loading: each rank holds a slice of every weight
+        assert model.lm_head.weight.numel() == 0 and hasattr(model.lm_head.weight, "ds_id")
     hetermoe.prepare(model)
     model.train()
-    if mode == "ddp":
+    norms_fused = all("forward" in m.__dict__ for m in model.modules() if type(m).__name__.endswith("RMSNorm"))
+    if zero_stage is not None:
+        model, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
+                                                      model_parameters=model.parameters())
+        rank, world = model.global_rank, model.world_size
+        kind = f"ZeRO-{zero_stage}"
+        backward = model.backward
+    elif mode == "ddp":
         from accelerate import Accelerator
 
         accelerator = Accelerator()
@@ -72,18 +95,25 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         kind = type(model.model.layers[0].mlp.experts.gate_up_proj).__name__
         backward = torch.Tensor.backward
     else:
-        raise SystemExit(f"unknown mode {mode!r}: ddp, fsdp2 or fsdp2-checkpointing")
+        raise SystemExit(f"unknown mode {mode!r}: ddp, fsdp2, fsdp2-checkpointing, zero2 or zero3")
     losses, fused = [], []
     for ids in batches(rank, vocab):
         out = model(input_ids=ids, labels=ids)
         backward(out.loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if zero_stage is not None:
+            model.step()  # the engine steps its optimizer and zeroes the gradients
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         fused.append(out.logits is None)  # the fused cross-entropy built no logits
     params = {}
     for name, param in model.named_parameters():  # full tensors on every rank (collectives), kept on rank 0
-        full = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
+        if hasattr(param, "ds_id"):
+            with deepspeed.zero.GatheredParameters([param]):
+                full = param.detach().clone()
+        else:
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
         params[name.removeprefix("module.")] = full.detach().clone()
     gathered = [None] * world
     dist.all_gather_object(gathered, losses)
@@ -92,7 +122,8 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         out_path.mkdir(parents=True, exist_ok=True)
         torch.save(params, out_path / "params.pt")
         (out_path / "result.json").write_text(json.dumps({"kind": kind, "world": world, "losses": gathered,
-                                                             "fused_loss": all(fused)}))
+                                                             "fused_loss": all(fused),
+                                                             "fused_rms_norm": norms_fused}))
     dist.barrier()
     dist.destroy_process_group()
 

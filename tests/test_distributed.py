@@ -109,7 +109,7 @@ def _single_process(
 
 def _assert_same_training(out: Path, model_dir: Path, bf16: bool = False) -> dict:
     result = json.loads((out / "result.json").read_text())
-    assert result["fused_loss"]
+    assert result["fused_loss"] and result["fused_rms_norm"]
     params = torch.load(out / "params.pt")
     want_losses, want_params = _single_process(model_dir, len(result["losses"][0]), bf16)
     tol = TOL_BF16 if bf16 else 1e-5
@@ -147,20 +147,36 @@ def test_ddp_through_accelerate_launch(tmp_path, model_dir, mixed):
                    for a, b in zip(got, want)) > 5e-6
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-checkpointing"])
-def test_fsdp2_fully_sharded(tmp_path, model_dir, mode):
+def _torch_launch(mode: str, model_dir: Path, out: Path, **env: str) -> Callable[[], list[subprocess.Popen]]:
+    """One process per rank with the torch.distributed environment set (what torchrun sets)."""
+
     def launch() -> list[subprocess.Popen]:
         port = str(_free_port())
         return [
             subprocess.Popen(
-                [sys.executable, str(WORKER), mode, str(model_dir), str(tmp_path)],
+                [sys.executable, str(WORKER), mode, str(model_dir), str(out)],
                 env=_cpu_env(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                             MASTER_PORT=port),
+                             MASTER_PORT=port, **env),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             )
             for r in range(WORLD)
         ]
 
-    _run(launch)
+    return launch
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-checkpointing"])
+def test_fsdp2_fully_sharded(tmp_path, model_dir, mode):
+    _run(_torch_launch(mode, model_dir, tmp_path))
     result = _assert_same_training(tmp_path, model_dir)
     assert result["kind"] == "DTensor"  # the experts' weights were sharded, and gathered for each forward
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero(tmp_path, model_dir, stage):
+    """ZeRO-2 and ZeRO-3 (weights partitioned by ``zero.Init`` while loading, before ``prepare``): ``prepare``'s
+    checks gather them, and the fused loss's gradient reaches the head's weights after ZeRO-3 gathers them again."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash dev.sh test installs it)")
+    _run(_torch_launch(f"zero{stage}", model_dir, tmp_path, DS_ACCELERATOR="cpu"))
+    result = _assert_same_training(tmp_path, model_dir)
+    assert result["kind"] == f"ZeRO-{stage}"
