@@ -248,14 +248,22 @@ def _logits_as_fused(
     """``(None, vocab)`` when ``lm``'s own forward turns ``head``'s outputs ``z`` into
     ``softcap * tanh(scale * z[..., :vocab] / softcap)`` (the fused loss's logits: what the forward does to the head's
     input is seen by the fused head too; ``vocab`` None: every column), checked on four random hidden states with the
-    base model stood in for; otherwise ``(why not, None)``."""
+    base model stood in for; otherwise ``(why not, None)``. A ZeRO-3 partitioned head is gathered for the check."""
+    from .experts import full_parameters
+
+    with full_parameters([head.weight]) as full:
+        if full and head.weight.numel() == head.in_features * head.out_features:
+            return _check_logits(lm, head, scale, softcap)
+    # Not materialised here (meta, or sharded: FSDP2, tensor parallelism): the known transforms are trusted, and a
+    # padded vocabulary is read off the config.
+    vocab = getattr(lm.config.get_text_config(), "unpadded_vocab_size", None)
+    return None, (vocab if vocab is not None and vocab < head.out_features else None)
+
+
+def _check_logits(
+    lm: nn.Module, head: nn.Linear, scale: float, softcap: float | None
+) -> tuple[str | None, int | None]:
     weight = head.weight
-    sharded = type(weight.data) is not torch.Tensor  # a DTensor (FSDP2, tensor parallel) or another subclass
-    if sharded or weight.is_meta or weight.numel() != head.in_features * head.out_features:
-        # Not materialised here (meta, or sharded by ZeRO-3 / FSDP): the known transforms are trusted, and a padded
-        # vocabulary is read off the config.
-        vocab = getattr(lm.config.get_text_config(), "unpadded_vocab_size", None)
-        return None, (vocab if vocab is not None and vocab < head.out_features else None)
     # The forward calls ``self.model`` (Llama4ForCausalLM's base_model_prefix names another attribute).
     names = ("model", getattr(lm, "base_model_prefix", ""))
     prefix = next((name for name in names if isinstance(getattr(lm, name, None), nn.Module)), None)
