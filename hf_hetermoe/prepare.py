@@ -23,7 +23,7 @@ from torch import nn
 
 from . import env, fused_loss
 from .config import HeterMoEConfig
-from .errors import UnsupportedModelError
+from .errors import UnsupportedLayoutError, UnsupportedModelError
 from .experts import BACKEND_ATTR, LAYOUT_ATTR, RECOMPUTE_ATTR, check_against_eager, check_instance_patch, register
 from .model_patches import MODEL_PATCHES, ModelPatch, get_model_patch, supported_model_types
 from .model_patches.hub_kernels import turn_off_hub_kernels
@@ -87,6 +87,29 @@ def _set_raw_impl(config, value: str | None) -> None:
         config._experts_implementation = value
 
 
+def _quantization_method(model: nn.Module) -> str | None:
+    """The ``quant_method`` of a model loaded with a ``quantization_config`` (fp8, bitsandbytes, ...), else None."""
+    quant = getattr(getattr(model, "config", None), "quantization_config", None)
+    if quant is None:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method) or type(quant).__name__)
+
+
+_TRAINABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_weight_dtypes(experts: nn.Module) -> None:
+    """Refuse expert weights the kernels would have to cast without their scales (float8, packed integers)."""
+    for name, param in experts.named_parameters(recurse=False):
+        if param.dtype not in _TRAINABLE_DTYPES:
+            raise UnsupportedLayoutError(
+                f"{type(experts).__name__}.{name} is {param.dtype}: hetermoe's kernels take bf16, fp16 or fp32 "
+                "expert weights (a quantized weight would lose its scales). Load the model dequantized, or in one of "
+                "those dtypes (from_pretrained(..., dtype=torch.bfloat16))"
+            )
+
+
 def is_prepared(model: nn.Module) -> bool:
     return getattr(model, STATE_ATTR, None) is not None
 
@@ -116,10 +139,20 @@ def prepare(model: nn.Module, config: HeterMoEConfig | None = None) -> nn.Module
     experts_type = patch.experts_type()
     experts = [m for m in model.modules() if isinstance(m, experts_type)]
     if not experts:
+        method = _quantization_method(model)
+        if method is not None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} ({patch.family}) is quantized ({method}): its experts were replaced by "
+                f"quantized modules, not {patch.experts_class}. hetermoe trains bf16, fp16 or fp32 experts: load the "
+                "model dequantized (e.g. from_pretrained(..., quantization_config=FineGrainedFP8Config(dequantize="
+                "True)) for an FP8 checkpoint) or without a quantization_config"
+            )
         raise UnsupportedModelError(
             f"{type(model).__name__} ({patch.family}) has no {patch.experts_class} module: nothing for "
             "hetermoe to accelerate (is every layer dense, e.g. mlp_only_layers covers them all?)"
         )
+    for module in experts:
+        _check_weight_dtypes(module)
     layouts = [patch.layout(m) for m in experts]  # validate every module before changing any
     checked = set()
     for module, layout in zip(experts, layouts):  # one module per class and layout: same code, same answer

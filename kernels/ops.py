@@ -300,6 +300,14 @@ def _check_inputs(x, top_k_index, top_k_weights, w1, w2, b1, b2, layout: ExpertL
             f"MoE experts inputs are on different devices ({listing}); move the model and its inputs to one "
             "device (e.g. model.to(device) and inputs.to(device))"
         )
+    float_types = (torch.float32, torch.bfloat16, torch.float16)
+    odd = {name: t.dtype for name, t in tensors.items() if name != "top_k_index" and t.dtype not in float_types}
+    if odd:
+        listing = ", ".join(f"{name} {dtype}" for name, dtype in odd.items())
+        raise ValueError(
+            f"MoE experts take fp32, bf16 or fp16 hidden states, weights and routing weights; got {listing} (a "
+            "quantized weight cast without its scales would compute something else: dequantize it first)"
+        )
     if x.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != x.shape[0]:
         raise ValueError(
             f"expected hidden_states [T, H], top_k_index [T, k] and top_k_weights [T, k]; got "

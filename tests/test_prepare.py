@@ -456,3 +456,27 @@ def test_peft_lora_on_expert_parameters_matches_unprepared(backend):
     for name, grad in want_grads.items():
         assert grad is not None and got_grads[name] is not None, name
         assert rel_err(got_grads[name], grad) < 1e-4, name
+
+
+def test_quantized_experts_are_refused_with_what_to_do():
+    """Float8 (or packed integer) expert weights would be cast without their scales: refused, as is a model whose
+    experts a quantizer replaced (an FP8 checkpoint loaded with its quantization_config; this needs a GPU to load,
+    so the replacement is done here by hand)."""
+    from transformers import FineGrainedFP8Config
+
+    model = tiny_model("mixtral")
+    experts = model.model.layers[1].mlp.experts
+    experts.down_proj.data = experts.down_proj.data.to(torch.float8_e4m3fn)
+    with pytest.raises(hetermoe.UnsupportedLayoutError, match=r"down_proj is torch.float8_e4m3fn.*dequantized"):
+        hetermoe.prepare(model)
+    assert not hetermoe.is_prepared(model)
+    with pytest.raises(ValueError, match="w2 torch.float8_e4m3fn"):  # the kernels' entry point refuses it too
+        x, index = torch.randn(4, experts.gate_up_proj.shape[2]), torch.zeros(4, 2, dtype=torch.long)
+        hetermoe.kernels.moe_experts(x, index, torch.ones(4, 2), experts.gate_up_proj, experts.down_proj)
+
+    model = tiny_model("mixtral")
+    model.config.quantization_config = FineGrainedFP8Config()
+    for layer in model.model.layers:
+        layer.mlp.experts = torch.nn.Module()  # what the quantizer's FP8Experts is to hetermoe: another class
+    with pytest.raises(hetermoe.UnsupportedModelError, match=r"is quantized \(fp8\).*dequantize=True"):
+        hetermoe.prepare(model)
