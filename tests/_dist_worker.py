@@ -8,7 +8,8 @@ test, each decoder layer and then the whole model wrapped by ``fully_shard`` (wh
 GPUs; accelerate runs no FSDP on CPU); ``fsdp2-checkpointing`` with non-reentrant activation checkpointing too.
 MODE ``zero2`` / ``zero3``: DeepSpeed ZeRO stage 2 / 3 through ``deepspeed.initialize`` (its CPU accelerator over
 gloo; accelerate hands DeepSpeed no CPU job), with transformers' ``HfDeepSpeedConfig`` so that ZeRO-3 partitions the
-weights while ``from_pretrained`` loads them (``zero.Init``), as accelerate and Trainer do on GPUs.
+weights while ``from_pretrained`` loads them (``zero.Init``), as accelerate and Trainer do on GPUs;
+``zero3-checkpointing`` with non-reentrant activation checkpointing too (the recomputed forwards gather again).
 Every mode: ``hetermoe.prepare`` first (fused loss and RMSNorm included), then ``STEPS`` AdamW steps, rank ``r``
 training on ``batches(r)``. Rank 0 writes the losses and the full parameters.
 """
@@ -33,6 +34,7 @@ import torch.distributed as dist  # noqa: E402
 
 STEPS = 3
 LR = 1e-3
+MODES = ("ddp", "fsdp2", "fsdp2-checkpointing", "zero2", "zero3", "zero3-checkpointing")
 
 
 def batches(rank: int, vocab: int, steps: int = STEPS) -> list[torch.Tensor]:
@@ -46,7 +48,7 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
 
     import hf_hetermoe as hetermoe
 
-    zero_stage = {"zero2": 2, "zero3": 3}.get(mode)
+    zero_stage = {"zero2": 2, "zero3": 3, "zero3-checkpointing": 3}.get(mode)
     if zero_stage is not None:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
@@ -63,6 +65,10 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         assert model.lm_head.weight.numel() == 0 and hasattr(model.lm_head.weight, "ds_id")
     hetermoe.prepare(model)
     model.train()
+    if mode.endswith("-checkpointing"):  # before wrapping, as Trainer does
+        from hf_hetermoe.demo import enable_activation_checkpointing
+
+        enable_activation_checkpointing(model)
     norms_fused = all("forward" in m.__dict__ for m in model.modules() if type(m).__name__.endswith("RMSNorm"))
     if zero_stage is not None:
         model, optimizer, _, _ = deepspeed.initialize(model=model, config=ds_config,
@@ -82,10 +88,6 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
     elif mode in ("fsdp2", "fsdp2-checkpointing"):
         from torch.distributed.fsdp import fully_shard
 
-        if mode == "fsdp2-checkpointing":  # before wrapping, as Trainer does
-            from hf_hetermoe.demo import enable_activation_checkpointing
-
-            enable_activation_checkpointing(model)
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         for layer in model.model.layers:
@@ -95,7 +97,7 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         kind = type(model.model.layers[0].mlp.experts.gate_up_proj).__name__
         backward = torch.Tensor.backward
     else:
-        raise SystemExit(f"unknown mode {mode!r}: ddp, fsdp2, fsdp2-checkpointing, zero2 or zero3")
+        raise SystemExit(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
     losses, fused = [], []
     for ids in batches(rank, vocab):
         out = model(input_ids=ids, labels=ids)

@@ -172,11 +172,12 @@ def test_fsdp2_fully_sharded(tmp_path, model_dir, mode):
     assert result["kind"] == "DTensor"  # the experts' weights were sharded, and gathered for each forward
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero(tmp_path, model_dir, stage):
+@pytest.mark.parametrize("mode", ["zero2", "zero3", "zero3-checkpointing"])
+def test_deepspeed_zero(tmp_path, model_dir, mode):
     """ZeRO-2 and ZeRO-3 (weights partitioned by ``zero.Init`` while loading, before ``prepare``): ``prepare``'s
-    checks gather them, and the fused loss's gradient reaches the head's weights after ZeRO-3 gathers them again."""
+    checks gather them, and the fused loss's gradient reaches the head's weights after ZeRO-3 gathers them again;
+    with activation checkpointing, the recomputed forwards gather the layers' weights once more."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash dev.sh test installs it)")
-    _run(_torch_launch(f"zero{stage}", model_dir, tmp_path, DS_ACCELERATOR="cpu"))
+    _run(_torch_launch(mode, model_dir, tmp_path, DS_ACCELERATOR="cpu"))
     result = _assert_same_training(tmp_path, model_dir)
-    assert result["kind"] == f"ZeRO-{stage}"
+    assert result["kind"] == f"ZeRO-{mode[4]}"
