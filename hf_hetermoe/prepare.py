@@ -25,6 +25,7 @@ from . import env, fused_loss
 from .config import HeterMoEConfig
 from .errors import UnsupportedLayoutError, UnsupportedModelError
 from .experts import BACKEND_ATTR, LAYOUT_ATTR, RECOMPUTE_ATTR, check_against_eager, check_instance_patch, register
+from .kernels.ops import DTYPES
 from .model_patches import MODEL_PATCHES, ModelPatch, get_model_patch, supported_model_types
 from .model_patches.hub_kernels import turn_off_hub_kernels
 from .model_patches.norms import patch_rms_norms
@@ -96,13 +97,10 @@ def _quantization_method(model: nn.Module) -> str | None:
     return str(getattr(method, "value", method) or type(quant).__name__)
 
 
-_TRAINABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _check_weight_dtypes(experts: nn.Module) -> None:
     """Refuse expert weights the kernels would have to cast without their scales (float8, packed integers)."""
     for name, param in experts.named_parameters(recurse=False):
-        if param.dtype not in _TRAINABLE_DTYPES:
+        if param.dtype not in DTYPES:
             raise UnsupportedLayoutError(
                 f"{type(experts).__name__}.{name} is {param.dtype}: hetermoe's kernels take bf16, fp16 or fp32 "
                 "expert weights (a quantized weight would lose its scales). Load the model dequantized, or in one of "

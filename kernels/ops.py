@@ -18,6 +18,8 @@ from ..errors import DeviceMismatchError
 from .layout import ExpertLayout, w1_logical
 from .routing import _INTERPRET, _TRITON_INSTALLED, Routing, block_m_for, build_routing
 
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of hidden states, expert weights and routing weights
+
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -300,8 +302,7 @@ def _check_inputs(x, top_k_index, top_k_weights, w1, w2, b1, b2, layout: ExpertL
             f"MoE experts inputs are on different devices ({listing}); move the model and its inputs to one "
             "device (e.g. model.to(device) and inputs.to(device))"
         )
-    float_types = (torch.float32, torch.bfloat16, torch.float16)
-    odd = {name: t.dtype for name, t in tensors.items() if name != "top_k_index" and t.dtype not in float_types}
+    odd = {name: t.dtype for name, t in tensors.items() if name != "top_k_index" and t.dtype not in DTYPES}
     if odd:
         listing = ", ".join(f"{name} {dtype}" for name, dtype in odd.items())
         raise ValueError(
