@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .experts import full_parameters
 from .model_patches.common import InstanceMethod, ModuleRef
 
 # Families that transform the head's logits before the loss: the factor their forward applies.
@@ -249,8 +250,6 @@ def _logits_as_fused(
     ``softcap * tanh(scale * z[..., :vocab] / softcap)`` (the fused loss's logits: what the forward does to the head's
     input is seen by the fused head too; ``vocab`` None: every column), checked on four random hidden states with the
     base model stood in for; otherwise ``(why not, None)``. A ZeRO-3 partitioned head is gathered for the check."""
-    from .experts import full_parameters
-
     with full_parameters([head.weight]) as full:
         if full and head.weight.numel() == head.in_features * head.out_features:
             return _check_logits(lm, head, scale, softcap)

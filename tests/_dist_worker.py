@@ -111,12 +111,14 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         fused.append(out.logits is None)  # the fused cross-entropy built no logits
     params = {}
     for name, param in model.named_parameters():  # full tensors on every rank (collectives), kept on rank 0
-        if hasattr(param, "ds_id"):
+        if hasattr(param, "ds_id"):  # ZeRO-3: copied while gathered, before it is partitioned again
             with deepspeed.zero.GatheredParameters([param]):
                 full = param.detach().clone()
+        elif hasattr(param, "full_tensor"):  # FSDP2's DTensor: all-gathered into a new tensor
+            full = param.full_tensor().detach()
         else:
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param.detach()
-        params[name.removeprefix("module.")] = full.detach().clone()
+            full = param.detach().clone()
+        params[name.removeprefix("module.")] = full
     gathered = [None] * world
     dist.all_gather_object(gathered, losses)
     if rank == 0:
