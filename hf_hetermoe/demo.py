@@ -11,7 +11,9 @@ saved and checked checkpoint folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -58,7 +60,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--mixed-precision",
         choices=("auto", "no", "bf16", "fp16"),
         default="auto",
-        help="auto = bf16 on a CUDA GPU that supports it, else no",
+        help="auto = what `accelerate launch --mixed_precision` (or its config) chose, else bf16 on a CUDA GPU that "
+        "supports it, else no",
     )
     return parser
 
@@ -132,8 +135,54 @@ def active_params(model) -> int:
     from .planner.model_dims import model_dims
 
     dims = model_dims(model.config)
-    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
-    return sum(p.numel() for p in model.parameters()) - expert + expert * dims.top_k // dims.num_experts
+    expert = sum(_numel(p) for n, p in model.named_parameters() if ".experts." in n)
+    return sum(_numel(p) for p in model.parameters()) - expert + expert * dims.top_k // dims.num_experts
+
+
+def _numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter: DeepSpeed ZeRO-3 keeps a slice in each rank and the full size in ``ds_numel``
+    (FSDP2's DTensors report their full size themselves)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def _check_joined(accelerator) -> None:
+    """Refuse a launch whose processes accelerate left unjoined: each would train alone and all would write the same
+    checkpoint folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched, but accelerate joined them into no process group (it chose "
+            f"{accelerator.distributed_type.value} on {accelerator.device}), so each would train and save alone. "
+            "Without GPUs: `accelerate launch --cpu` for data parallelism, or `accelerate launch --use_deepspeed` "
+            "with DS_ACCELERATOR=cpu; accelerate runs FSDP on GPUs only."
+        )
+
+
+def _check_can_save(accelerator) -> None:
+    """Refuse, before training, a DeepSpeed ZeRO-3 run whose weights could not be gathered for the checkpoint."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") not in (True, "true"):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 leaves each rank a slice of every weight, and this config does not gather them for "
+            "saving: the run would train and then fail to write its checkpoint. Set `zero3_save_16bit_model: true` "
+            "in the accelerate config (`--zero3_save_16bit_model true`), or `stage3_gather_16bit_weights_on_model_save"
+            ": true` under `zero_optimization` in the DeepSpeed config."
+        )
+
+
+def _process_group_kwargs() -> list:
+    """accelerate starts DeepSpeed's process group on a GPU backend only: without CUDA (``accelerate launch
+    --use_deepspeed`` on CPUs, with ``DS_ACCELERATOR=cpu``) it would run every rank as a lone process. Name gloo."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        return [InitProcessGroupKwargs(backend="gloo")]
+    return []
 
 
 def load_pretrained(name: str):
@@ -168,8 +217,11 @@ def finetune(args: argparse.Namespace) -> dict:
 
     mixed = args.mixed_precision
     if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+        mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+            "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
+    accelerator = Accelerator(mixed_precision=mixed, kwargs_handlers=_process_group_kwargs())
+    _check_joined(accelerator)
+    _check_can_save(accelerator)
     logger = get_logger("hf_hetermoe.demo")
     set_seed(args.seed)
     corpus = args.corpus or default_corpus()
@@ -234,17 +286,26 @@ def finetune(args: argparse.Namespace) -> dict:
         "last_loss": losses[-1],
         "tokens_per_s": tokens_seen / elapsed,
         "backend": _backend_used(unwrapped),
-        "mixed_precision": mixed,
+        "mixed_precision": accelerator.mixed_precision,
     }
+    # Every rank takes part in both: under DeepSpeed ZeRO-3 or FSDP each holds a slice of every weight, so gathering
+    # the state dict and running the trained model are collectives (ZeRO-3's state dict comes back on the main
+    # process only; accelerate raises there unless the config saves 16-bit weights, and says so).
+    state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        path = atomic_save_pretrained(unwrapped, args.output_dir, tokenizer)
-        plain = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager").to(accelerator.device)
-        sample = dataset[: min(4, len(dataset))]["input_ids"].to(accelerator.device)
-        unwrapped.eval().float()
-        with torch.no_grad():
-            want, got = unwrapped(sample).logits, plain.float()(sample).logits
+        path = atomic_save_pretrained(unwrapped, args.output_dir, tokenizer, state_dict=state_dict)
+    sample = dataset[: min(4, len(dataset))]["input_ids"].to(accelerator.device)
+    want, dtype = _trained_logits(accelerator, model, unwrapped, sample)
+    if accelerator.is_main_process:
+        with _without_zero3_init():  # this process alone: not partitioned across the ranks
+            plain = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager")
+        plain.to(accelerator.device)
+        with torch.no_grad():  # in the precision the trained model ran in
+            got = plain.to(dtype)(sample).logits.float()
         summary.update(checkpoint=str(path), max_abs_logit_diff=(want - got).abs().max().item())
-        tolerance = 1e-4 if summary["backend"] == "reference" else 2e-2
+        tolerance = _RELOAD_TOLERANCE[dtype]
+        if summary["backend"] != "reference":  # the Triton kernels' tiles and bf16 products in every dtype
+            tolerance = max(tolerance, 2e-2)
         summary["reload_matches"] = summary["max_abs_logit_diff"] <= tolerance * max(1.0, want.abs().max().item())
         if args.push_to_hub and summary["reload_matches"]:
             from huggingface_hub import create_repo, upload_folder
@@ -255,6 +316,46 @@ def finetune(args: argparse.Namespace) -> dict:
                                    commit_message=f"hf-hetermoe fine-tune: {len(losses)} steps")
             summary["pushed"] = str(getattr(commit, "commit_url", commit))
     return summary
+
+
+# Largest |logit difference| / max(1, |logit|) between the trained model and its reloaded checkpoint, by the dtype both
+# ran in: the prepared experts and transformers' eager ones sum in different orders.
+_RELOAD_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def _trained_logits(accelerator, model, unwrapped, sample: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """The trained model's logits on ``sample`` (as fp32), computed on every rank, and the dtype they were computed
+    in. Under DeepSpeed or FSDP the wrapped model runs as it trained, gathering its slices, in its weights' dtype
+    (16-bit where DeepSpeed's bf16 / fp16 mode holds them so); otherwise the unwrapped model is cast to fp32 first."""
+    from accelerate.utils import DistributedType
+
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    runner = model if sharded else unwrapped.float()
+    runner.eval()
+    with torch.no_grad():
+        logits = runner(sample).logits
+    dtype = next(unwrapped.parameters()).dtype
+    if sharded and accelerator.mixed_precision in ("bf16", "fp16"):  # FSDP's mixed-precision policy, DeepSpeed's mode
+        dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+    return logits.float(), dtype
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """``from_pretrained`` loads a whole model here even where accelerate's DeepSpeed ZeRO-3 plugin is active (which
+    makes transformers partition every model it loads across the ranks: a collective only this rank would join)."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def _backend_used(model) -> str:

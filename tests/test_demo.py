@@ -69,6 +69,28 @@ def test_demo_main_exit_code(tmp_path, capsys):
     assert "reloaded with plain transformers" in capsys.readouterr().out
 
 
+def test_demo_refuses_processes_that_accelerate_left_unjoined(tmp_path, monkeypatch):
+    """Two launched processes that accelerate joined into no process group (FSDP asked for without GPUs, say) would
+    each train alone and race to write one checkpoint folder: refused before anything is built or written."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="joined them into no process group"):
+        finetune(_args(tmp_path))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_demo_mixed_precision_follows_accelerate_launch(tmp_path, monkeypatch):
+    """``--mixed-precision auto`` takes what ``accelerate launch --mixed_precision`` chose (its environment)."""
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process: start it afresh
+    try:
+        summary = finetune(_args(tmp_path, steps=2))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert summary["mixed_precision"] == "bf16" and summary["reload_matches"], summary
+
+
 def test_demo_rejects_missing_or_short_corpus(tmp_path):
     with pytest.raises(FileNotFoundError, match="--corpus"):
         finetune(_args(tmp_path, corpus=tmp_path / "nope.txt"))

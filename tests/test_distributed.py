@@ -61,10 +61,10 @@ def _excerpt(output: str, n: int = 4000) -> str:
     return output[-n:] if at < 0 else output[at:at + n]
 
 
-def _run(launch: Callable[[], list[subprocess.Popen]], timeout: float = 300, attempts: int = 2) -> None:
+def _run(launch: Callable[[], list[subprocess.Popen]], timeout: float = 300, attempts: int = 2) -> list[str]:
     """Start the ranks with ``launch`` and wait for them. A job that hangs (a worker's faulthandler deadline, or
     ``timeout`` here) is killed with its process group, its output shown, and started once more: the CI machines are
-    shared, and a hung run there must say where it hung instead of only that it did."""
+    shared, and a hung run there must say where it hung instead of only that it did. Returns each process's output."""
     for attempt in range(1, attempts + 1):
         procs, outs, hung = launch(), [], False
         for p in procs:
@@ -80,7 +80,7 @@ def _run(launch: Callable[[], list[subprocess.Popen]], timeout: float = 300, att
         tail = "\n".join(_excerpt(o) for o in outs)
         if not hung:
             assert all(p.returncode == 0 for p in procs), tail
-            return
+            return outs
         warnings.warn(f"the distributed job hung (attempt {attempt} of {attempts}); its output:\n{tail}", stacklevel=2)
     raise AssertionError(f"the distributed job hung {attempts} times; the last run's output:\n{tail}")
 
@@ -125,11 +125,16 @@ def _assert_same_training(out: Path, model_dir: Path, bf16: bool = False) -> dic
     return result
 
 
-@pytest.mark.parametrize("mixed", ["no", "bf16"])
-def test_ddp_through_accelerate_launch(tmp_path, model_dir, mixed):
+def _accelerate_cli() -> str:
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("the accelerate CLI is not installed")
+    return accelerate
+
+
+@pytest.mark.parametrize("mixed", ["no", "bf16"])
+def test_ddp_through_accelerate_launch(tmp_path, model_dir, mixed):
+    accelerate = _accelerate_cli()
     def launch() -> list[subprocess.Popen]:
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", str(WORLD), "--num_machines", "1",
                "--mixed_precision", mixed, "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
@@ -181,3 +186,68 @@ def test_deepspeed_zero(tmp_path, model_dir, mode):
     _run(_torch_launch(mode, model_dir, tmp_path, DS_ACCELERATOR="cpu"))
     result = _assert_same_training(tmp_path, model_dir)
     assert result["kind"] == f"ZeRO-{mode[4]}"
+
+
+FINETUNE = ROOT / "examples" / "finetune.py"
+TINY = ["--batch-size", "4", "--seq-len", "32", "--hidden-size", "32", "--layers", "2", "--experts", "4"]
+
+
+def _deepspeed_finetune(tmp_path: Path, stage: int, mixed: str, *args: str, save_16bit: bool = True) -> list[str]:
+    """``accelerate launch --use_deepspeed --deepspeed_config_file ... examples/finetune.py ARGS`` on two CPU ranks.
+    ZeRO-3 partitions every weight (persistence threshold 0: by default it keeps weights under 1e5 elements whole
+    in every rank, which would be all of this tiny model's)."""
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": save_16bit}
+    config = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+              "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+              "gradient_accumulation_steps": 1, "gradient_clipping": "auto"}
+    path = tmp_path / f"zero{stage}-{mixed}-{save_16bit}.json"
+    path.write_text(json.dumps(config))
+    return [_accelerate_cli(), "launch", "--use_deepspeed", "--deepspeed_config_file", str(path),
+            "--zero3_init_flag", "true", "--num_processes", str(WORLD), "--num_machines", "1",
+            "--mixed_precision", mixed, "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+            str(FINETUNE), *args]
+
+
+@pytest.mark.parametrize(("stage", "mixed"), [(2, "no"), (3, "bf16")])
+def test_finetune_script_under_accelerate_deepspeed(tmp_path, stage, mixed):
+    """The fine-tuning script as users launch it with DeepSpeed: it trains, gathers the ranks' slices of every weight
+    into a standard checkpoint (ZeRO-3 partitions them), and that checkpoint, reloaded in plain transformers, gives
+    the trained model's logits. With ZeRO-3 it then fine-tunes on from that checkpoint, loaded partitioned
+    (``zero.Init``) before ``prepare``."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash dev.sh test installs it)")
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    def launch(*args: str) -> Callable[[], list[subprocess.Popen]]:
+        return lambda: [subprocess.Popen(_deepspeed_finetune(tmp_path, stage, mixed, "--steps", "3", *args),
+                                         env=_cpu_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)]
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for out, args in [(first, TINY), (second, ["--model", str(tmp_path / "first")])][: 1 + (stage == 3)]:
+        (log,) = _run(launch(*args, "--output-dir", str(out)))
+        assert f"mixed precision {mixed}" in log, log[-3000:]  # accelerate launch's choice, not the script's own
+        assert "-> OK" in log, log[-3000:]
+        config = AutoConfig.from_pretrained(out)
+        weights = load_file(out / "model.safetensors")
+        assert weights["model.embed_tokens.weight"].shape == (config.vocab_size, config.hidden_size)
+        expert_elements = sum(w.numel() for name, w in weights.items() if ".experts." in name)
+        want = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
+        assert expert_elements == want  # whatever layout the checkpoint format uses, every expert weight whole
+    if stage == 3:  # the second run trained on: its weights moved away from the first's
+        before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+        assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+
+
+def test_finetune_script_refuses_zero3_that_cannot_save(tmp_path):
+    """ZeRO-3 without gathering 16-bit weights for saving would train and then fail to write the checkpoint: the
+    script refuses before training, and says which setting to change."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash dev.sh test installs it)")
+    out = tmp_path / "out"
+    proc = subprocess.run(_deepspeed_finetune(tmp_path, 3, "no", "--steps", "3", *TINY, "--output-dir", str(out),
+                                              save_16bit=False),
+                          env=_cpu_env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "zero3_save_16bit_model: true" in proc.stdout + proc.stderr
+    assert "fine-tuning" not in proc.stderr and not out.exists()
