@@ -27,7 +27,11 @@ from .prepare import prepare
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch, in each process")
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1,
+        help="batches whose gradients make one optimizer step (accelerate's accumulation; DeepSpeed's too)",
+    )
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (linear warm-up, cosine decay)")
     parser.add_argument("--seed", type=int, default=0)
@@ -219,7 +223,10 @@ def finetune(args: argparse.Namespace) -> dict:
     if mixed == "auto":
         mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
             "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
-    accelerator = Accelerator(mixed_precision=mixed, kwargs_handlers=_process_group_kwargs())
+    if args.gradient_accumulation_steps < 1:
+        raise ValueError(f"--gradient-accumulation-steps must be at least 1 (got {args.gradient_accumulation_steps})")
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              kwargs_handlers=_process_group_kwargs())
     _check_joined(accelerator)
     _check_can_save(accelerator)
     logger = get_logger("hf_hetermoe.demo")
@@ -240,30 +247,39 @@ def finetune(args: argparse.Namespace) -> dict:
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 10), args.steps)
+    # accelerate steps a prepared scheduler once per process at each optimizer step (it counts the steps of one
+    # process's batches), so the schedule is laid out in those units.
+    scale = accelerator.num_processes
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, args.steps // 10) * scale, args.steps * scale)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     flops_per_token = 6 * active_params(accelerator.unwrap_model(model))
     losses, tokens_seen, started = [], 0, time.perf_counter()
+    micro_losses, step_tokens, step_start = [], 0, time.perf_counter()
     bar = tqdm(total=args.steps, desc="fine-tuning", disable=not accelerator.is_local_main_process)
     model.train()
     while len(losses) < args.steps:
         for batch in loader:
             if len(losses) == args.steps:
                 break
-            step_start = time.perf_counter()
             ids = batch["input_ids"]
-            out = model(input_ids=ids, labels=ids)
-            accelerator.backward(out.loss)
-            accelerator.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss = out.loss.item()  # once per step, for the progress bar
+            with accelerator.accumulate(model):  # the gradients of --gradient-accumulation-steps batches, one step
+                out = model(input_ids=ids, labels=ids)
+                accelerator.backward(out.loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(out.loss.detach())
+            step_tokens += ids.numel() * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            loss = torch.stack(micro_losses).float().mean().item()  # once per optimizer step, for the progress bar
             losses.append(loss)
-            tokens = ids.numel() * accelerator.num_processes
-            tokens_seen += tokens
-            tok_s = tokens / (time.perf_counter() - step_start)
+            tokens_seen += step_tokens
+            tok_s = step_tokens / (time.perf_counter() - step_start)
+            micro_losses, step_tokens = [], 0
             aux = getattr(out, "aux_loss", None)
             bar.set_postfix(loss=f"{loss:.3f}", **({"aux": f"{aux.item():.3f}"} if aux is not None else {}),
                             tok_s=f"{tok_s:,.0f}")
@@ -274,6 +290,7 @@ def finetune(args: argparse.Namespace) -> dict:
                     f"step {len(losses)} loss {loss:.4f} tok/s {tok_s:,.0f} "
                     f"TFLOP/s {flops_per_token * tok_s / 1e12:.3f} mem {mem:.2f} GiB"
                 )
+            step_start = time.perf_counter()
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -287,6 +304,7 @@ def finetune(args: argparse.Namespace) -> dict:
         "tokens_per_s": tokens_seen / elapsed,
         "backend": _backend_used(unwrapped),
         "mixed_precision": accelerator.mixed_precision,
+        "final_lr": scheduler.get_last_lr()[0],
     }
     # Every rank takes part in both: under DeepSpeed ZeRO-3 or FSDP each holds a slice of every weight, so gathering
     # the state dict and running the trained model are collectives (ZeRO-3's state dict comes back on the main
@@ -377,7 +395,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     s = summary
     print(
-        f"\nhf-hetermoe demo: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}, "
+        f"\nhf-hetermoe demo: {s['steps']} steps, loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} "
+        f"(learning rate at the end {s['final_lr']:.1e}), "
         f"{s['tokens_per_s']:,.0f} tokens/s ({s['backend']} experts, mixed precision {s['mixed_precision']})\n"
         f"checkpoint: {summary['checkpoint']}\n"
         f"reloaded with plain transformers: max |logit diff| = {summary['max_abs_logit_diff']:.2e} "

@@ -78,17 +78,36 @@ def test_demo_refuses_processes_that_accelerate_left_unjoined(tmp_path, monkeypa
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_demo_mixed_precision_follows_accelerate_launch(tmp_path, monkeypatch):
-    """``--mixed-precision auto`` takes what ``accelerate launch --mixed_precision`` chose (its environment)."""
-    from accelerate.state import AcceleratorState
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate's state is one per process: a test that sets it differently starts it afresh, and leaves it so."""
+    from accelerate.state import AcceleratorState, GradientState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_demo_mixed_precision_follows_accelerate_launch(tmp_path, monkeypatch, fresh_accelerate):
+    """``--mixed-precision auto`` takes what ``accelerate launch --mixed_precision`` chose (its environment)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's state is per process: start it afresh
-    try:
-        summary = finetune(_args(tmp_path, steps=2))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+    summary = finetune(_args(tmp_path, steps=2))
     assert summary["mixed_precision"] == "bf16" and summary["reload_matches"], summary
+
+
+def test_demo_gradient_accumulation(tmp_path, fresh_accelerate):
+    """Two batches of 4 per optimizer step see the same sequences as one batch of 8 (the sampler's order does not
+    depend on the batch size): the same first loss, averaged over the micro-batches, up to the router's aux loss
+    (computed per forward); the cosine schedule ends at zero after --steps optimizer steps either way."""
+    whole = finetune(_args(tmp_path / "whole", batch_size=8, steps=3))
+    accumulated = finetune(_args(tmp_path / "accumulated", batch_size=4, gradient_accumulation_steps=2, steps=3))
+    assert accumulated["steps"] == 3 and accumulated["reload_matches"], accumulated
+    assert accumulated["first_loss"] == pytest.approx(whole["first_loss"], rel=1e-4)  # 4 sequences alone: 2e-3 off
+    assert accumulated["final_lr"] == whole["final_lr"] == 0.0
+    with pytest.raises(ValueError, match="--gradient-accumulation-steps must be at least 1"):
+        finetune(_args(tmp_path, gradient_accumulation_steps=0))
 
 
 def test_demo_rejects_missing_or_short_corpus(tmp_path):

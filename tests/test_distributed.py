@@ -200,7 +200,7 @@ def _deepspeed_finetune(tmp_path: Path, stage: int, mixed: str, *args: str, save
             "stage3_gather_16bit_weights_on_model_save": save_16bit}
     config = {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
               "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
-              "gradient_accumulation_steps": 1, "gradient_clipping": "auto"}
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}
     path = tmp_path / f"zero{stage}-{mixed}-{save_16bit}.json"
     path.write_text(json.dumps(config))
     return [_accelerate_cli(), "launch", "--use_deepspeed", "--deepspeed_config_file", str(path),
@@ -209,18 +209,21 @@ def _deepspeed_finetune(tmp_path: Path, stage: int, mixed: str, *args: str, save
             str(FINETUNE), *args]
 
 
-@pytest.mark.parametrize(("stage", "mixed"), [(2, "no"), (3, "bf16")])
-def test_finetune_script_under_accelerate_deepspeed(tmp_path, stage, mixed):
+@pytest.mark.parametrize(("stage", "mixed", "accumulate"), [(2, "no", "2"), (3, "bf16", "1")])
+def test_finetune_script_under_accelerate_deepspeed(tmp_path, stage, mixed, accumulate):
     """The fine-tuning script as users launch it with DeepSpeed: it trains, gathers the ranks' slices of every weight
     into a standard checkpoint (ZeRO-3 partitions them), and that checkpoint, reloaded in plain transformers, gives
     the trained model's logits. With ZeRO-3 it then fine-tunes on from that checkpoint, loaded partitioned
-    (``zero.Init``) before ``prepare``."""
+    (``zero.Init``) before ``prepare``. ZeRO-2 accumulates gradients over two batches (DeepSpeed's accumulation,
+    set by accelerate). The learning-rate schedule ends at zero after --steps optimizer steps on two processes
+    (accelerate steps the scheduler once per process)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash dev.sh test installs it)")
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
     def launch(*args: str) -> Callable[[], list[subprocess.Popen]]:
-        return lambda: [subprocess.Popen(_deepspeed_finetune(tmp_path, stage, mixed, "--steps", "3", *args),
+        return lambda: [subprocess.Popen(_deepspeed_finetune(tmp_path, stage, mixed, "--steps", "3",
+                                                             "--gradient-accumulation-steps", accumulate, *args),
                                          env=_cpu_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, start_new_session=True)]
 
@@ -228,7 +231,7 @@ def test_finetune_script_under_accelerate_deepspeed(tmp_path, stage, mixed):
     for out, args in [(first, TINY), (second, ["--model", str(tmp_path / "first")])][: 1 + (stage == 3)]:
         (log,) = _run(launch(*args, "--output-dir", str(out)))
         assert f"mixed precision {mixed}" in log, log[-3000:]  # accelerate launch's choice, not the script's own
-        assert "-> OK" in log, log[-3000:]
+        assert "-> OK" in log and "learning rate at the end 0.0e+00" in log, log[-3000:]
         config = AutoConfig.from_pretrained(out)
         weights = load_file(out / "model.safetensors")
         assert weights["model.embed_tokens.weight"].shape == (config.vocab_size, config.hidden_size)
