@@ -11,7 +11,8 @@ gloo; accelerate hands DeepSpeed no CPU job), with transformers' ``HfDeepSpeedCo
 weights while ``from_pretrained`` loads them (``zero.Init``), as accelerate and Trainer do on GPUs;
 ``zero3-checkpointing`` with non-reentrant activation checkpointing too (the recomputed forwards gather again).
 Every mode: ``hetermoe.prepare`` first (fused loss and RMSNorm included), then ``STEPS`` AdamW steps, rank ``r``
-training on ``batches(r)``. Rank 0 writes the losses and the full parameters.
+training on ``batches(r)``. Rank 0 writes the losses and the full parameters. With ``HETERMOE_TEST_DEVICE=cuda``
+each rank runs on its GPU (``LOCAL_RANK``) over NCCL, the experts on the Triton kernels.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch.distributed as dist  # noqa: E402
 
 STEPS = 3
 LR = 1e-3
+DEVICE = os.environ.get("HETERMOE_TEST_DEVICE", "cpu")
 MODES = ("ddp", "fsdp2", "fsdp2-checkpointing", "zero2", "zero3", "zero3-checkpointing")
 
 
@@ -49,11 +51,15 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
     import hf_hetermoe as hetermoe
 
     zero_stage = {"zero2": 2, "zero3": 3, "zero3-checkpointing": 3}.get(mode)
+    backend = "gloo"
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "nccl"
     if zero_stage is not None:
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend=backend)
         ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
                      "zero_optimization": {"stage": zero_stage},
                      "gradient_clipping": 0.0,  # DeepSpeed's default clips at 1.0; the one-process reference does not
@@ -61,8 +67,10 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         zero_init = HfDeepSpeedConfig(ds_config)  # noqa: F841  (kept alive: from_pretrained reads it)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     vocab = model.config.vocab_size
-    if zero_stage == 3:  # partitioned while loading: each rank holds a slice of every weight
+    if zero_stage == 3:  # partitioned while loading (onto this rank's device): each rank holds a slice of every weight
         assert model.lm_head.weight.numel() == 0 and hasattr(model.lm_head.weight, "ds_id")
+    else:
+        model.to(DEVICE)
     hetermoe.prepare(model)
     model.train()
     if mode.endswith("-checkpointing"):  # before wrapping, as Trainer does
@@ -88,7 +96,7 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
     elif mode in ("fsdp2", "fsdp2-checkpointing"):
         from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo")
+        dist.init_process_group(backend)
         rank, world = dist.get_rank(), dist.get_world_size()
         for layer in model.model.layers:
             fully_shard(layer)
@@ -100,6 +108,7 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
         raise SystemExit(f"unknown mode {mode!r}: one of {', '.join(MODES)}")
     losses, fused = [], []
     for ids in batches(rank, vocab):
+        ids = ids.to(DEVICE)
         out = model(input_ids=ids, labels=ids)
         backward(out.loss)
         if zero_stage is not None:
@@ -118,7 +127,7 @@ def main(mode: str, model_dir: str, out_dir: str) -> None:
             full = param.full_tensor().detach()
         else:
             full = param.detach().clone()
-        params[name.removeprefix("module.")] = full
+        params[name.removeprefix("module.")] = full.cpu()
     gathered = [None] * world
     dist.all_gather_object(gathered, losses)
     if rank == 0:
