@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
+import shutil
 import time
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_save_pretrained
+from .checkpoint import atomic_save_pretrained, swap_in
 from .config import HeterMoEConfig
+from .files import write_json
 from .prepare import prepare
 
 
@@ -39,6 +42,19 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--corpus", type=Path, default=None, help="text file, one document per line (default: built-in)"
     )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/hetermoe-demo"), help="checkpoint folder")
+    parser.add_argument(
+        "--save-state-every", type=int, default=0, metavar="STEPS",
+        help="save the whole training state (weights, optimizer, scheduler, RNG, data position) every STEPS optimizer "
+        "steps into --state-dir, atomically (0: never)",
+    )
+    parser.add_argument(
+        "--state-dir", type=Path, default=None,
+        help="training-state folder for --save-state-every and --resume (default: the output folder's name + -state)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue from --state-dir's training state: the same losses as a run that was never stopped",
+    )
     parser.add_argument(
         "--model", default=None,
         help="fine-tune this causal LM (checkpoint directory or Hub id, with its tokenizer) instead of building the "
@@ -149,6 +165,31 @@ def _numel(param: torch.Tensor) -> int:
     return getattr(param, "ds_numel", None) or param.numel()
 
 
+PROGRESS = "progress.json"  # beside accelerate's files in a training-state folder: the losses and the data position
+
+
+def save_training_state(accelerator, state_dir: Path, progress: dict) -> None:
+    """``accelerator.save_state`` into ``state_dir`` plus the loop's ``progress``, atomically: every rank writes its
+    part into a staging folder (a shared filesystem, as accelerate assumes), then the main process swaps it in, so a
+    crash or a full disk mid-save leaves the previous state whole."""
+    staging = state_dir.with_name(f".{state_dir.name}.saving")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # a crashed save's leftovers
+        state_dir.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(staging)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_json(staging / PROGRESS, progress)
+            swap_in(staging, state_dir)
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    accelerator.wait_for_everyone()
+
+
 def _check_joined(accelerator) -> None:
     """Refuse a launch whose processes accelerate left unjoined: each would train alone and all would write the same
     checkpoint folder."""
@@ -215,7 +256,7 @@ def finetune(args: argparse.Namespace) -> dict:
     """Run the demo; returns a summary dict. Raises if the reloaded checkpoint's logits differ."""
     from accelerate import Accelerator
     from accelerate.logging import get_logger
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
@@ -225,7 +266,18 @@ def finetune(args: argparse.Namespace) -> dict:
             "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no")
     if args.gradient_accumulation_steps < 1:
         raise ValueError(f"--gradient-accumulation-steps must be at least 1 (got {args.gradient_accumulation_steps})")
+    if args.save_state_every < 0:
+        raise ValueError(f"--save-state-every must be 0 (never) or a number of steps (got {args.save_state_every})")
+    state_dir = Path(args.state_dir or args.output_dir.with_name(args.output_dir.name + "-state"))
+    if args.resume and not (state_dir / PROGRESS).is_file():
+        raise FileNotFoundError(
+            f"--resume: {state_dir} holds no training state (no {PROGRESS}); save one with --save-state-every, or "
+            "name its folder with --state-dir"
+        )
+    # The seedable sampler: each epoch's order follows from the seed and the epoch alone, so a resumed run can find
+    # its place in it.
     accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=args.gradient_accumulation_steps,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
                               kwargs_handlers=_process_group_kwargs())
     _check_joined(accelerator)
     _check_can_save(accelerator)
@@ -254,12 +306,23 @@ def finetune(args: argparse.Namespace) -> dict:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     flops_per_token = 6 * active_params(accelerator.unwrap_model(model))
-    losses, tokens_seen, started = [], 0, time.perf_counter()
+    losses, tokens_seen, batches_seen = [], 0, 0
+    if args.resume:
+        accelerator.load_state(state_dir)  # weights, optimizer, scheduler, RNG, accumulation counter
+        progress = json.loads((state_dir / PROGRESS).read_text())
+        losses, tokens_seen, batches_seen = progress["losses"], progress["tokens_seen"], progress["batches_seen"]
+        if len(losses) >= args.steps:
+            raise ValueError(f"--resume: {state_dir} is at step {len(losses)} already; ask for more --steps")
+    resumed_from = len(losses)
+    started = time.perf_counter()
     micro_losses, step_tokens, step_start = [], 0, time.perf_counter()
-    bar = tqdm(total=args.steps, desc="fine-tuning", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=args.steps, initial=resumed_from, desc="fine-tuning",
+               disable=not accelerator.is_local_main_process)
     model.train()
+    epoch, skip = divmod(batches_seen, len(loader))
     while len(losses) < args.steps:
-        for batch in loader:
+        loader.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             if len(losses) == args.steps:
                 break
             ids = batch["input_ids"]
@@ -273,6 +336,7 @@ def finetune(args: argparse.Namespace) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             micro_losses.append(out.loss.detach())
             step_tokens += ids.numel() * accelerator.num_processes
+            batches_seen += 1
             if not accelerator.sync_gradients:
                 continue
             loss = torch.stack(micro_losses).float().mean().item()  # once per optimizer step, for the progress bar
@@ -290,7 +354,11 @@ def finetune(args: argparse.Namespace) -> dict:
                     f"step {len(losses)} loss {loss:.4f} tok/s {tok_s:,.0f} "
                     f"TFLOP/s {flops_per_token * tok_s / 1e12:.3f} mem {mem:.2f} GiB"
                 )
+            if args.save_state_every and len(losses) % args.save_state_every == 0 and len(losses) < args.steps:
+                save_training_state(accelerator, state_dir, dict(losses=losses, tokens_seen=tokens_seen,
+                                                                 batches_seen=batches_seen))
             step_start = time.perf_counter()
+        epoch, skip = epoch + 1, 0
     bar.close()
     elapsed = time.perf_counter() - started
 
@@ -299,9 +367,11 @@ def finetune(args: argparse.Namespace) -> dict:
     unwrapped = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     summary = {
         "steps": len(losses),
+        "losses": losses,
+        "resumed_from_step": resumed_from,
         "first_loss": losses[0],
         "last_loss": losses[-1],
-        "tokens_per_s": tokens_seen / elapsed,
+        "tokens_per_s": (tokens_seen - (progress["tokens_seen"] if args.resume else 0)) / elapsed,
         "backend": _backend_used(unwrapped),
         "mixed_precision": accelerator.mixed_precision,
         "final_lr": scheduler.get_last_lr()[0],

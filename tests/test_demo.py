@@ -1,6 +1,7 @@
 """The built-in demo end to end (few steps), and atomic checkpoint writes."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -108,6 +109,77 @@ def test_demo_gradient_accumulation(tmp_path, fresh_accelerate):
     assert accumulated["final_lr"] == whole["final_lr"] == 0.0
     with pytest.raises(ValueError, match="--gradient-accumulation-steps must be at least 1"):
         finetune(_args(tmp_path, gradient_accumulation_steps=0))
+
+
+def test_demo_resumes_where_it_stopped(tmp_path, monkeypatch, fresh_accelerate):
+    """A run stopped right after saving its training state at step 3, then resumed with --resume, trains on as the
+    run that never stopped: the same loss at every step and the same final weights, bit for bit. Batches of 32 take
+    the corpus's 155 sequences in 5 batches an epoch (the last one short), so the resumed run skips the first 3 of
+    its epoch and then crosses into the next."""
+    from accelerate.state import AcceleratorState, GradientState
+    from safetensors.torch import load_file
+
+    import hf_hetermoe.demo as demo
+
+    kw = dict(batch_size=32, steps=7)
+    whole = finetune(_args(tmp_path / "whole", **kw))
+
+    class Stopped(Exception):
+        pass
+
+    save = demo.save_training_state
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        raise Stopped
+
+    monkeypatch.setattr(demo, "save_training_state", save_then_stop)
+    with pytest.raises(Stopped):
+        finetune(_args(tmp_path / "run", save_state_every=3, **kw))
+    monkeypatch.setattr(demo, "save_training_state", save)
+    state = tmp_path / "run" / "ckpt-state"
+    assert json.loads((state / "progress.json").read_text())["losses"] == whole["losses"][:3]
+    assert not (tmp_path / "run" / "ckpt").exists() and not list((tmp_path / "run").glob(".*saving*"))
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new process, as after a crash
+    GradientState._reset_state()
+    resumed = finetune(_args(tmp_path / "run", resume=True, **kw))
+    assert resumed["resumed_from_step"] == 3 and resumed["reload_matches"], resumed
+    assert resumed["losses"] == whole["losses"]
+    want, got = load_file(tmp_path / "whole" / "ckpt" / "model.safetensors"), load_file(
+        tmp_path / "run" / "ckpt" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_demo_resume_needs_a_saved_state(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no training state"):
+        finetune(_args(tmp_path, resume=True))
+    with pytest.raises(ValueError, match="--save-state-every"):
+        finetune(_args(tmp_path, save_state_every=-1))
+
+
+def test_training_state_save_is_atomic(tmp_path, fresh_accelerate):
+    """A save that fails midway leaves the previous training state whole and no staging folder behind."""
+    from accelerate import Accelerator
+
+    from hf_hetermoe.demo import save_training_state
+
+    accelerator = Accelerator()
+    state = tmp_path / "state"
+    save_training_state(accelerator, state, {"losses": [1.0]})
+    before = sorted(p.name for p in state.iterdir())
+
+    def broken(output_dir):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        Path(output_dir, "half-written.bin").write_bytes(b"x")
+        raise OSError("No space left on device")
+
+    accelerator.save_state = broken
+    with pytest.raises(OSError, match="No space"):
+        save_training_state(accelerator, state, {"losses": [1.0, 2.0]})
+    assert sorted(p.name for p in state.iterdir()) == before
+    assert json.loads((state / "progress.json").read_text()) == {"losses": [1.0]}
+    assert [p.name for p in tmp_path.iterdir()] == ["state"]
 
 
 def test_demo_rejects_missing_or_short_corpus(tmp_path):

@@ -235,8 +235,9 @@ def test_finetune_script_under_accelerate_deepspeed(tmp_path, stage, mixed, accu
     into a standard checkpoint (ZeRO-3 partitions them), and that checkpoint, reloaded in plain transformers, gives
     the trained model's logits. With ZeRO-3 it then fine-tunes on from that checkpoint, loaded partitioned
     (``zero.Init``) before ``prepare``. ZeRO-2 accumulates gradients over two batches (DeepSpeed's accumulation,
-    set by accelerate). The learning-rate schedule ends at zero after --steps optimizer steps on two processes
-    (accelerate steps the scheduler once per process)."""
+    set by accelerate). Each also resumes from its training state after step 2 (``--resume``) to the same weights.
+    The learning-rate schedule ends at zero after --steps optimizer steps on two processes (accelerate steps the
+    scheduler once per process)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash dev.sh test installs it)")
     from safetensors.torch import load_file
     from transformers import AutoConfig
@@ -247,8 +248,11 @@ def test_finetune_script_under_accelerate_deepspeed(tmp_path, stage, mixed, accu
                                          env=_cpu_env(DS_ACCELERATOR="cpu"), stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, start_new_session=True)]
 
-    first, second = tmp_path / "first", tmp_path / "second"
-    for out, args in [(first, TINY), (second, ["--model", str(tmp_path / "first")])][: 1 + (stage == 3)]:
+    first, resumed, second = tmp_path / "first", tmp_path / "resumed", tmp_path / "second"
+    runs = [(first, [*TINY, "--save-state-every", "2"]),  # its training state after step 2 in first-state
+            (resumed, [*TINY, "--resume", "--state-dir", str(tmp_path / "first-state")]),
+            (second, ["--model", str(first)])]
+    for out, args in runs[: 2 + (stage == 3)]:
         (log,) = _run(launch(*args, "--output-dir", str(out)))
         assert f"mixed precision {mixed}" in log, log[-3000:]  # accelerate launch's choice, not the script's own
         assert "-> OK" in log and "learning rate at the end 0.0e+00" in log, log[-3000:]
@@ -258,9 +262,13 @@ def test_finetune_script_under_accelerate_deepspeed(tmp_path, stage, mixed, accu
         expert_elements = sum(w.numel() for name, w in weights.items() if ".experts." in name)
         want = config.num_hidden_layers * config.num_local_experts * 3 * config.hidden_size * config.intermediate_size
         assert expert_elements == want  # whatever layout the checkpoint format uses, every expert weight whole
+    # Resumed from the first run's state after step 2 (DeepSpeed's checkpoint of every rank's partitions, the
+    # scheduler, the data position): the same final weights, bit for bit.
+    want, got = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     if stage == 3:  # the second run trained on: its weights moved away from the first's
-        before, after = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
-        assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+        after = load_file(second / "model.safetensors")
+        assert not torch.equal(want["lm_head.weight"], after["lm_head.weight"])
 
 
 def test_finetune_script_refuses_zero3_that_cannot_save(tmp_path):
