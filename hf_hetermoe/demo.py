@@ -258,7 +258,7 @@ def finetune(args: argparse.Namespace) -> dict:
     from accelerate.logging import get_logger
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     mixed = args.mixed_precision
     if mixed == "auto":
@@ -313,7 +313,7 @@ def finetune(args: argparse.Namespace) -> dict:
         losses, tokens_seen, batches_seen = progress["losses"], progress["tokens_seen"], progress["batches_seen"]
         if len(losses) >= args.steps:
             raise ValueError(f"--resume: {state_dir} is at step {len(losses)} already; ask for more --steps")
-    resumed_from = len(losses)
+    resumed_from, tokens_before = len(losses), tokens_seen
     started = time.perf_counter()
     micro_losses, step_tokens, step_start = [], 0, time.perf_counter()
     bar = tqdm(total=args.steps, initial=resumed_from, desc="fine-tuning",
@@ -371,11 +371,21 @@ def finetune(args: argparse.Namespace) -> dict:
         "resumed_from_step": resumed_from,
         "first_loss": losses[0],
         "last_loss": losses[-1],
-        "tokens_per_s": (tokens_seen - (progress["tokens_seen"] if args.resume else 0)) / elapsed,
+        "tokens_per_s": (tokens_seen - tokens_before) / elapsed,
         "backend": _backend_used(unwrapped),
         "mixed_precision": accelerator.mixed_precision,
         "final_lr": scheduler.get_last_lr()[0],
     }
+    summary.update(_save_and_check(args, accelerator, model, unwrapped, tokenizer, dataset, summary["backend"]))
+    return summary
+
+
+def _save_and_check(args, accelerator, model, unwrapped, tokenizer, dataset, backend: str) -> dict:
+    """Save the trained model as a standard checkpoint, reload it in plain transformers and compare logits (and push
+    the checked folder with --push-to-hub). Every rank calls it; the main process returns what it found."""
+    from transformers import AutoModelForCausalLM
+
+    found = {}
     # Every rank takes part in both: under DeepSpeed ZeRO-3 or FSDP each holds a slice of every weight, so gathering
     # the state dict and running the trained model are collectives (ZeRO-3's state dict comes back on the main
     # process only; accelerate raises there unless the config saves 16-bit weights, and says so).
@@ -390,20 +400,20 @@ def finetune(args: argparse.Namespace) -> dict:
         plain.to(accelerator.device)
         with torch.no_grad():  # in the precision the trained model ran in
             got = plain.to(dtype)(sample).logits.float()
-        summary.update(checkpoint=str(path), max_abs_logit_diff=(want - got).abs().max().item())
+        found.update(checkpoint=str(path), max_abs_logit_diff=(want - got).abs().max().item())
         tolerance = _RELOAD_TOLERANCE[dtype]
-        if summary["backend"] != "reference":  # the Triton kernels' tiles and bf16 products in every dtype
+        if backend != "reference":  # the Triton kernels' tiles and bf16 products in every dtype
             tolerance = max(tolerance, 2e-2)
-        summary["reload_matches"] = summary["max_abs_logit_diff"] <= tolerance * max(1.0, want.abs().max().item())
-        if args.push_to_hub and summary["reload_matches"]:
+        found["reload_matches"] = found["max_abs_logit_diff"] <= tolerance * max(1.0, want.abs().max().item())
+        if args.push_to_hub and found["reload_matches"]:
             from huggingface_hub import create_repo, upload_folder
 
             # The folder that was saved and checked, as it is (no second save that could differ from it).
             create_repo(args.push_to_hub, exist_ok=True)
             commit = upload_folder(repo_id=args.push_to_hub, folder_path=str(path),
-                                   commit_message=f"hf-hetermoe fine-tune: {len(losses)} steps")
-            summary["pushed"] = str(getattr(commit, "commit_url", commit))
-    return summary
+                                   commit_message=f"hf-hetermoe fine-tune: {args.steps} steps")
+            found["pushed"] = str(getattr(commit, "commit_url", commit))
+    return found
 
 
 # Largest |logit difference| / max(1, |logit|) between the trained model and its reloaded checkpoint, by the dtype both
