@@ -154,10 +154,8 @@ def test_ddp_through_accelerate_launch(tmp_path, model_dir, mixed):
                    for a, b in zip(got, want)) > 5e-6
 
 
-def _torch_launch(
-    mode: str, model_dir: Path, out: Path, world: int = WORLD, cuda: bool = False, **env: str
-) -> Callable[[], list[subprocess.Popen]]:
-    """One process per rank with the torch.distributed environment set (what torchrun sets); each on its own GPU
+def _ranks(cmd: list[str], world: int = WORLD, cuda: bool = False, **env: str) -> Callable[[], list[subprocess.Popen]]:
+    """``cmd`` once per rank with the torch.distributed environment set (what torchrun sets); each on its own GPU
     with ``cuda``."""
 
     def launch() -> list[subprocess.Popen]:
@@ -165,7 +163,7 @@ def _torch_launch(
         base = dict(os.environ, PYTHONUNBUFFERED="1", HETERMOE_TEST_DEVICE="cuda") if cuda else _cpu_env()
         return [
             subprocess.Popen(
-                [sys.executable, str(WORKER), mode, str(model_dir), str(out)],
+                cmd,
                 env=dict(base, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
                          MASTER_PORT=port, **env),
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -174,6 +172,13 @@ def _torch_launch(
         ]
 
     return launch
+
+
+def _torch_launch(
+    mode: str, model_dir: Path, out: Path, world: int = WORLD, cuda: bool = False, **env: str
+) -> Callable[[], list[subprocess.Popen]]:
+    """The distributed worker in ``mode``, one process per rank."""
+    return _ranks([sys.executable, str(WORKER), mode, str(model_dir), str(out)], world, cuda, **env)
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "fsdp2-checkpointing"])
@@ -295,25 +300,10 @@ def test_trainer_with_deepspeed_zero3(tmp_path):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (bash dev.sh test installs it)")
     from safetensors.torch import load_file
 
-    def launch(out: Path, prepared: bool) -> Callable[[], list[subprocess.Popen]]:
-        def start() -> list[subprocess.Popen]:
-            port = str(_free_port())
-            return [
-                subprocess.Popen(
-                    [sys.executable, str(TRAINER_WORKER), str(out), str(int(prepared))],
-                    env=_cpu_env(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                                 MASTER_PORT=port, DS_ACCELERATOR="cpu"),
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                )
-                for r in range(WORLD)
-            ]
-
-        return start
-
     results, weights = {}, {}
     for prepared in (False, True):
         out = tmp_path / ("prepared" if prepared else "plain")
-        _run(launch(out, prepared))
+        _run(_ranks([sys.executable, str(TRAINER_WORKER), str(out), str(int(prepared))], DS_ACCELERATOR="cpu"))
         results[prepared] = json.loads((out / "result.json").read_text())
         weights[prepared] = load_file(out / "final" / "model.safetensors")
     plain, prep = results[False], results[True]
