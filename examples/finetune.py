@@ -4,6 +4,9 @@
     accelerate launch examples/finetune.py --steps 200 --corpus my_text.txt
     accelerate launch examples/finetune.py --model path/or/hub-id --corpus my_text.txt --seq-len 2048 \
         --batch-size 4 --lr 1e-5 --gradient-checkpointing --push-to-hub me/my-moe-finetune
+    accelerate launch --use_deepspeed --zero_stage 3 --zero3_init_flag true --zero3_save_16bit_model true \
+        examples/finetune.py --model path/or/hub-id --gradient-accumulation-steps 8 --save-state-every 100
+    # after an interruption, the same command with --resume continues from the last saved state
 
 What it does (see hf_hetermoe/demo.py): trains a BPE tokenizer on the corpus, loads the corpus through
 `datasets`, builds a Mixtral-style model from a config, calls `hetermoe.prepare(model)`, fine-tunes it with
