@@ -6,6 +6,10 @@ in the package), load the corpus through ``datasets``, build a small Mixtral-sty
 with plain transformers and check the logits match. With ``--model`` (a checkpoint directory or a Hub id) the model
 and its tokenizer come from ``from_pretrained`` instead, for any supported MoE family; ``--push-to-hub`` uploads the
 saved and checked checkpoint folder.
+
+Under ``accelerate launch`` (DDP, DeepSpeed ZeRO-1/2/3, FSDP) every rank takes part in gathering the checkpoint and
+in the reload check; ``--gradient-accumulation-steps`` uses accelerate's accumulation, and ``--save-state-every`` /
+``--resume`` save and continue the whole training state (a resumed run repeats an uninterrupted one's losses).
 """
 
 from __future__ import annotations
